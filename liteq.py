@@ -1,0 +1,2419 @@
+"""liteq: a durable background task queue in one file, on SQLite.
+
+Decorate top-level functions with ``@task``, call ``.delay()`` to store a
+call, and run a worker (``python -m liteq run tasks``) or a ``Worker``
+thread inside the application.  A task may *return the next call*: the
+queue stores it in the same transaction that ends the step and runs it
+next, so long work becomes a chain of small persisted steps that survives
+crashes, restarts and upgrades::
+
+    >>> import tempfile, os
+    >>> q = Queue(os.path.join(tempfile.mkdtemp(), "doc.db"))
+    >>> @q.task
+    ... def countdown(n):
+    ...     return countdown(n - 1) if n else "liftoff"
+    >>> job = countdown.delay(3)
+    >>> with Worker(q):
+    ...     job.result(timeout=30)
+    'liftoff'
+    >>> job.steps
+    4
+    >>> q.close()
+
+Sections (``grep -n '^# [0-9]*\\. ' liteq.py``):
+
+ 1. Header: imports, version, public names
+ 2. Constants and defaults
+ 3. Errors
+ 4. Utilities: clock, durations, JSON codec
+ 5. Storage: SQL, schema, connections, transactions
+ 6. Tasks: Task, task functions, registry, chain
+ 7. Jobs and queues: Job, Queue, the default queue
+ 8. Worker: threads, leases, heartbeats, wake-ups
+ 9. HTTP: status resource and dashboard
+10. Command line
+11. ``python -m liteq``
+
+Licensed under the MIT licence (see LICENSE).
+"""
+
+# ---------------------------------------------------------------------------
+# 1. Header: imports, version, public names
+# ---------------------------------------------------------------------------
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import datetime as _dt
+import functools
+import html
+import inspect
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import re
+import select
+import signal
+import socket
+import sqlite3
+import sys
+import threading
+import time
+import traceback
+import weakref
+from typing import Any, Callable, Iterator, Sequence
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Busy",
+    "Error",
+    "Job",
+    "JobNotFound",
+    "Queue",
+    "SchemaError",
+    "StorageError",
+    "Task",
+    "TaskCancelled",
+    "TaskFailed",
+    "TaskFunction",
+    "Worker",
+    "chain",
+    "configure",
+    "current_job",
+    "default_queue",
+    "deserialize_task",
+    "main",
+    "serialize_task",
+    "task",
+]
+
+logger = logging.getLogger("liteq")
+logger.addHandler(logging.NullHandler())
+
+# ---------------------------------------------------------------------------
+# 2. Constants and defaults
+# ---------------------------------------------------------------------------
+
+#: Database used by the module-level ``@task`` unless configured.
+DEFAULT_DB = "liteq.db"
+DEFAULT_QUEUE = "default"
+
+PENDING, RUNNING, DONE = "pending", "running", "done"
+FAILED, CANCELLED = "failed", "cancelled"
+STATUSES = (PENDING, RUNNING, DONE, FAILED, CANCELLED)
+FINISHED = (DONE, FAILED, CANCELLED)
+
+_MIN_SQLITE = (3, 35, 0)  # UPDATE ... RETURNING
+_APPLICATION_ID = 0x6C697471  # "litq" in the database header
+_SCHEMA_VERSION = 1
+
+_MAX_DEPTH = 100  # nesting of containers in arguments and results
+_MAX_INT_DIGITS = 4300  # CPython's default int/str conversion limit
+_INT64 = (-(2**63), 2**63 - 1)
+_WAL_LIMIT = 64 * 2**20  # bytes; past this a worker forces a checkpoint
+_PURGE_CHUNK = 500  # rows deleted per purge transaction
+_RESULT_POLL = 0.05  # seconds between checks of another process's job
+_IDLE_MAX = 1.0  # seconds an idle worker sleeps without any signal
+_HOST_PID = f"{socket.gethostname()}:{os.getpid()}"
+
+_TASK_DEFAULTS = {
+    "percent": None,
+    "retries": 0,
+    "retry_delay": 1.0,
+    "retry_max_delay": 3600.0,
+    "queue": DEFAULT_QUEUE,
+    "priority": 0,
+    "name": None,
+    "description": None,
+    "lease": 60.0,
+    "max_lost": 5,
+}
+
+# ---------------------------------------------------------------------------
+# 3. Errors
+# ---------------------------------------------------------------------------
+
+
+class Error(Exception):
+    """Base class of the errors liteq raises itself."""
+
+
+class TaskFailed(Error):
+    """The job failed; ``error`` holds the traceback text."""
+
+    def __init__(self, job_id: int, error: str) -> None:
+        lines = (error or "").strip().splitlines()
+        super().__init__(lines[-1] if lines else "task failed")
+        self.job_id = job_id
+        self.error = error
+
+
+class TaskCancelled(Error):
+    """The job was cancelled before it finished."""
+
+    def __init__(self, job_id: int) -> None:
+        super().__init__(f"job {job_id} was cancelled")
+        self.job_id = job_id
+
+
+class JobNotFound(Error, LookupError):
+    """No job has this id (it was never stored, or was purged)."""
+
+
+class Busy(Error):
+    """The database stayed locked by other writers past busy_timeout."""
+
+
+class StorageError(Error):
+    """SQLite refused to read or write the database file."""
+
+
+class SchemaError(Error):
+    """The file is not a liteq database this version can use."""
+
+
+# ---------------------------------------------------------------------------
+# 4. Utilities: clock, durations, JSON codec
+# ---------------------------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _parse_duration(text: str) -> float:
+    """Read ``30s``, ``12h``, ``7d`` or ``2w`` as seconds."""
+    match = _DURATION.match(str(text))
+    if not match:
+        raise ValueError(
+            f"bad duration {text!r}: use a number and a unit s, m, h, d "
+            f"or w, like 30s, 12h, 7d")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _utc(timestamp: float | None) -> _dt.datetime | None:
+    if timestamp is None:
+        return None
+    return _dt.datetime.fromtimestamp(timestamp, _dt.timezone.utc)
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return _utc(timestamp).isoformat().replace("+00:00", "Z")
+
+
+def _check_number(name: str, value: Any, minimum: float = 0.0,
+                  strict: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, "
+                        f"got {value!r}")
+    if not math.isfinite(value) or value < minimum or (
+            strict and value == minimum):
+        bound = ">" if strict else ">="
+        raise ValueError(f"{name} must be finite and {bound} {minimum}, "
+                         f"got {value!r}")
+    return float(value)
+
+
+def _check_int(name: str, value: Any, minimum: int | None = None,
+               maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if (minimum is not None and value < minimum) or (
+            maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be between {minimum} and {maximum},"
+                         f" got {value!r}")
+    return int(value)
+
+
+def _check_name(what: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str, got {value!r}")
+    if not value.strip():
+        raise ValueError(f"{what} must not be empty, got {value!r}")
+    return value
+
+
+# The stored form is JSON.  Tuples, Tasks and dicts whose keys collide with
+# these tags are wrapped in one-key objects; see docs/format.md.
+_TAG_TASK, _TAG_TUPLE, _TAG_DICT = "__task__", "__tuple__", "__dict__"
+_TAGS = frozenset((_TAG_TASK, _TAG_TUPLE, _TAG_DICT))
+
+
+def _int_ok(value: int) -> bool:
+    if value.bit_length() < 14000:  # 10**4214 > 2**14000: surely short
+        return True
+    try:
+        return len(str(abs(value))) <= _MAX_INT_DIGITS
+    except ValueError:  # over sys.get_int_max_str_digits()
+        return False
+
+
+def _to_json(value: Any, path: str, depth: int = 0,
+             active: set | None = None) -> Any:
+    """Return the JSON-ready form of ``value``, or raise TypeError."""
+    kind = type(value)
+    if kind is str or value is None or kind is bool:
+        return value
+    if kind is int:
+        if not _int_ok(value):
+            raise TypeError(f"{path} is an int of more than "
+                            f"{_MAX_INT_DIGITS} digits")
+        return value
+    if kind is float:
+        if not math.isfinite(value):
+            raise TypeError(f"{path} is {value!r}: only finite floats are "
+                            f"JSON")
+        return value
+    if isinstance(value, (bool, int, float, str)):  # subclasses: base type
+        base = next(t for t in (bool, int, float, str)
+                    if isinstance(value, t))
+        return _to_json(base(value), path, depth, active)
+    if not isinstance(value, (list, tuple, dict, Task)):
+        raise TypeError(
+            f"{path} is a {type(value).__name__}, which liteq cannot store:"
+            f" use None, bool, int, float, str, list, tuple, dict with str "
+            f"keys, or a Task")
+    if depth >= _MAX_DEPTH:
+        raise TypeError(f"{path} is nested deeper than {_MAX_DEPTH} levels")
+    active = set() if active is None else active
+    if id(value) in active:
+        raise TypeError(f"{path} is a {type(value).__name__} that contains "
+                        f"itself (a cycle)")
+    active.add(id(value))
+    try:
+        return _container_to_json(value, path, depth + 1, active)
+    finally:
+        active.discard(id(value))
+
+
+def _container_to_json(value: Any, path: str, depth: int,
+                       active: set) -> Any:
+    if isinstance(value, Task):
+        return value._to_json(path, depth, active)
+    if isinstance(value, list):
+        return [_to_json(item, f"{path}[{i}]", depth, active)
+                for i, item in enumerate(value)]
+    if isinstance(value, tuple):
+        return {_TAG_TUPLE: [_to_json(item, f"{path}[{i}]", depth, active)
+                             for i, item in enumerate(value)]}
+    out = {}
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{path} has a key {key!r} of type "
+                            f"{type(key).__name__}: dict keys must be str")
+        out[str(key)] = _to_json(item, f"{path}[{key!r}]", depth, active)
+    return {_TAG_DICT: out} if _TAGS.intersection(out) else out
+
+
+def _from_json(value: Any) -> Any:
+    """Invert ``_to_json``: rebuild tuples, Tasks and escaped dicts."""
+    if isinstance(value, list):
+        return [_from_json(item) for item in value]
+    if not isinstance(value, dict):
+        return value
+    if _TAG_TASK in value:
+        return Task._from_json(value)
+    if _TAG_TUPLE in value:
+        return tuple(_from_json(item) for item in value[_TAG_TUPLE])
+    if _TAG_DICT in value:
+        value = value[_TAG_DICT]
+    return {key: _from_json(item) for key, item in value.items()}
+
+
+def _dumps(value: Any) -> str:
+    # ensure_ascii keeps lone surrogates as \\ud800 escapes, so every str
+    # round-trips and the text is valid UTF-8 for SQLite.
+    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+
+
+def _loads(text: str) -> Any:
+    value = json.loads(text)
+    return _from_json(value) if '"__' in text else value
+
+
+def _encode(value: Any, path: str, limit: int) -> str:
+    text = _dumps(_to_json(value, path))
+    if len(text) > limit:
+        raise ValueError(
+            f"{path} encodes to {len(text)} bytes, over max_payload "
+            f"({limit}): store large data elsewhere and pass a reference")
+    return text
+
+# ---------------------------------------------------------------------------
+# 5. Storage: SQL, schema, connections, transactions
+# ---------------------------------------------------------------------------
+
+# One row per job.  A waiting job has ``ready`` (its place in line) or, when
+# it waits for a time, ``timer`` (its eta).  A job whose step executes has
+# ``worker`` and ``timer`` (its lease expiry) and a fresh ``token``.
+_SCHEMA = (
+    """
+    CREATE TABLE liteq_jobs (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        name        TEXT    NOT NULL,
+        current     TEXT    NOT NULL,
+        call        TEXT    NOT NULL,
+        description TEXT    NOT NULL,
+        queue       TEXT    NOT NULL,
+        priority    INTEGER NOT NULL,
+        key         TEXT,
+        status      TEXT    NOT NULL CHECK (status IN
+                    ('pending', 'running', 'done', 'failed', 'cancelled')),
+        percent     REAL,
+        steps       INTEGER NOT NULL DEFAULT 0,
+        attempts    INTEGER NOT NULL DEFAULT 0,
+        failures    INTEGER NOT NULL DEFAULT 0,
+        lost        INTEGER NOT NULL DEFAULT 0,
+        max_lost    INTEGER NOT NULL DEFAULT 5,
+        token       INTEGER NOT NULL DEFAULT 0,
+        cancel      INTEGER NOT NULL DEFAULT 0,
+        result      TEXT,
+        error       TEXT,
+        eta         REAL    NOT NULL,
+        ready       INTEGER,
+        timer       REAL,
+        worker      TEXT,
+        created_at  REAL    NOT NULL,
+        started_at  REAL,
+        updated_at  REAL    NOT NULL,
+        finished_at REAL
+    )
+    """,
+    """
+    CREATE INDEX liteq_jobs_ready ON liteq_jobs (queue, priority DESC, ready)
+     WHERE ready IS NOT NULL
+    """,
+    "CREATE INDEX liteq_jobs_timer ON liteq_jobs (timer) "
+    "WHERE timer IS NOT NULL",
+    "CREATE INDEX liteq_jobs_finished ON liteq_jobs (finished_at) "
+    "WHERE finished_at IS NOT NULL",
+    "CREATE UNIQUE INDEX liteq_jobs_key ON liteq_jobs (key) "
+    "WHERE key IS NOT NULL AND finished_at IS NULL",
+)
+
+#: Migrations, indexed by the version they upgrade *from*; version 0 is an
+#: empty file.  Each runs inside the write transaction that re-reads the
+#: version, so concurrent openers never run one twice.
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA,)
+
+_JOB_COLUMNS = (
+    "id, name, current, call, description, queue, priority, key, status, "
+    "percent, steps, attempts, failures, lost, token, cancel, result, "
+    "error, eta, worker, created_at, started_at, updated_at, finished_at")
+
+# The counter AUTOINCREMENT keeps for job ids also orders ready jobs: a job
+# entering the line takes the next value, so the database, not the wall
+# clock, decides who came first.
+_SQL_NEXT_READY = """
+    UPDATE sqlite_sequence SET seq = seq + 1 WHERE name = 'liteq_jobs'
+ RETURNING seq
+"""
+
+_SQL_INSERT_JOB = """
+    INSERT INTO liteq_jobs (name, current, call, description, queue,
+                            priority, key, status, percent, eta, ready,
+                            timer, created_at, updated_at)
+    VALUES (:name, :name, :call, :description, :queue, :priority, :key,
+            'pending', :percent, :eta,
+            CASE WHEN :due THEN 1 + coalesce((SELECT seq FROM sqlite_sequence
+                                  WHERE name = 'liteq_jobs'), 0) END,
+            CASE WHEN :due THEN NULL ELSE :eta END, :now, :now)
+"""
+
+_SQL_SELECT_ACTIVE_KEY = """
+    SELECT id FROM liteq_jobs WHERE key = ? AND finished_at IS NULL
+"""
+
+_SQL_SELECT_JOB = f"SELECT {_JOB_COLUMNS} FROM liteq_jobs WHERE id = ?"
+
+_SQL_SELECT_JOBS = f"""
+    SELECT {_JOB_COLUMNS} FROM liteq_jobs
+     WHERE (:status IS NULL OR status = :status)
+       AND (:name IS NULL OR name = :name)
+       AND (:queue IS NULL OR queue = :queue)
+     ORDER BY id DESC LIMIT :limit
+"""
+
+_SQL_COUNT_JOBS = """
+    SELECT queue, status, count(*) FROM liteq_jobs GROUP BY queue, status
+"""
+
+_SQL_SELECT_DUE = """
+    SELECT id, current, worker, lost, max_lost, cancel FROM liteq_jobs
+     WHERE timer <= ? LIMIT 100
+"""
+
+_SQL_NEXT_TIMER = "SELECT min(timer) FROM liteq_jobs WHERE timer IS NOT NULL"
+
+_SQL_MAKE_READY = """
+    UPDATE liteq_jobs SET ready = :ready, timer = NULL, worker = NULL,
+                          lost = lost + :lost, updated_at = :now
+     WHERE id = :id
+"""
+
+_SQL_CLAIM = """
+    UPDATE liteq_jobs
+       SET status = 'running', attempts = attempts + 1, token = token + 1,
+           worker = :worker, ready = NULL, timer = :now + :lease,
+           max_lost = :max_lost, started_at = coalesce(started_at, :now),
+           updated_at = :now
+     WHERE id = (SELECT id FROM liteq_jobs
+                  WHERE queue = :queue AND ready IS NOT NULL
+                  ORDER BY priority DESC, ready LIMIT 1)
+ RETURNING id, current, call, token, attempts, steps, failures
+"""
+
+_SQL_PEEK_READY = """
+    SELECT id, priority, ready, current FROM liteq_jobs
+     WHERE queue = ? AND ready IS NOT NULL
+     ORDER BY priority DESC, ready LIMIT 1
+"""
+
+_SQL_CLAIM_ID = """
+    UPDATE liteq_jobs
+       SET status = 'running', attempts = attempts + 1, token = token + 1,
+           worker = :worker, ready = NULL, timer = :now + :lease,
+           max_lost = :max_lost, started_at = coalesce(started_at, :now),
+           updated_at = :now
+     WHERE id = :id
+ RETURNING id, current, call, token, attempts, steps, failures
+"""
+
+_SQL_SET_LEASE = """
+    UPDATE liteq_jobs SET timer = :until
+     WHERE id = :id AND token = :token AND worker IS NOT NULL
+"""
+
+# Outcomes of a step.  Each is guarded by the claim's token: a worker that
+# lost its lease changes nothing.  A cancel request turns a continuation or
+# an error into 'cancelled', but a final result still counts as done.
+_SQL_CONTINUE = """
+    UPDATE liteq_jobs
+       SET call = :call, current = :current, percent = :percent,
+           steps = steps + 1, attempts = 0, failures = 0, lost = 0,
+           worker = NULL, timer = NULL, eta = :now, updated_at = :now,
+           ready = CASE WHEN cancel THEN NULL ELSE :ready END,
+           status = CASE WHEN cancel THEN 'cancelled' ELSE status END,
+           finished_at = CASE WHEN cancel THEN :now END
+     WHERE id = :id AND token = :token AND worker IS NOT NULL
+ RETURNING status
+"""
+
+_SQL_FINISH = """
+    UPDATE liteq_jobs
+       SET status = CASE WHEN :status = 'failed' AND cancel
+                         THEN 'cancelled' ELSE :status END,
+           result = :result, error = :error,
+           percent = CASE WHEN :status = 'done' THEN 100.0 ELSE percent END,
+           steps = steps + (:status = 'done'),
+           worker = NULL, timer = NULL, ready = NULL,
+           finished_at = :now, updated_at = :now
+     WHERE id = :id AND token = :token AND worker IS NOT NULL
+ RETURNING status
+"""
+
+_SQL_FAIL_STEP = """
+    UPDATE liteq_jobs
+       SET status = CASE WHEN cancel THEN 'cancelled'
+                         WHEN failures < :retries THEN status
+                         ELSE 'failed' END,
+           failures = failures + 1, error = :error,
+           worker = NULL, updated_at = :now,
+           eta = :now + :delay,
+           timer = CASE WHEN NOT cancel AND failures < :retries AND :delay > 0
+                        THEN :now + :delay END,
+           ready = CASE WHEN NOT cancel AND failures < :retries AND :delay <= 0
+                        THEN :ready END,
+           finished_at = CASE WHEN cancel OR failures >= :retries
+                              THEN :now END
+     WHERE id = :id AND token = :token AND worker IS NOT NULL
+ RETURNING status, failures
+"""
+
+_SQL_RELEASE = """
+    UPDATE liteq_jobs
+       SET worker = NULL, timer = NULL, ready = :ready,
+           attempts = max(attempts - 1, 0), updated_at = :now
+     WHERE id = :id AND token = :token AND worker IS NOT NULL
+"""
+
+_SQL_LOSE = """
+    UPDATE liteq_jobs
+       SET status = CASE WHEN cancel THEN 'cancelled' ELSE 'failed' END,
+           error = :error, worker = NULL, timer = NULL, ready = NULL,
+           lost = lost + 1, finished_at = :now, updated_at = :now
+     WHERE id = :id
+"""
+
+_SQL_FAIL_NOW = """
+    UPDATE liteq_jobs
+       SET status = 'failed', error = :error, worker = NULL, timer = NULL,
+           ready = NULL, finished_at = :now, updated_at = :now
+     WHERE id = :id
+"""
+
+_SQL_CANCEL = """
+    UPDATE liteq_jobs
+       SET cancel = 1, updated_at = :now,
+           status = CASE WHEN worker IS NULL THEN 'cancelled' ELSE status END,
+           ready = CASE WHEN worker IS NULL THEN NULL ELSE ready END,
+           timer = CASE WHEN worker IS NULL THEN NULL ELSE timer END,
+           finished_at = CASE WHEN worker IS NULL THEN :now END
+     WHERE id = :id AND status IN ('pending', 'running')
+ RETURNING status
+"""
+
+_SQL_SELECT_STATUS = "SELECT status, key, cancel FROM liteq_jobs WHERE id = ?"
+
+_SQL_SELECT_CANCEL = "SELECT cancel FROM liteq_jobs WHERE id = ?"
+
+_SQL_RETRY = """
+    UPDATE liteq_jobs
+       SET status = CASE WHEN steps > 0 THEN 'running' ELSE 'pending' END,
+           attempts = 0, failures = 0, lost = 0, cancel = 0, error = NULL,
+           worker = NULL, timer = NULL, ready = :ready, eta = :now,
+           finished_at = NULL, updated_at = :now
+     WHERE id = :id AND status IN ('failed', 'cancelled')
+"""
+
+_SQL_PURGE = """
+    DELETE FROM liteq_jobs WHERE id IN (
+        SELECT id FROM liteq_jobs WHERE finished_at < ? LIMIT ?)
+"""
+
+
+class _Store:
+    """The database file: connections, transactions and error mapping.
+
+    Each thread gets its own connection (``threading.local``); SQLite
+    connections are cheap and this keeps transactions of different threads
+    apart.  A forked child never touches its parent's connections.
+    """
+
+    def __init__(self, path: str, durable: bool, busy_timeout: float) -> None:
+        self.path = path
+        self.durable = durable
+        self.busy_timeout = busy_timeout
+        self.clock = time.time  # patched by tests to move time
+        self._local = threading.local()
+        # Guards _connections and _schema_ok across threads.
+        self._lock = threading.Lock()
+        self._connections: list[sqlite3.Connection] = []
+        self._schema_ok = False
+        self._pid = os.getpid()
+
+    # Connections ----------------------------------------------------------
+
+    def connection(self) -> sqlite3.Connection:
+        if self._pid != os.getpid():
+            self._after_fork()
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._open()
+            self._local.conn = conn
+        return conn
+
+    def _after_fork(self) -> None:
+        # The parent's connections belong to the parent: forget them
+        # without closing, which could disturb its locks.
+        self._local = threading.local()
+        self._connections = []
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(self.path, timeout=0,
+                                   isolation_level=None,
+                                   check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open {self.path}: {exc}") from exc
+        try:
+            if not self._schema_ok:
+                self._prepare(conn)
+            conn.execute("PRAGMA synchronous = "
+                         + ("FULL" if self.durable else "NORMAL"))
+            conn.execute(f"PRAGMA journal_size_limit = {_WAL_LIMIT}")
+        except BaseException:
+            conn.close()
+            raise
+        with self._lock:
+            self._connections.append(conn)
+        return conn
+
+    def close(self) -> None:
+        with self._lock:
+            connections, self._connections = self._connections, []
+            self._local = threading.local()
+        for conn in connections:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+
+    # Schema ---------------------------------------------------------------
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        """Check the file is liteq's, then create or migrate its schema."""
+        version = self._check_header(conn)
+        if version < _SCHEMA_VERSION:
+            self._retry(lambda: self._migrate(conn))
+        elif self._journal_mode(conn) != "wal":
+            self._retry(lambda: conn.execute("PRAGMA journal_mode = WAL"))
+        self._schema_ok = True
+
+    def _check_header(self, conn: sqlite3.Connection) -> int:
+        try:
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = conn.execute(
+                "SELECT count(*) FROM sqlite_master").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise SchemaError(f"{self.path} is not a liteq database "
+                              f"({exc}); point liteq at another file") from exc
+        if app_id != _APPLICATION_ID and (app_id or tables or version):
+            raise SchemaError(
+                f"{self.path} is a SQLite database that liteq did not make;"
+                f" it was left untouched: point liteq at another file")
+        if version > _SCHEMA_VERSION:
+            raise SchemaError(
+                f"{self.path} has schema version {version}, made by a newer"
+                f" liteq (this is {__version__}, schema {_SCHEMA_VERSION}):"
+                f" upgrade liteq")
+        return version
+
+    @staticmethod
+    def _journal_mode(conn: sqlite3.Connection) -> str:
+        return conn.execute("PRAGMA journal_mode").fetchone()[0].lower()
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        if self._journal_mode(conn) != "wal":
+            conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Another process may have migrated since we looked.
+            version = self._check_header(conn)
+            for migration in _MIGRATIONS[version:]:
+                for statement in migration:
+                    _execute(conn, statement)
+            conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
+            conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    # Transactions ---------------------------------------------------------
+
+    def _retry(self, action: Callable[[], Any]) -> Any:
+        """Run ``action``, retrying it whole while the database is busy."""
+        deadline = time.monotonic() + self.busy_timeout
+        for attempt in itertools.count():
+            try:
+                return action()
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc):
+                    raise self._storage_error(exc) from exc
+                if time.monotonic() >= deadline:
+                    raise Busy(
+                        f"{self.path} stayed locked by other writers for "
+                        f"{self.busy_timeout:g}s; retry later or raise "
+                        f"Queue(busy_timeout=...)") from exc
+                pause = min(0.0001 * 2 ** min(attempt, 7), 0.01)
+                time.sleep(pause * (0.5 + random.random()))
+            except sqlite3.DatabaseError as exc:
+                raise self._storage_error(exc) from exc
+
+    def _storage_error(self, exc: sqlite3.Error) -> Error:
+        return StorageError(f"cannot use {self.path}: {exc}")
+
+    def write(self, body: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run ``body(conn)`` in one short BEGIN IMMEDIATE transaction.
+
+        The whole transaction is retried while another writer holds the
+        lock; any exception rolls it back.  Nothing else may run inside.
+        """
+        conn = self.connection()
+
+        def attempt() -> Any:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version != _SCHEMA_VERSION:
+                    self._check_header(conn)
+                result = body(conn)
+                conn.execute("COMMIT")
+                return result
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+        return self._retry(attempt)
+
+    def read(self, sql: str, params: Any = ()) -> list:
+        """Run one query outside any transaction and return its rows."""
+        conn = self.connection()
+        return self._retry(lambda: _execute(conn, sql, params).fetchall())
+
+    def identity(self) -> tuple[int, int] | None:
+        try:
+            stat = os.stat(self.path)
+        except OSError:
+            return None
+        return (stat.st_dev, stat.st_ino)
+
+
+def _execute(conn: sqlite3.Connection, sql: str,
+             params: Any = ()) -> sqlite3.Cursor:
+    """Run one statement; the single place SQL is sent, logged at DEBUG."""
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("sql: %s %r", " ".join(sql.split()), params)
+    return conn.execute(sql, params)
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED
+    text = str(exc)
+    return "locked" in text or "busy" in text
+
+
+def _next_ready(conn: sqlite3.Connection) -> int:
+    return _execute(conn, _SQL_NEXT_READY).fetchone()[0]
+
+# ---------------------------------------------------------------------------
+# 6. Tasks: Task, task functions, registry, chain
+# ---------------------------------------------------------------------------
+
+
+class Task:
+    """An unscheduled call of a task: a name, ``args`` and ``kwargs``.
+
+    ``hello("world")`` returns one instead of running ``hello``.  Store it
+    with ``delay()``, run it here with ``run()``, or return it from a step
+    to make it the job's next step.  Two Tasks are equal when their JSON
+    forms are equal.
+    """
+
+    __hash__ = None  # type: ignore[assignment]  # equal by value, mutable
+
+    def __init__(self, name: str, args: Sequence = (), kwargs: dict | None
+                 = None, *, _then: tuple = ()) -> None:
+        self.name = _check_name("task name", name)
+        self.args = list(args)
+        self.kwargs = dict(kwargs or {})
+        # Chain frames to resume, innermost first, when this call finishes.
+        self._then = tuple(_then)
+
+    # Identity and form ----------------------------------------------------
+
+    def __repr__(self) -> str:
+        parts = [repr(a) for a in self.args]
+        parts += [f"{k}={v!r}" for k, v in self.kwargs.items()]
+        text = f"{self.name}({', '.join(parts)})"
+        return f"<Task {text}{' then ...' if self._then else ''}>"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Task):
+            return NotImplemented
+        return serialize_task(self) == serialize_task(other)
+
+    def _to_json(self, path: str = "task", depth: int = 0,
+                 active: set | None = None) -> dict:
+        active = set() if active is None else active
+        out = {_TAG_TASK: self.name,
+               "args": [_to_json(a, f"{path}.args[{i}]", depth, active)
+                        for i, a in enumerate(self.args)],
+               "kwargs": {k: _to_json(v, f"{path}.kwargs[{k!r}]", depth,
+                                      active)
+                          for k, v in self.kwargs.items()}}
+        if self._then:
+            out["then"] = [f._to_json(f"{path}.then[{i}]", depth, active)
+                           for i, f in enumerate(self._then)]
+        return out
+
+    @classmethod
+    def _from_json(cls, value: dict) -> Task:
+        name, args = value.get(_TAG_TASK), value.get("args", [])
+        kwargs, then = value.get("kwargs", {}), value.get("then", [])
+        if not (isinstance(name, str) and isinstance(args, list)
+                and isinstance(kwargs, dict) and isinstance(then, list)):
+            raise ValueError(f"not a serialized task: {value!r:.200}")
+        frames = tuple(deserialize_task(f) for f in then)
+        # The kwargs object itself is never tagged: decode its values only.
+        return cls(name, _from_json(args),
+                   {k: _from_json(v) for k, v in kwargs.items()},
+                   _then=frames)
+
+    # Options of the registered function -----------------------------------
+
+    @property
+    def function(self) -> TaskFunction:
+        """The registered task function, or LookupError if there is none."""
+        found = _REGISTRY.get(self.name)
+        if found is None:
+            raise LookupError(
+                f"unknown task {self.name!r}: not registered in this "
+                f"process; import the module that defines it")
+        return found
+
+    def percent(self) -> float | None:
+        """Progress of the job whose current call this is, or None."""
+        fn = _REGISTRY.get(self.name)
+        own = fn._percent_of(self.args, self.kwargs) if fn else None
+        for frame in self._then:  # each enclosing chain scales it
+            members, done = _chain_state(frame)
+            total = done + len(members)
+            own = 100.0 * ((done - 1) + (own or 0.0) / 100.0) / total
+        return own
+
+    # Storing and running --------------------------------------------------
+
+    def delay(self) -> Job:
+        """Store this call for a worker and return its Job."""
+        return self.apply_async()
+
+    def apply_async(self, **options: Any) -> Job:
+        """Store this call with scheduling options (see TaskFunction)."""
+        queue = self.function._queue_for(self)
+        return queue._enqueue(self, **options)
+
+    def run(self) -> Any:
+        """Run this call here, following continuations; return the result.
+
+        Every call and result goes through the JSON form a worker uses,
+        and each step is attempted once: an exception propagates.
+        """
+        call = _roundtrip(self, "task")
+        while True:
+            value = call._run_step()
+            follow = _advance(call, value)
+            if follow is None:
+                return value
+            call = follow
+
+    def run_once(self) -> Any:
+        """Run exactly one step here; a Task means the work continues."""
+        call = _roundtrip(self, "task")
+        value = call._run_step()
+        follow = _advance(call, value)
+        return value if follow is None else follow
+
+    def _run_step(self) -> Any:
+        fn = self.function
+        args, kwargs = fn._bind_stored(self.args, self.kwargs)
+        return _roundtrip(fn.__wrapped__(*args, **kwargs), "result")
+
+
+def _roundtrip(value: Any, path: str) -> Any:
+    return _loads(_dumps(_to_json(value, path)))
+
+
+def _advance(call: Task, value: Any) -> Task | None:
+    """The call after ``call`` returned ``value``, or None if finished.
+
+    A returned Task continues the job and inherits ``call``'s chain frames.
+    A final value resumes the innermost frame that has members left; the
+    value is then dropped, since a chain keeps only its last result.
+    """
+    if isinstance(value, Task):
+        return Task(value.name, value.args, value.kwargs,
+                    _then=value._then + call._then)
+    frames = call._then
+    for i, frame in enumerate(frames):
+        if frame.name != _CHAIN_NAME or _chain_state(frame)[0]:
+            return Task(frame.name, frame.args, frame.kwargs,
+                        _then=frame._then + frames[i + 1:])
+    return None
+
+
+class TaskFunction:
+    """A function registered with ``@task``: calling it makes a Task.
+
+    ``f(*args)`` returns a Task (nothing runs); ``f.delay(*args)`` stores
+    the call and returns a Job; ``f.apply_async(...)`` is the long form;
+    ``f.run(*args)`` runs it here, as a worker would.
+    """
+
+    def __init__(self, function: Callable, queue: Queue | None,
+                 options: dict) -> None:
+        functools.update_wrapper(self, function)
+        self._signature = inspect.signature(function)
+        self._queue = queue
+        self._identity = _default_name(function)
+        for key, value in options.items():
+            setattr(self, key, value)
+        self.name = options["name"] or self._identity
+
+    def __repr__(self) -> str:
+        return f"<TaskFunction {self.name or self.__qualname__}>"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Task:
+        try:
+            self._signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{self.__name__}(): {exc}") from None
+        return Task(self._stored_name(), args, kwargs)
+
+    def delay(self, *args: Any, **kwargs: Any) -> Job:
+        """Store a call of this task for a worker and return its Job."""
+        return self(*args, **kwargs).apply_async()
+
+    def apply_async(self, args: Sequence = (), kwargs: dict | None = None,
+                    countdown: float | None = None, eta: Any = None,
+                    priority: int | None = None, queue: str | None = None,
+                    key: str | None = None) -> Job:
+        """Store a call with options and return its Job.
+
+        ``countdown`` (seconds from now) or ``eta`` (an aware datetime, a
+        naive one read as local time, or a unix timestamp) delay the start;
+        ``priority`` and ``queue`` override the task's; ``key`` makes the
+        call idempotent among unfinished jobs.
+        """
+        if not isinstance(args, (list, tuple)):
+            raise TypeError(f"args must be a list or tuple, got {args!r}")
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise TypeError(f"kwargs must be a dict, got {kwargs!r}")
+        call = self(*args, **(kwargs or {}))
+        return self._queue_for(call)._enqueue(
+            call, countdown=countdown, eta=eta, priority=priority,
+            queue=queue, key=key)
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the call here, following continuations; return the result."""
+        return self(*args, **kwargs).run()
+
+    # Internals ------------------------------------------------------------
+
+    def _stored_name(self) -> str:
+        if self.name is None:
+            raise TypeError(
+                f"task {self.__qualname__} has no importable module (it was"
+                f" defined interactively): give it @task(name=...)")
+        return self.name
+
+    def _queue_for(self, call: Task) -> Queue:
+        return _member_queue(call) or default_queue()
+
+    def _bind_stored(self, args: list, kwargs: dict) -> tuple[list, dict]:
+        """Bind stored arguments, or raise TypeError naming the task."""
+        try:
+            self._signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"task {self.name!r} cannot take its stored "
+                            f"arguments: {exc}") from None
+        return args, kwargs
+
+    def _percent_of(self, args: list, kwargs: dict) -> float | None:
+        if self.percent is None:
+            return None
+        try:
+            value = self.percent(*args, **kwargs)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"returned {value!r}, not a number")
+            if not math.isfinite(value):
+                raise ValueError(f"returned {value!r}")
+        except Exception as exc:
+            _warn_once(self.name, f"percent function of task {self.name!r} "
+                                  f"failed: {exc!r}; percent is None")
+            return None
+        return float(min(100.0, max(0.0, value)))
+
+    def _description(self, args: Sequence, kwargs: dict) -> str:
+        template = self.description
+        if template is None:
+            return self.__name__.strip("_").replace("_", " ")
+        try:
+            return template.format(*args, **kwargs)
+        except Exception:
+            return template
+
+
+_WARNED: set = set()  # task names whose percent failure was logged
+_WARNED_LOCK = threading.Lock()
+
+
+def _warn_once(key: str, message: str) -> None:
+    with _WARNED_LOCK:
+        if key in _WARNED:
+            return
+        _WARNED.add(key)
+    logger.warning(message)
+
+
+def _default_name(function: Callable) -> str | None:
+    """``module:qualname``, naming ``__main__`` by how it was started."""
+    module = function.__module__
+    if module == "__main__":
+        main_module = sys.modules.get("__main__")
+        spec = getattr(main_module, "__spec__", None)
+        path = getattr(main_module, "__file__", None)
+        if spec is not None and spec.name:
+            module = spec.name
+        elif path:
+            module = os.path.splitext(os.path.basename(path))[0]
+        else:
+            return None
+    return f"{module}:{function.__qualname__}"
+
+
+# The process-wide registry of tasks, by stored name.  Only functions found
+# here ever run; a stored row never makes liteq import anything.
+_REGISTRY: dict[str, TaskFunction] = {}
+_REGISTRY_LOCK = threading.Lock()
+
+
+def _check_function(function: Any) -> None:
+    what = getattr(function, "__qualname__", None) or repr(function)
+    if not inspect.isfunction(function):
+        kind = ("a functools.partial" if isinstance(function,
+                                                    functools.partial)
+                else f"a {type(function).__name__}")
+        raise TypeError(f"@task needs a plain top-level function, got "
+                        f"{kind}: {function!r}")
+    if function.__name__ == "<lambda>":
+        raise TypeError("@task needs a plain top-level function, got a "
+                        "lambda: define it with def at module level")
+    if "." in function.__qualname__:
+        raise TypeError(f"@task needs a top-level function, got {what}: "
+                        f"move it to module level (methods and nested "
+                        f"functions cannot be found by a worker)")
+    if (inspect.iscoroutinefunction(function)
+            or inspect.isasyncgenfunction(function)):
+        raise TypeError(f"@task cannot run async functions: {what} is "
+                        f"'async def'")
+    if inspect.isgeneratorfunction(function):
+        raise TypeError(f"@task cannot run generator functions: {what} "
+                        f"yields; return a value or the next Task instead")
+
+
+def _check_options(options: dict) -> dict:
+    unknown = set(options) - set(_TASK_DEFAULTS)
+    if unknown:
+        raise TypeError(f"@task got unknown options {sorted(unknown)}; "
+                        f"known: {sorted(_TASK_DEFAULTS)}")
+    opts = {**_TASK_DEFAULTS, **options}
+    if opts["percent"] is not None and not callable(opts["percent"]):
+        raise TypeError(f"percent must be callable, got {opts['percent']!r}")
+    _check_int("retries", opts["retries"], 0)
+    opts["retry_delay"] = _check_number("retry_delay", opts["retry_delay"])
+    opts["retry_max_delay"] = _check_number("retry_max_delay",
+                                            opts["retry_max_delay"])
+    _check_name("queue", opts["queue"])
+    _check_int("priority", opts["priority"], *_INT64)
+    if opts["name"] is not None:
+        _check_name("name", opts["name"])
+    if opts["description"] is not None and not isinstance(
+            opts["description"], str):
+        raise TypeError(f"description must be a str, got "
+                        f"{opts['description']!r}")
+    opts["lease"] = _check_number("lease", opts["lease"], strict=True)
+    _check_int("max_lost", opts["max_lost"], 1)
+    return opts
+
+
+def _register(function: Callable, queue: Queue | None,
+              options: dict) -> TaskFunction:
+    _check_function(function)
+    wrapper = TaskFunction(function, queue, _check_options(options))
+    if wrapper.name is None:
+        return wrapper  # interactive: usable once given a name
+    with _REGISTRY_LOCK:
+        taken = _REGISTRY.get(wrapper.name)
+        if taken is not None and taken._identity != wrapper._identity:
+            raise ValueError(
+                f"task name {wrapper.name!r} is taken by "
+                f"{taken._identity}: give {wrapper._identity} another "
+                f"name=")
+        _REGISTRY[wrapper.name] = wrapper
+    return wrapper
+
+
+def _task_decorator(queue: Queue | None, function: Callable | None,
+                    args: tuple, options: dict) -> Any:
+    if args:
+        raise TypeError("@task options are keyword-only, e.g. "
+                        "@task(retries=3)")
+    if function is None:
+        _check_options(options)  # fail at decoration, not at first call
+        return lambda fn: _register(fn, queue, options)
+    return _register(function, queue, options)
+
+
+def task(function: Callable | None = None, *args: Any,
+         **options: Any) -> Any:
+    """Register a top-level function as a task of the default queue.
+
+    Use bare (``@task``) or with options (``@task(retries=3)``): percent,
+    retries, retry_delay, retry_max_delay, queue, priority, name,
+    description, lease, max_lost.
+    """
+    if function is not None and not callable(function):
+        raise TypeError("@task options are keyword-only, e.g. "
+                        "@task(retries=3)")
+    return _task_decorator(None, function, args, options)
+
+
+# chain ----------------------------------------------------------------------
+
+_CHAIN_NAME = "liteq:chain"
+
+
+def _chain_state(frame: Task) -> tuple[list, int]:
+    members = frame.args[0] if frame.args else []
+    return members, frame.kwargs.get("done", 0)
+
+
+def _chain_percent(members: list, done: int = 0) -> float:
+    total = done + len(members)
+    return 100.0 * done / total if total else 0.0
+
+
+def _chain_step(members: list, done: int = 0) -> Any:
+    """Make the next member current; resume here when it finishes."""
+    if not members:
+        return None
+    head = deserialize_task(members[0])
+    rest = Task(_CHAIN_NAME, [members[1:]], {"done": done + 1})
+    return Task(head.name, head.args, head.kwargs,
+                _then=head._then + (rest,))
+
+
+_register(_chain_step, None, {
+    "name": _CHAIN_NAME, "percent": _chain_percent, "description": "chain"})
+
+
+def chain(tasks: Sequence[Task]) -> Task:
+    """A Task that runs each task's steps to completion, in order.
+
+    It finishes with the last task's result; it can be delayed, returned
+    as a continuation, or nested in another chain.
+    """
+    if isinstance(tasks, (str, bytes, dict)) or not hasattr(
+            tasks, "__iter__"):
+        raise TypeError(f"chain() takes a list of Tasks, got {tasks!r}")
+    members = [deserialize_task(t) for t in tasks]
+    queues = {q.path for q in map(_member_queue, members) if q is not None}
+    if len(queues) > 1:
+        raise ValueError("chain() members belong to different Queues: "
+                         "chain tasks of one database only")
+    return Task(_CHAIN_NAME, [members])
+
+
+def _options_function(call: Task) -> TaskFunction:
+    """The task whose queue name and priority a new job of ``call`` takes.
+
+    A chain takes them from its first member, as it takes its Queue.
+    """
+    fn = call.function
+    if fn.name == _CHAIN_NAME:
+        members = _chain_state(call)[0]
+        if members:
+            first = _options_function(deserialize_task(members[0]))
+            fn = first if first.name != _CHAIN_NAME else fn
+    return fn
+
+
+def _member_queue(call: Task) -> Queue | None:
+    fn = _REGISTRY.get(call.name)
+    if fn is None:
+        return None
+    if fn.name == _CHAIN_NAME:
+        members = _chain_state(call)[0]
+        return _member_queue(members[0]) if members else None
+    return fn._queue if fn._queue is not None else default_queue()
+
+
+def serialize_task(t: Task) -> dict:
+    """Return the stable plain-JSON form of a Task (see docs/format.md)."""
+    if not isinstance(t, Task):
+        raise TypeError(f"serialize_task() needs a Task, got {t!r}")
+    return t._to_json()
+
+
+def deserialize_task(value: Any) -> Task:
+    """Turn ``serialize_task()``'s form back into a Task; never imports.
+
+    A Task is returned unchanged.  A name not registered here still gives
+    a Task that can be held and passed on; running it raises LookupError.
+    """
+    if isinstance(value, Task):
+        return value
+    if not isinstance(value, dict) or _TAG_TASK not in value:
+        raise TypeError(f"deserialize_task() needs a Task or its serialized"
+                        f" dict, got {value!r:.200}")
+    return Task._from_json(value)
+
+# ---------------------------------------------------------------------------
+# 7. Jobs and queues: Job, Queue, the default queue
+# ---------------------------------------------------------------------------
+
+
+class _Signal:
+    """Wake-ups within this process for one database file.
+
+    Producers bump ``generation`` and notify after each commit; idle
+    workers and ``Job.result()`` wait on the condition.  A waiter reads the
+    generation before it looks at the database and sleeps only if nothing
+    happened since, so no wake-up is lost between the look and the wait.
+    """
+
+    _by_path: dict[str, _Signal] = {}
+    _registry_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self.condition = threading.Condition(threading.Lock())
+        self.generation = 0
+
+    @classmethod
+    def of(cls, path: str) -> _Signal:
+        with cls._registry_lock:
+            signal_ = cls._by_path.get(path)
+            if signal_ is None:
+                signal_ = cls._by_path[path] = cls()
+            return signal_
+
+    def notify(self) -> None:
+        with self.condition:
+            self.generation += 1
+            self.condition.notify_all()
+
+    def wait(self, generation: int, timeout: float) -> None:
+        with self.condition:
+            if self.generation == generation and timeout > 0:
+                self.condition.wait(timeout)
+
+
+class Job:
+    """A handle on one stored job; every field read is fresh.
+
+    Fields: id, name, current, description, queue, priority, key, status,
+    percent, steps, attempts, error, eta, created_at, started_at,
+    updated_at, finished_at (aware UTC datetimes), worker.
+    """
+
+    def __init__(self, queue: Queue, job_id: int | None) -> None:
+        self._q = queue
+        self._id = job_id
+
+    def __repr__(self) -> str:
+        return f"<Job {self._id if self._id is not None else '(batched)'}>"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Job):
+            return NotImplemented
+        return (self._q.path, self._id) == (other._q.path, other._id)
+
+    def __hash__(self) -> int:
+        return hash((self._q.path, self._id))
+
+    @property
+    def id(self) -> int:
+        """The job's id: unique in its database, never reused."""
+        if self._id is None:
+            raise RuntimeError("this job is stored when its batch() block "
+                               "exits; read its fields after the block")
+        return self._id
+
+    def _row(self) -> dict:
+        rows = self._q._store.read(_SQL_SELECT_JOB, (self.id,))
+        if not rows:
+            raise JobNotFound(f"job {self.id} does not exist in "
+                              f"{self._q.path} (never stored, or purged)")
+        return _row_dict(rows[0])
+
+    def to_dict(self) -> dict:
+        """One consistent snapshot of every field, in JSON-ready form."""
+        return _public_dict(self._row())
+
+    def refresh(self) -> Job:
+        """Return self: fields are read fresh anyway."""
+        self._row()
+        return self
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for the job to finish and return its result.
+
+        Raises TaskFailed, TaskCancelled, TimeoutError or JobNotFound.
+        """
+        if timeout is not None:
+            _check_number("timeout", timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        signal_ = _Signal.of(self._q.path)
+        while True:
+            generation = signal_.generation
+            row = self._row()
+            if row["status"] in FINISHED:
+                return _outcome(row)
+            left = _RESULT_POLL
+            if deadline is not None:
+                left = min(left, deadline - time.monotonic())
+                if left <= 0:
+                    raise TimeoutError(f"job {self.id} did not finish "
+                                       f"within {timeout}s")
+            signal_.wait(generation, left)
+
+    def cancel(self) -> bool:
+        """Cancel the job; False if it had already finished done or failed.
+
+        A running step is never interrupted: it is cancelled when it ends.
+        """
+        store = self._q._store
+
+        def body(conn: sqlite3.Connection) -> bool:
+            row = _execute(conn, _SQL_SELECT_STATUS, (self.id,)).fetchone()
+            if row is None:
+                raise JobNotFound(f"job {self.id} does not exist")
+            if row[0] in (DONE, FAILED):
+                return False
+            _execute(conn, _SQL_CANCEL, {"id": self.id, "now": store.clock()})
+            return True
+
+        cancelled = store.write(body)
+        _Signal.of(self._q.path).notify()
+        return cancelled
+
+    def retry(self) -> Job:
+        """Send a failed or cancelled job back to run its current call."""
+        store = self._q._store
+
+        def body(conn: sqlite3.Connection) -> None:
+            row = _execute(conn, _SQL_SELECT_STATUS, (self.id,)).fetchone()
+            if row is None:
+                raise JobNotFound(f"job {self.id} does not exist")
+            status, key, _ = row
+            if status not in (FAILED, CANCELLED):
+                raise ValueError(f"job {self.id} is {status}: only failed or"
+                                 f" cancelled jobs can be retried")
+            if key is not None and _execute(
+                    conn, _SQL_SELECT_ACTIVE_KEY, (key,)).fetchone():
+                raise ValueError(f"job {self.id} has key {key!r}, now held "
+                                 f"by another unfinished job")
+            _execute(conn, _SQL_RETRY, {"id": self.id, "now": store.clock(),
+                                        "ready": _next_ready(conn)})
+
+        store.write(body)
+        _Signal.of(self._q.path).notify()
+        return self
+
+
+def _job_field(column: str, convert: Callable = lambda v: v) -> property:
+    def read(self: Job) -> Any:
+        return convert(self._row()[column])
+    read.__doc__ = f"The job's {column.replace('_', ' ')} (read fresh)."
+    return property(read)
+
+
+for _column in ("name", "current", "description", "queue", "priority",
+                "key", "status", "percent", "steps", "attempts", "error",
+                "worker"):
+    setattr(Job, _column, _job_field(_column))
+for _column in ("eta", "created_at", "started_at", "updated_at",
+                "finished_at"):
+    setattr(Job, _column, _job_field(_column, _utc))
+del _column
+
+_TIME_COLUMNS = ("eta", "created_at", "started_at", "updated_at",
+                 "finished_at")
+
+
+def _row_dict(row: tuple) -> dict:
+    return dict(zip(_JOB_COLUMNS.split(", "), row))
+
+
+def _public_dict(row: dict) -> dict:
+    """The JSON form of a job row used by to_dict(), the CLI and HTTP."""
+    call = json.loads(row["call"])
+    out = {key: row[key] for key in (
+        "id", "name", "current", "description", "queue", "priority", "key",
+        "status", "percent", "steps", "attempts", "error", "worker")}
+    out.update({key: _iso(row[key]) for key in _TIME_COLUMNS})
+    out["args"] = call.get("args", [])
+    out["kwargs"] = call.get("kwargs", {})
+    out["result"] = (json.loads(row["result"])
+                     if row["status"] == DONE and row["result"] else None)
+    return out
+
+
+def _outcome(row: dict) -> Any:
+    if row["status"] == DONE:
+        return _loads(row["result"]) if row["result"] else None
+    if row["status"] == FAILED:
+        raise TaskFailed(row["id"], row["error"] or "")
+    raise TaskCancelled(row["id"])
+
+
+class _CurrentJob(Job):
+    """The job whose step runs in this thread (see current_job())."""
+
+    def __init__(self, queue: Queue, job_id: int, step: int, attempt: int,
+                 token: int) -> None:
+        super().__init__(queue, job_id)
+        self._step, self._attempt, self._token = step, attempt, token
+
+    step = property(lambda self: self._step,
+                    doc="Number of this step, from 1.")
+    attempt = property(lambda self: self._attempt,
+                       doc="Number of this attempt of this step, from 1.")
+    token = property(lambda self: self._token,
+                     doc="Fencing token: grows with every claim.")
+
+    @property
+    def cancel_requested(self) -> bool:
+        """Whether cancel() was called for this job (read fresh)."""
+        rows = self._q._store.read(_SQL_SELECT_CANCEL, (self.id,))
+        return bool(rows and rows[0][0])
+
+
+_CURRENT = threading.local()
+
+
+def current_job() -> _CurrentJob | None:
+    """The Job of the step running in this thread, or None outside one."""
+    return getattr(_CURRENT, "job", None)
+
+
+class Queue:
+    """One database file holding jobs, and the tasks that delay into it.
+
+    Opens lazily, is safe to share between threads, and releases its
+    connections on ``close()`` or at the end of a ``with`` block.
+    """
+
+    def __init__(self, path: str | os.PathLike, durable: bool = False,
+                 busy_timeout: float = 30, max_payload: int = 2**20) -> None:
+        path = os.fspath(path)
+        if not isinstance(path, str) or path in ("", ":memory:"):
+            raise ValueError(f"Queue needs a file path, got {path!r}: "
+                             f"workers in other processes must open it")
+        if sqlite3.sqlite_version_info < _MIN_SQLITE:
+            raise Error(f"liteq needs SQLite 3.35 or newer; this Python "
+                        f"has {sqlite3.sqlite_version}")
+        busy_timeout = _check_number("busy_timeout", busy_timeout)
+        _check_int("max_payload", max_payload, 1)
+        #: Absolute path of the database file.
+        self.path = os.path.abspath(path)
+        self.max_payload = max_payload
+        self._store = _Store(self.path, bool(durable), busy_timeout)
+        self._batch = threading.local()
+
+    def __repr__(self) -> str:
+        return f"<Queue {self.path}>"
+
+    def __enter__(self) -> Queue:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close this Queue's connections (it reopens if used again)."""
+        self._store.close()
+
+    def task(self, function: Callable | None = None, *args: Any,
+             **options: Any) -> Any:
+        """Register a task whose calls are stored in this Queue."""
+        if function is not None and not callable(function):
+            raise TypeError("@task options are keyword-only, e.g. "
+                            "@q.task(retries=3)")
+        return _task_decorator(self, function, args, options)
+
+    # Reading ---------------------------------------------------------------
+
+    def get(self, job_id: int) -> Job | None:
+        """The Job with this id, or None."""
+        _check_int("job id", job_id)
+        rows = self._store.read(_SQL_SELECT_JOB, (job_id,))
+        return Job(self, job_id) if rows else None
+
+    def jobs(self, status: str | None = None, name: str | None = None,
+             queue: str | None = None, limit: int = 100) -> list[Job]:
+        """Jobs newest first, filtered by status, task name, queue name."""
+        return [Job(self, row["id"]) for row in
+                self._job_rows(status, name, queue, limit)]
+
+    def _job_rows(self, status: str | None = None, name: str | None = None,
+                  queue: str | None = None, limit: int = 100) -> list[dict]:
+        if status is not None and status not in STATUSES:
+            raise ValueError(f"status must be one of {', '.join(STATUSES)},"
+                             f" got {status!r}")
+        _check_int("limit", limit, 0)
+        rows = self._store.read(_SQL_SELECT_JOBS, {
+            "status": status, "name": name, "queue": queue, "limit": limit})
+        return [_row_dict(row) for row in rows]
+
+    def counts(self, queue: str | None = None) -> dict[str, int]:
+        """Number of jobs in each of the five statuses."""
+        counts = dict.fromkeys(STATUSES, 0)
+        for name, status, n in self._store.read(_SQL_COUNT_JOBS):
+            if queue is None or name == queue:
+                counts[status] += n
+        return counts
+
+    def _counts_by_queue(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for name, status, n in self._store.read(_SQL_COUNT_JOBS):
+            out.setdefault(name, dict.fromkeys(STATUSES, 0))[status] = n
+        return out
+
+    def purge(self, older_than: float) -> int:
+        """Delete jobs finished more than ``older_than`` seconds ago."""
+        older_than = _check_number("older_than", older_than)
+        cutoff = self._store.clock() - older_than
+        deleted = 0
+        while True:
+            n = self._store.write(lambda conn: _execute(
+                conn, _SQL_PURGE, (cutoff, _PURGE_CHUNK)).rowcount)
+            deleted += n
+            if n < _PURGE_CHUNK:
+                return deleted
+
+    # Storing ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[Queue]:
+        """Store every delay() made on this Queue in the block at once.
+
+        The calls are validated as they are made and stored in one
+        transaction when the block exits normally; if it raises, none is.
+        """
+        outer = getattr(self._batch, "items", None)
+        if outer is not None:  # nested: join the outer block
+            yield self
+            return
+        self._batch.items = []
+        try:
+            yield self
+            items = self._batch.items
+        finally:
+            self._batch.items = None
+        if items:
+            ids = self._store.write(
+                lambda conn: [_insert(conn, row) for row, _ in items])
+            for (_, job), job_id in zip(items, ids):
+                job._id = job_id
+            _Signal.of(self.path).notify()
+
+    def _enqueue(self, call: Task, countdown: float | None = None,
+                 eta: Any = None, priority: int | None = None,
+                 queue: str | None = None, key: str | None = None) -> Job:
+        row = self._job_row(call, countdown, eta, priority, queue, key)
+        items = getattr(self._batch, "items", None)
+        if items is not None:
+            job = Job(self, None)
+            items.append((row, job))
+            return job
+        job_id = self._store.write(lambda conn: _insert(conn, row))
+        _Signal.of(self.path).notify()
+        return Job(self, job_id)
+
+    def _job_row(self, call: Task, countdown: Any, eta: Any, priority: Any,
+                 queue: Any, key: Any) -> dict:
+        """Validate a call and its options into the row to insert."""
+        fn = _options_function(call)
+        text = _encode(call, "call", self.max_payload)
+        call = Task._from_json(json.loads(text))  # what a worker will see
+        now = self._store.clock()
+        start = _start_time(countdown, eta, now)
+        if priority is not None:
+            _check_int("priority", priority, *_INT64)
+        if queue is not None:
+            _check_name("queue", queue)
+        if key is not None:
+            _check_name("key", key)
+        return {
+            "name": call.name, "call": text,
+            "description": fn._description(call.args, call.kwargs),
+            "queue": fn.queue if queue is None else queue,
+            "priority": fn.priority if priority is None else priority,
+            "key": key, "percent": call.percent(), "eta": start,
+            "due": start <= now, "now": now}
+
+
+def _insert(conn: sqlite3.Connection, row: dict) -> int:
+    if row["key"] is not None:
+        found = _execute(conn, _SQL_SELECT_ACTIVE_KEY, (row["key"],))
+        existing = found.fetchone()
+        if existing:
+            return existing[0]
+    return _execute(conn, _SQL_INSERT_JOB, row).lastrowid
+
+
+def _start_time(countdown: Any, eta: Any, now: float) -> float:
+    if countdown is not None and eta is not None:
+        raise TypeError("give countdown or eta, not both")
+    if countdown is not None:
+        return now + max(0.0, _check_number("countdown", countdown,
+                                            -math.inf))
+    if eta is None:
+        return now
+    if isinstance(eta, _dt.datetime):
+        return max(now, eta.timestamp())  # naive: local time
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)):
+        raise TypeError(f"eta must be a datetime or a unix timestamp, got "
+                        f"{eta!r}")
+    return max(now, _check_number("eta", eta, -math.inf))
+
+
+_DEFAULT_QUEUE: list = []  # the default Queue, made on first use
+_DEFAULT_LOCK = threading.Lock()
+
+
+def default_queue() -> Queue:
+    """The Queue behind module-level @task: $LITEQ_DB, else ./liteq.db."""
+    with _DEFAULT_LOCK:
+        if not _DEFAULT_QUEUE:
+            _DEFAULT_QUEUE.append(
+                Queue(os.environ.get("LITEQ_DB") or DEFAULT_DB))
+        return _DEFAULT_QUEUE[0]
+
+
+def configure(path: str | os.PathLike, **options: Any) -> Queue:
+    """Point the default Queue at ``path`` (before it is first used)."""
+    queue = Queue(path, **options)
+    with _DEFAULT_LOCK:
+        if _DEFAULT_QUEUE and _DEFAULT_QUEUE[0]._store._connections:
+            old = _DEFAULT_QUEUE[0]
+            if old.path != queue.path:
+                raise RuntimeError(
+                    f"the default queue is already in use at {old.path}; "
+                    f"call configure() before the first delay()")
+        _DEFAULT_QUEUE[:] = [queue]
+    return queue
+
+# ---------------------------------------------------------------------------
+# 8. Worker: threads, leases, heartbeats, wake-ups
+# ---------------------------------------------------------------------------
+
+
+class _Claimed:
+    """A claimed step: what the worker needs to run it and record it."""
+
+    __slots__ = ("id", "current", "call", "token", "attempt", "step",
+                 "failures")
+
+    def __init__(self, row: tuple) -> None:
+        (self.id, self.current, self.call, self.token, self.attempt,
+         steps, self.failures) = row
+        self.step = steps + 1
+
+
+class _Outcome:
+    """The end of a step, to be recorded under the claim's token.
+
+    kind: 'continue' (text is the next call), 'done' (text is the result),
+    'retry' (a retryable error), 'fail' (a final error), or 'release'.
+    """
+
+    __slots__ = ("claimed", "kind", "text", "current", "percent", "error",
+                 "retries", "delay")
+
+    def __init__(self, claimed: _Claimed, kind: str, text: str | None = None,
+                 current: str | None = None, percent: float | None = None,
+                 error: str | None = None, retries: int = 0,
+                 delay: float = 0.0) -> None:
+        self.claimed, self.kind, self.text = claimed, kind, text
+        self.current, self.percent, self.error = current, percent, error
+        self.retries, self.delay = retries, delay
+
+
+def _error_line(error: str) -> str:
+    lines = error.strip().splitlines()
+    return lines[-1] if lines else error
+
+
+class Worker:
+    """Run stored jobs in background threads of this process.
+
+    ``Worker(queue=None, threads=1, queues=None, keep=None)``: ``queue`` is
+    the Queue (default: the default queue), ``queues`` the queue names to
+    serve (default: ``["default"]``), ``keep`` a duration (``"7d"`` or
+    seconds) after which finished jobs are purged.  ``start()`` returns at
+    once; ``stop()`` lets running steps finish.  No signal handlers.
+    """
+
+    def __init__(self, queue: Queue | None = None, threads: int = 1,
+                 queues: Sequence[str] | None = None,
+                 keep: str | float | None = None) -> None:
+        self.queue = queue if queue is not None else default_queue()
+        self.threads = _check_int("threads", threads, 1, 1024)
+        if isinstance(queues, str):
+            queues = [queues]
+        self.queues = [_check_name("queue name", q)
+                       for q in (queues or [DEFAULT_QUEUE])]
+        if isinstance(keep, str):
+            keep = _parse_duration(keep)
+        self.keep = None if keep is None else _check_number("keep", keep)
+        #: Why the worker stopped by itself (e.g. its file was deleted).
+        self.fatal: str | None = None
+        self._store = self.queue._store
+        self._signal = _Signal.of(self.queue.path)
+        # Set by stop(): no new claims; idle threads wake at once.
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._heartbeat = _Heartbeat(self)
+        self._watcher = _Watcher(self)
+
+    def __repr__(self) -> str:
+        return (f"<Worker {self.queue.path} queues={self.queues} "
+                f"threads={self.threads}>")
+
+    def __enter__(self) -> Worker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    # Lifecycle ------------------------------------------------------------
+
+    def start(self) -> Worker:
+        """Start the worker's daemon threads and return at once."""
+        if self._threads:
+            raise RuntimeError("this Worker is already started")
+        self._store.connection()  # open (and check) the file now
+        self._stopping.clear()
+        self._threads = [
+            threading.Thread(target=self._run_thread, daemon=True,
+                             name=f"liteq-worker-{i + 1}")
+            for i in range(self.threads)]
+        for thread in self._threads:
+            thread.start()
+        self._heartbeat.start()
+        self._watcher.start()
+        return self
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop claiming, wait for running steps; True if all finished."""
+        self._request_stop()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            left = None if deadline is None else max(
+                0.0, deadline - time.monotonic())
+            thread.join(left)
+        finished = not any(t.is_alive() for t in self._threads)
+        if finished:
+            self._heartbeat.stop()
+            self._watcher.stop()
+            self._threads = []
+        return finished
+
+    def run_forever(self) -> None:
+        """Run in this thread until stop() is called from elsewhere.
+
+        Raises StorageError if the worker had to stop by itself.
+        """
+        if not self._threads:
+            self.start()
+        while not self._stopping.wait(0.5):
+            pass
+        self.stop()
+        if self.fatal:
+            raise StorageError(self.fatal)
+
+    def _request_stop(self) -> None:
+        self._stopping.set()
+        self._signal.notify()
+
+    def _die(self, message: str) -> None:
+        logger.error("worker stopping: %s", message)
+        self.fatal = message
+        self._request_stop()
+
+    # The loop of each thread -----------------------------------------------
+
+    def run_once(self) -> bool:
+        """Claim and run one step in this thread; True if one ran."""
+        claimed, _ = self._cycle(None, claim=True)
+        if claimed is None:
+            return False
+        self._cycle(self._execute(claimed), claim=False)
+        return True
+
+    def _run_thread(self) -> None:
+        outcome = None
+        failures = 0
+        while True:
+            generation = self._signal.generation
+            claim = not self._stopping.is_set()
+            try:
+                claimed, due = self._cycle(outcome, claim)
+            except SchemaError as exc:
+                self._die(str(exc))
+                return
+            except Error as exc:  # Busy, StorageError: keep trying
+                failures += 1
+                logger.error("cannot use %s (attempt %d): %s; retrying",
+                             self.queue.path, failures, exc)
+                time.sleep(min(0.05 * 2 ** min(failures, 6), 2.0))
+                continue
+            failures, outcome = 0, None
+            if claimed is not None:
+                outcome = self._execute(claimed)
+                if outcome.kind == "release":
+                    self._cycle(outcome, claim=False)
+                    raise KeyboardInterrupt
+            elif not claim:
+                return
+            else:
+                pause = _IDLE_MAX if due is None else due - time.time()
+                self._signal.wait(generation, min(max(pause, 0.0),
+                                                  _IDLE_MAX))
+
+    def _cycle(self, outcome: _Outcome | None,
+               claim: bool) -> tuple[_Claimed | None, float | None]:
+        """Record an outcome and claim the next step, in one transaction."""
+        result: list = []
+
+        def body(conn: sqlite3.Connection) -> tuple:
+            result.clear()
+            now = self._store.clock()
+            if outcome is not None:
+                result.append(self._record(conn, outcome, now))
+            if not claim:
+                return None, None
+            self._wake_due(conn, now)
+            claimed = self._claim(conn, now)
+            due = None if claimed else _execute(
+                conn, _SQL_NEXT_TIMER).fetchone()[0]
+            return claimed, due
+
+        claimed, due = self._store.write(body)
+        if outcome is not None:
+            self._log_outcome(outcome, *result)
+            self._signal.notify()
+        if claimed is not None and claimed.attempt > 1 or (
+                claimed is not None and claimed.step == 1):
+            logger.info("job %d started: %s (step %d, attempt %d)",
+                        claimed.id, claimed.current, claimed.step,
+                        claimed.attempt)
+        return claimed, due
+
+    def _wake_due(self, conn: sqlite3.Connection, now: float) -> None:
+        """Put due jobs in line; release steps whose lease expired."""
+        for job_id, current, worker, lost, max_lost, cancel in _execute(
+                conn, _SQL_SELECT_DUE, (now,)).fetchall():
+            params = {"id": job_id, "now": now, "lost": 0}
+            if worker is not None:
+                params["lost"] = 1
+                logger.warning("job %d: lease of worker %s expired while "
+                               "running %s", job_id, worker, current)
+                if cancel or lost + 1 >= max_lost:
+                    params["error"] = (f"worker lost {lost + 1} times while "
+                                       f"running {current}")
+                    _execute(conn, _SQL_LOSE, params)
+                    continue
+            params["ready"] = _next_ready(conn)
+            _execute(conn, _SQL_MAKE_READY, params)
+
+    def _claim(self, conn: sqlite3.Connection,
+               now: float) -> _Claimed | None:
+        best = None
+        for name in self.queues:
+            row = _execute(conn, _SQL_PEEK_READY, (name,)).fetchone()
+            if row and (best is None or (-row[1], row[2]) < (-best[1],
+                                                             best[2])):
+                best = row
+        if best is None:
+            return None
+        fn = _REGISTRY.get(best[3])
+        row = _execute(conn, _SQL_CLAIM_ID, {
+            "id": best[0], "now": now, "worker": _HOST_PID,
+            "lease": fn.lease if fn else _TASK_DEFAULTS["lease"],
+            "max_lost": fn.max_lost if fn else _TASK_DEFAULTS["max_lost"],
+        }).fetchone()
+        return _Claimed(row)
+
+    def _record(self, conn: sqlite3.Connection, outcome: _Outcome,
+                now: float) -> Any:
+        claimed = outcome.claimed
+        params = {"id": claimed.id, "token": claimed.token, "now": now}
+        kind = outcome.kind
+        if kind == "continue":
+            params.update(call=outcome.text, current=outcome.current,
+                          percent=outcome.percent, ready=_next_ready(conn))
+            row = _execute(conn, _SQL_CONTINUE, params).fetchone()
+        elif kind in ("done", "fail"):
+            params.update(status=DONE if kind == "done" else FAILED,
+                          result=outcome.text, error=outcome.error)
+            row = _execute(conn, _SQL_FINISH, params).fetchone()
+        elif kind == "retry":
+            params.update(error=outcome.error, retries=outcome.retries,
+                          delay=outcome.delay, ready=_next_ready(conn))
+            row = _execute(conn, _SQL_FAIL_STEP, params).fetchone()
+        else:  # release
+            params["ready"] = _next_ready(conn)
+            row = _execute(conn, _SQL_RELEASE, params).rowcount or None
+        return row
+
+    def _log_outcome(self, outcome: _Outcome, row: Any = None) -> None:
+        claimed = outcome.claimed
+        if row is None:
+            logger.warning("job %d: lease lost while running %s (step %d); "
+                           "its outcome was discarded", claimed.id,
+                           claimed.current, claimed.step)
+            return
+        status = row[0] if isinstance(row, tuple) else None
+        if status == CANCELLED:
+            logger.info("job %d cancelled", claimed.id)
+        elif outcome.kind == "continue":
+            logger.info("job %d continued: step %d of %s done, next %s",
+                        claimed.id, claimed.step, claimed.current,
+                        outcome.current)
+        elif outcome.kind == "done":
+            logger.info("job %d done", claimed.id)
+        elif outcome.kind == "retry" and status != FAILED:
+            logger.info("job %d retried in %gs: %s", claimed.id,
+                        outcome.delay, _error_line(outcome.error))
+        elif outcome.kind in ("retry", "fail"):
+            logger.info("job %d failed: %s", claimed.id,
+                        _error_line(outcome.error))
+
+    # Running one step -------------------------------------------------------
+
+    def _execute(self, claimed: _Claimed) -> _Outcome:
+        """Run one claimed step with no transaction open."""
+        try:
+            call = deserialize_task(json.loads(claimed.call))
+            fn = _REGISTRY.get(call.name)
+            if fn is None:
+                raise LookupError(f"unknown task {call.name!r}: not "
+                                  f"registered in this worker")
+            args, kwargs = fn._bind_stored(call.args, call.kwargs)
+        except (LookupError, TypeError, ValueError) as exc:
+            logger.error("job %d: %s", claimed.id, exc)
+            return _Outcome(claimed, "fail", error=str(exc))
+        _CURRENT.job = _CurrentJob(self.queue, claimed.id, claimed.step,
+                                   claimed.attempt, claimed.token)
+        self._heartbeat.add(claimed, fn.lease)
+        try:
+            value = fn.__wrapped__(*args, **kwargs)
+        except KeyboardInterrupt:
+            return _Outcome(claimed, "release")
+        except BaseException:  # SystemExit too: it fails this step only
+            return self._failure(claimed, fn, traceback.format_exc())
+        finally:
+            self._heartbeat.remove(claimed)
+            _CURRENT.job = None
+        return self._success(claimed, call, value)
+
+    def _failure(self, claimed: _Claimed, fn: TaskFunction,
+                 error: str) -> _Outcome:
+        retry = claimed.failures + 1
+        delay = min(fn.retry_delay * 2 ** (retry - 1), fn.retry_max_delay)
+        return _Outcome(claimed, "retry", error=error, retries=fn.retries,
+                        delay=delay)
+
+    def _success(self, claimed: _Claimed, call: Task,
+                 value: Any) -> _Outcome:
+        limit = self.queue.max_payload
+        try:
+            follow = _advance(call, value)
+            if follow is None:
+                return _Outcome(claimed, "done",
+                                _encode(value, "result", limit))
+            text = _encode(follow, "continuation", limit)
+            follow = deserialize_task(json.loads(text))
+        except (TypeError, ValueError) as exc:
+            error = f"task {call.name!r} returned a value liteq cannot " \
+                    f"store: {exc}"
+            return _Outcome(claimed, "fail", error=error)
+        return _Outcome(claimed, "continue", text, follow.name,
+                        follow.percent())
+
+
+class _Heartbeat:
+    """Renews the leases of a Worker's running steps every lease / 3."""
+
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+        # Guards _running; notified when a step starts or on stop.
+        self._condition = threading.Condition()
+        self._running: dict[int, tuple[_Claimed, float, float]] = {}
+        self._thread: threading.Thread | None = None
+        self._stop = False
+
+    def start(self) -> None:
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name="liteq-heartbeat")
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._condition:
+            self._stop = True
+            self._condition.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+    def add(self, claimed: _Claimed, lease: float) -> None:
+        with self._condition:
+            self._running[claimed.id] = (
+                claimed, lease, time.monotonic())
+            self._condition.notify_all()
+
+    def remove(self, claimed: _Claimed) -> None:
+        with self._condition:
+            self._running.pop(claimed.id, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                if self._stop:
+                    return
+                now = time.monotonic()
+                due = [(c, lease) for c, lease, at in self._running.values()
+                       if now - at >= lease / 3]
+                waits = [at + lease / 3 - now
+                         for _, lease, at in self._running.values()]
+                if not due:
+                    self._condition.wait(min(waits, default=None))
+                    continue
+                for claimed, lease in due:
+                    self._running[claimed.id] = (claimed, lease, now)
+            self._renew(due)
+
+    def _renew(self, due: list) -> None:
+        store = self._worker._store
+
+        def body(conn: sqlite3.Connection) -> list:
+            now = store.clock()
+            return [_execute(conn, _SQL_SET_LEASE, {
+                "id": c.id, "token": c.token, "until": now + lease}).rowcount
+                for c, lease in due]
+
+        try:
+            renewed = store.write(body)
+        except Error as exc:
+            logger.error("cannot renew leases in %s: %s", store.path, exc)
+            return
+        for (claimed, _), ok in zip(due, renewed):
+            if not ok:
+                logger.warning("job %d: lease lost while running %s (step "
+                               "%d)", claimed.id, claimed.current,
+                               claimed.step)
+
+
+class _Watcher:
+    """Wakes a Worker's idle threads when another process commits.
+
+    On Linux it watches the database's ``-wal`` file with inotify (every
+    commit writes to it), so an idle worker uses no CPU and wakes within
+    a millisecond.  Elsewhere it polls ``PRAGMA data_version``.  It also
+    checks, about once a second, that the file was not deleted or
+    replaced, keeps the WAL bounded and purges old jobs (``keep``).
+    """
+
+    _POLL = 0.005  # seconds between data_version checks without inotify
+
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name="liteq-watch")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        worker, store = self._worker, self._worker._store
+        identity = store.identity()
+        inotify = _Inotify.watch(store.path + "-wal")
+        version = None
+        next_check = next_purge = 0.0
+        try:
+            while not self._stop.is_set():
+                if inotify is not None:
+                    changed = inotify.wait(1.0)
+                else:
+                    self._stop.wait(self._POLL)
+                    seen = self._data_version()
+                    changed, version = seen != version, seen
+                if changed:
+                    worker._signal.notify()
+                now = time.monotonic()
+                if now >= next_check:
+                    next_check = now + 1.0
+                    if store.identity() != identity:
+                        worker._die(f"database file {store.path} was "
+                                    f"deleted or replaced")
+                        return
+                    self._bound_wal()
+                if worker.keep is not None and now >= next_purge:
+                    next_purge = now + 3600.0
+                    self._purge()
+        finally:
+            if inotify is not None:
+                inotify.close()
+
+    def _data_version(self) -> int | None:
+        with contextlib.suppress(Error):
+            rows = self._worker._store.read("PRAGMA data_version")
+            return rows[0][0]
+        return None
+
+    def _bound_wal(self) -> None:
+        store = self._worker._store
+        try:
+            size = os.path.getsize(store.path + "-wal")
+        except OSError:
+            return
+        if size > _WAL_LIMIT:
+            with contextlib.suppress(Error):
+                store.read("PRAGMA wal_checkpoint(RESTART)")
+
+    def _purge(self) -> None:
+        try:
+            n = self._worker.queue.purge(self._worker.keep)
+        except Error as exc:
+            logger.error("purge failed: %s", exc)
+            return
+        if n:
+            logger.info("purged %d finished jobs", n)
+
+
+class _Inotify:
+    """A minimal Linux inotify watch through ctypes (IN_MODIFY only)."""
+
+    _IN_MODIFY = 0x2
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    @classmethod
+    def watch(cls, path: str) -> _Inotify | None:
+        """Watch ``path``, or return None where inotify is unavailable."""
+        if not sys.platform.startswith("linux"):
+            return None
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+            if fd < 0:
+                return None
+            if libc.inotify_add_watch(fd, os.fsencode(path),
+                                      cls._IN_MODIFY) < 0:
+                os.close(fd)
+                return None
+        except (OSError, AttributeError):
+            return None
+        return cls(fd)
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds; True if the file changed."""
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        if not ready:
+            return False
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.fd, 65536):
+                pass
+        return True
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+# ---------------------------------------------------------------------------
+# 9. HTTP: status resource and dashboard
+# ---------------------------------------------------------------------------
+
+# ---------------------------------------------------------------------------
+# 10. Command line
+# ---------------------------------------------------------------------------
+
+
+class _UsageError(Exception):
+    """A user error on the command line: one line on stderr, exit 2."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line (``python -m liteq``); return the exit status."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except (_UsageError, Error, ValueError) as exc:
+        print(f"liteq: error: {exc}", file=sys.stderr)
+        return 1 if isinstance(exc, StorageError) and not isinstance(
+            exc, _UsageError) else 2
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m liteq",
+        description="A durable background task queue on SQLite.")
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True,
+                                     metavar="COMMAND")
+
+    def command(name: str, handler: Callable, text: str
+                ) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=text, description=text)
+        sub.add_argument("--db", metavar="PATH",
+                         help="database file (default: $LITEQ_DB, else "
+                              "./liteq.db)")
+        sub.set_defaults(handler=handler)
+        return sub
+
+    run = command("run", _cmd_run, "run a worker for the tasks of MODULEs")
+    run.add_argument("modules", nargs="+", metavar="MODULE",
+                     help="module defining tasks, e.g. app.tasks")
+    run.add_argument("--threads", type=int, default=1,
+                     help="worker threads (default 1)")
+    run.add_argument("--queue", action="append", dest="queues",
+                     metavar="NAME", help="queue name to serve (repeat; "
+                                          "default: default)")
+    run.add_argument("--log-level", default="INFO",
+                     choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    demo = command("demo", _cmd_demo,
+                   "enqueue demo jobs and run a worker until they finish")
+    demo.add_argument("--log-level", default="WARNING",
+                      choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _cli_queue(args: argparse.Namespace, create: bool) -> Queue:
+    path = args.db or os.environ.get("LITEQ_DB") or DEFAULT_DB
+    if not create and not os.path.exists(path):
+        raise _UsageError(f"no database at {os.path.abspath(path)}")
+    return configure(path)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level)
+    queue = _cli_queue(args, create=True)
+    sys.path.insert(0, os.getcwd())
+    for module in args.modules:
+        try:
+            __import__(module)
+        except Exception as exc:
+            raise _UsageError(f"cannot import {module}: "
+                              f"{type(exc).__name__}: {exc}") from None
+    worker = Worker(queue, threads=args.threads, queues=args.queues)
+    _on_stop_signals(worker)
+    logger.info("worker %s serving %s on %s with %d thread(s)", _HOST_PID,
+                ", ".join(worker.queues), queue.path, worker.threads)
+    worker.run_forever()
+    logger.info("worker %s stopped", _HOST_PID)
+    return 0
+
+
+def _on_stop_signals(worker: Worker) -> None:
+    """First SIGINT/SIGTERM: stop gracefully; second: exit at once."""
+    def handle(signum: int, frame: Any) -> None:
+        if worker._stopping.is_set():
+            os._exit(128 + signum)
+        logger.info("signal %d: finishing running steps (again to exit "
+                    "now)", signum)
+        worker._request_stop()
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+
+
+# The demo's tasks are registered only by `demo`, so no other worker
+# runs them.
+def _demo_countdown(n: int, total: int) -> Any:
+    time.sleep(0.15)
+    return Task(_DEMO + "countdown", [n - 1, total]) if n else "liftoff"
+
+
+def _demo_step(word: str) -> str:
+    time.sleep(0.3)
+    return word.upper()
+
+
+def _demo_flaky(label: str) -> str:
+    time.sleep(0.2)
+    job = current_job()
+    if job is not None and job.attempt == 1:
+        raise RuntimeError(f"{label}: failing on purpose, once")
+    return f"{label} succeeded on attempt {job.attempt if job else 1}"
+
+
+_DEMO = "liteq-demo:"
+
+
+def _register_demo(queue: Queue) -> tuple[TaskFunction, ...]:
+    opts = {"queue": "liteq-demo"}
+    return (
+        queue.task(_demo_countdown, name=_DEMO + "countdown", **opts,
+                   description="countdown from {0}",
+                   percent=lambda n, total: 100 * (total - n) / total),
+        queue.task(_demo_step, name=_DEMO + "step", **opts,
+                   description="shout {0!r}"),
+        queue.task(_demo_flaky, name=_DEMO + "flaky", **opts, retries=2,
+                   retry_delay=0.5, description="flaky {0}"),
+    )
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level)
+    queue = _cli_queue(args, create=True)
+    countdown, step, flaky = _register_demo(queue)
+    with queue.batch():
+        jobs = [countdown.apply_async((12, 12)),
+                chain([step("one"), step("two"), step("three")]).delay(),
+                flaky.delay("flaky job")]
+    print(f"liteq demo: {len(jobs)} jobs in {queue.path}, queue liteq-demo")
+    with Worker(queue, threads=3, queues=["liteq-demo"]):
+        while True:
+            rows = [job.to_dict() for job in jobs]
+            _draw_demo(rows)
+            if all(row["status"] in FINISHED for row in rows):
+                break
+            time.sleep(0.2)
+    for job in jobs:
+        print(f"job {job.id} {job.status}: result {job.to_dict()['result']!r}")
+    return 0 if all(job.status == DONE for job in jobs) else 1
+
+
+_DEMO_LAST: list = []
+
+
+def _draw_demo(rows: list[dict]) -> None:
+    lines = []
+    for row in rows:
+        percent = row["percent"] or 0.0
+        bar = "#" * int(percent / 5) + "." * (20 - int(percent / 5))
+        lines.append(f"  job {row['id']:>4} [{bar}] {percent:5.1f}% "
+                     f"{row['status']:<9} steps {row['steps']:>2} "
+                     f"{row['description']}")
+    tty = sys.stdout.isatty()
+    if tty and _DEMO_LAST:
+        sys.stdout.write(f"\x1b[{len(_DEMO_LAST[0])}F")
+    if tty or lines != (_DEMO_LAST[0] if _DEMO_LAST else None):
+        sys.stdout.write("".join(f"{line}\x1b[K\n" if tty else f"{line}\n"
+                                 for line in lines))
+        sys.stdout.flush()
+    _DEMO_LAST[:] = [lines]
+
+
+# ---------------------------------------------------------------------------
+# 11. python -m liteq
+# ---------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    # Under `python -m liteq` this file is __main__.  Register it as
+    # `liteq` too, so task modules that import liteq share its registry.
+    sys.modules.setdefault("liteq", sys.modules[__name__])
+    sys.exit(main())
