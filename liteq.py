@@ -49,6 +49,7 @@ import ctypes
 import datetime as _dt
 import functools
 import html
+import importlib
 import inspect
 import itertools
 import json
@@ -280,7 +281,7 @@ def _to_json(value: Any, path: str, depth: int = 0,
             f"{path} is a {type(value).__name__}, which liteq cannot store:"
             f" use None, bool, int, float, str, list, tuple, dict with str "
             f"keys, or a Task")
-    if depth >= _MAX_DEPTH:
+    if depth > _MAX_DEPTH:
         raise TypeError(f"{path} is nested deeper than {_MAX_DEPTH} levels")
     active = set() if active is None else active
     if id(value) in active:
@@ -456,18 +457,6 @@ _SQL_MAKE_READY = """
     UPDATE liteq_jobs SET ready = :ready, timer = NULL, worker = NULL,
                           lost = lost + :lost, updated_at = :now
      WHERE id = :id
-"""
-
-_SQL_CLAIM = """
-    UPDATE liteq_jobs
-       SET status = 'running', attempts = attempts + 1, token = token + 1,
-           worker = :worker, ready = NULL, timer = :now + :lease,
-           max_lost = :max_lost, started_at = coalesce(started_at, :now),
-           updated_at = :now
-     WHERE id = (SELECT id FROM liteq_jobs
-                  WHERE queue = :queue AND ready IS NOT NULL
-                  ORDER BY priority DESC, ready LIMIT 1)
- RETURNING id, current, call, token, attempts, steps, failures
 """
 
 _SQL_PEEK_READY = """
@@ -1028,6 +1017,9 @@ class TaskFunction:
 
     def _description(self, args: Sequence, kwargs: dict) -> str:
         template = self.description
+        if self.name == _CHAIN_NAME and args:
+            names = [t.name.rpartition(":")[2] for t in args[0]]
+            return f"chain of {len(names)}: {', '.join(names)}"
         if template is None:
             return self.__name__.strip("_").replace("_", " ")
         try:
@@ -1630,7 +1622,8 @@ class Queue:
             _check_name("key", key)
         return {
             "name": call.name, "call": text,
-            "description": fn._description(call.args, call.kwargs),
+            "description": call.function._description(call.args,
+                                                       call.kwargs),
             "queue": fn.queue if queue is None else queue,
             "priority": fn.priority if priority is None else priority,
             "key": key, "percent": call.percent(), "eta": start,
@@ -1673,6 +1666,21 @@ def default_queue() -> Queue:
             _DEFAULT_QUEUE.append(
                 Queue(os.environ.get("LITEQ_DB") or DEFAULT_DB))
         return _DEFAULT_QUEUE[0]
+
+
+def _after_fork_in_child() -> None:
+    # A lock held by another thread at fork() stays held in the child
+    # forever: give the child fresh ones.  Worker threads are not copied.
+    global _REGISTRY_LOCK, _WARNED_LOCK, _DEFAULT_LOCK
+    _REGISTRY_LOCK = threading.Lock()
+    _WARNED_LOCK = threading.Lock()
+    _DEFAULT_LOCK = threading.Lock()
+    _Signal._by_path = {}
+    _Signal._registry_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def configure(path: str | os.PathLike, **options: Any) -> Queue:
@@ -1857,9 +1865,11 @@ class Worker:
             failures, outcome = 0, None
             if claimed is not None:
                 outcome = self._execute(claimed)
-                if outcome.kind == "release":
-                    self._cycle(outcome, claim=False)
-                    raise KeyboardInterrupt
+                if outcome.kind == "release":  # KeyboardInterrupt in a task
+                    logger.warning("job %d: KeyboardInterrupt in %s: step "
+                                   "released, worker stopping", claimed.id,
+                                   claimed.current)
+                    self._request_stop()
             elif not claim:
                 return
             else:
@@ -2304,7 +2314,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     sys.path.insert(0, os.getcwd())
     for module in args.modules:
         try:
-            __import__(module)
+            importlib.import_module(module)
         except Exception as exc:
             raise _UsageError(f"cannot import {module}: "
                               f"{type(exc).__name__}: {exc}") from None
@@ -2398,13 +2408,15 @@ def _draw_demo(rows: list[dict]) -> None:
         lines.append(f"  job {row['id']:>4} [{bar}] {percent:5.1f}% "
                      f"{row['status']:<9} steps {row['steps']:>2} "
                      f"{row['description']}")
-    tty = sys.stdout.isatty()
-    if tty and _DEMO_LAST:
-        sys.stdout.write(f"\x1b[{len(_DEMO_LAST[0])}F")
-    if tty or lines != (_DEMO_LAST[0] if _DEMO_LAST else None):
-        sys.stdout.write("".join(f"{line}\x1b[K\n" if tty else f"{line}\n"
-                                 for line in lines))
-        sys.stdout.flush()
+    previous = _DEMO_LAST[0] if _DEMO_LAST else [None] * len(lines)
+    if sys.stdout.isatty():  # redraw in place
+        if _DEMO_LAST:
+            sys.stdout.write(f"\x1b[{len(lines)}F")
+        sys.stdout.write("".join(f"{line}\x1b[K\n" for line in lines))
+    else:  # a log: print the lines that changed
+        sys.stdout.write("".join(f"{line}\n" for line, old in
+                                 zip(lines, previous) if line != old))
+    sys.stdout.flush()
     _DEMO_LAST[:] = [lines]
 
 
