@@ -1021,7 +1021,7 @@ class TaskFunction:
             names = [t.name.rpartition(":")[2] for t in args[0]]
             return f"chain of {len(names)}: {', '.join(names)}"
         if template is None:
-            return self.__name__.strip("_").replace("_", " ")
+            return self.__name__.replace("_", " ")
         try:
             return template.format(*args, **kwargs)
         except Exception:
