@@ -328,22 +328,57 @@ def _from_json(value: Any) -> Any:
     return {key: _from_json(item) for key, item in value.items()}
 
 
+# Text is stored as UTF-8 (ensure_ascii=False), which SQLite needs valid:
+# surrogate code points, which Python strs may hold, are written as \\u
+# escapes instead.  A JSON parser joins an escaped high surrogate and an
+# escaped low one into a single character, so when two meet, _parse puts a
+# marker character between them and takes it out again after parsing.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_ESCAPED_PAIR = re.compile(
+    r"(\\u[dD][89abAB][0-9a-fA-F]{2})(?=\\u[dD][c-fC-F][0-9a-fA-F]{2})")
+
+
 def _dumps(value: Any) -> str:
-    # ensure_ascii keeps lone surrogates as \\ud800 escapes, so every str
-    # round-trips and the text is valid UTF-8 for SQLite.
-    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"),
+                      allow_nan=False)
+    if _SURROGATE.search(text):
+        text = _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return text
+
+
+def _parse(text: str) -> Any:
+    """json.loads that keeps escaped surrogates apart (see _dumps)."""
+    if "\\u" not in text or not _ESCAPED_PAIR.search(text):
+        return json.loads(text)
+    marker = next(chr(c) for c in range(0xE000, 0xF900)
+                  if chr(c) not in text)
+    value = json.loads(_ESCAPED_PAIR.sub(lambda m: m.group(1) + marker,
+                                         text))
+    return _unmark(value, marker)
+
+
+def _unmark(value: Any, marker: str) -> Any:
+    if isinstance(value, str):
+        return value.replace(marker, "")
+    if isinstance(value, list):
+        return [_unmark(item, marker) for item in value]
+    if isinstance(value, dict):
+        return {key.replace(marker, ""): _unmark(item, marker)
+                for key, item in value.items()}
+    return value
 
 
 def _loads(text: str) -> Any:
-    value = json.loads(text)
+    value = _parse(text)
     return _from_json(value) if '"__' in text else value
 
 
 def _encode(value: Any, path: str, limit: int) -> str:
     text = _dumps(_to_json(value, path))
-    if len(text) > limit:
+    size = len(text) if len(text) * 4 <= limit else len(text.encode())
+    if size > limit:
         raise ValueError(
-            f"{path} encodes to {len(text)} bytes, over max_payload "
+            f"{path} encodes to {size} bytes, over max_payload "
             f"({limit}): store large data elsewhere and pass a reference")
     return text
 
@@ -1422,14 +1457,14 @@ def _row_dict(row: tuple) -> dict:
 
 def _public_dict(row: dict) -> dict:
     """The JSON form of a job row used by to_dict(), the CLI and HTTP."""
-    call = json.loads(row["call"])
+    call = _parse(row["call"])
     out = {key: row[key] for key in (
         "id", "name", "current", "description", "queue", "priority", "key",
         "status", "percent", "steps", "attempts", "error", "worker")}
     out.update({key: _iso(row[key]) for key in _TIME_COLUMNS})
     out["args"] = call.get("args", [])
     out["kwargs"] = call.get("kwargs", {})
-    out["result"] = (json.loads(row["result"])
+    out["result"] = (_parse(row["result"])
                      if row["status"] == DONE and row["result"] else None)
     return out
 
@@ -1611,7 +1646,10 @@ class Queue:
         """Validate a call and its options into the row to insert."""
         fn = _options_function(call)
         text = _encode(call, "call", self.max_payload)
-        call = Task._from_json(json.loads(text))  # what a worker will see
+        own = call.function
+        if own.percent is not None or own.description is not None:
+            # They see the arguments as a worker will, decoded from JSON.
+            call = Task._from_json(_parse(text))
         now = self._store.clock()
         start = _start_time(countdown, eta, now)
         if priority is not None:
@@ -1991,7 +2029,7 @@ class Worker:
     def _execute(self, claimed: _Claimed) -> _Outcome:
         """Run one claimed step with no transaction open."""
         try:
-            call = deserialize_task(json.loads(claimed.call))
+            call = deserialize_task(_parse(claimed.call))
             fn = _REGISTRY.get(call.name)
             if fn is None:
                 raise LookupError(f"unknown task {call.name!r}: not "
@@ -2030,7 +2068,7 @@ class Worker:
                 return _Outcome(claimed, "done",
                                 _encode(value, "result", limit))
             text = _encode(follow, "continuation", limit)
-            follow = deserialize_task(json.loads(text))
+            follow = deserialize_task(_parse(text))
         except (TypeError, ValueError) as exc:
             error = f"task {call.name!r} returned a value liteq cannot " \
                     f"store: {exc}"
