@@ -684,7 +684,8 @@ class _Store:
 
     def _prepare(self, conn: sqlite3.Connection) -> None:
         """Check the file is liteq's, then create or migrate its schema."""
-        version = self._check_header(conn)
+        # Another process may be creating the file: retry while busy.
+        version = self._retry(lambda: self._check_header(conn))
         if version < _SCHEMA_VERSION:
             self._retry(lambda: self._migrate(conn))
         elif self._journal_mode(conn) != "wal":
@@ -698,6 +699,8 @@ class _Store:
             tables = conn.execute(
                 "SELECT count(*) FROM sqlite_master").fetchone()[0]
         except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError) and _is_busy(exc):
+                raise  # not a verdict on the file: the caller retries
             raise SchemaError(f"{self.path} is not a liteq database "
                               f"({exc}); point liteq at another file") from exc
         if app_id != _APPLICATION_ID and (app_id or tables or version):
