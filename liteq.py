@@ -121,6 +121,7 @@ _WAL_LIMIT = 64 * 2**20  # bytes; past this a worker forces a checkpoint
 _PURGE_CHUNK = 500  # rows deleted per purge transaction
 _RESULT_POLL = 0.05  # seconds between checks of another process's job
 _IDLE_MAX = 1.0  # seconds an idle worker sleeps without any signal
+_PROBE = 0.05  # seconds between looks for due timers while busy
 _HOST_PID = f"{socket.gethostname()}:{os.getpid()}"
 
 _TASK_DEFAULTS = {
@@ -428,8 +429,6 @@ _SCHEMA = (
     """,
     "CREATE INDEX liteq_jobs_timer ON liteq_jobs (timer) "
     "WHERE timer IS NOT NULL",
-    "CREATE INDEX liteq_jobs_finished ON liteq_jobs (finished_at) "
-    "WHERE finished_at IS NOT NULL",
     "CREATE UNIQUE INDEX liteq_jobs_key ON liteq_jobs (key) "
     "WHERE key IS NOT NULL AND finished_at IS NULL",
 )
@@ -500,14 +499,26 @@ _SQL_PEEK_READY = """
      ORDER BY priority DESC, ready LIMIT 1
 """
 
-_SQL_CLAIM_ID = """
+# Claiming starts the step: the job is 'running' from here on.
+_CLAIM = """
     UPDATE liteq_jobs
        SET status = 'running', attempts = attempts + 1, token = token + 1,
            worker = :worker, ready = NULL, timer = :now + :lease,
            max_lost = :max_lost, started_at = coalesce(started_at, :now),
            updated_at = :now
-     WHERE id = :id
+     WHERE id = {}
  RETURNING id, current, call, token, attempts, steps, failures
+"""
+
+_SQL_CLAIM = _CLAIM.format("""(SELECT id FROM liteq_jobs
+                  WHERE queue = :queue AND ready IS NOT NULL
+                  ORDER BY priority DESC, ready LIMIT 1)""")
+
+_SQL_CLAIM_ID = _CLAIM.format(":id")
+
+_SQL_ADJUST_CLAIM = """
+    UPDATE liteq_jobs SET timer = :now + :lease, max_lost = :max_lost
+     WHERE id = :id
 """
 
 _SQL_SET_LEASE = """
@@ -973,6 +984,7 @@ class TaskFunction:
                  options: dict) -> None:
         functools.update_wrapper(self, function)
         self._signature = inspect.signature(function)
+        self._arity = _simple_arity(self._signature)
         self._queue = queue
         self._identity = _default_name(function)
         for key, value in options.items():
@@ -983,11 +995,18 @@ class TaskFunction:
         return f"<TaskFunction {self.name or self.__qualname__}>"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Task:
-        try:
-            self._signature.bind(*args, **kwargs)
-        except TypeError as exc:
-            raise TypeError(f"{self.__name__}(): {exc}") from None
+        if not self._fits(args, kwargs):
+            try:
+                self._signature.bind(*args, **kwargs)
+            except TypeError as exc:
+                raise TypeError(f"{self.__name__}(): {exc}") from None
         return Task(self._stored_name(), args, kwargs)
+
+    def _fits(self, args: Sequence, kwargs: dict) -> bool:
+        """A quick yes for positional calls of plain signatures."""
+        arity = self._arity
+        return (arity is not None and not kwargs
+                and arity[0] <= len(args) <= arity[1])
 
     def delay(self, *args: Any, **kwargs: Any) -> Job:
         """Store a call of this task for a worker and return its Job."""
@@ -1031,6 +1050,8 @@ class TaskFunction:
 
     def _bind_stored(self, args: list, kwargs: dict) -> tuple[list, dict]:
         """Bind stored arguments, or raise TypeError naming the task."""
+        if self._fits(args, kwargs):
+            return args, kwargs
         try:
             self._signature.bind(*args, **kwargs)
         except TypeError as exc:
@@ -1064,6 +1085,16 @@ class TaskFunction:
             return template.format(*args, **kwargs)
         except Exception:
             return template
+
+
+def _simple_arity(signature: inspect.Signature) -> tuple[int, int] | None:
+    """(required, total) when every parameter is plain positional-or-
+    keyword, so a positional call fits exactly when its length is within."""
+    params = list(signature.parameters.values())
+    if any(p.kind is not p.POSITIONAL_OR_KEYWORD for p in params):
+        return None
+    required = sum(p.default is p.empty for p in params)
+    return required, len(params)
 
 
 _WARNED: set = set()  # task names whose percent failure was logged
@@ -1301,24 +1332,33 @@ class _Signal:
     def __init__(self) -> None:
         self.condition = threading.Condition(threading.Lock())
         self.generation = 0
+        self.waiting = 0  # threads in wait(); changed under the condition
 
     @classmethod
     def of(cls, path: str) -> _Signal:
-        with cls._registry_lock:
-            signal_ = cls._by_path.get(path)
-            if signal_ is None:
-                signal_ = cls._by_path[path] = cls()
-            return signal_
+        found = cls._by_path.get(path)
+        if found is None:
+            with cls._registry_lock:
+                found = cls._by_path.setdefault(path, cls())
+        return found
 
     def notify(self) -> None:
-        with self.condition:
-            self.generation += 1
-            self.condition.notify_all()
+        # Only increments, so a waiter never mistakes a new generation for
+        # the one it read.  A waiter counts itself before it compares, so
+        # either it sees the new generation or this sees it waiting.
+        self.generation += 1
+        if self.waiting:
+            with self.condition:
+                self.condition.notify_all()
 
     def wait(self, generation: int, timeout: float) -> None:
         with self.condition:
-            if self.generation == generation and timeout > 0:
-                self.condition.wait(timeout)
+            self.waiting += 1
+            try:
+                if self.generation == generation and timeout > 0:
+                    self.condition.wait(timeout)
+            finally:
+                self.waiting -= 1
 
 
 class Job:
@@ -1807,6 +1847,13 @@ class Worker:
         # Set by stop(): no new claims; idle threads wake at once.
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._probe_at = 0.0  # store-clock time of the next timer probe
+        self._lifecycle = threading.Lock()  # serialises start() and stop()
+        # Set while at least one thread is idle: the watcher only listens
+        # for other processes' commits then (our own would wake it).
+        self._someone_idle = threading.Event()
+        self._idle_lock = threading.Lock()
+        self._idle = 0
         self._heartbeat = _Heartbeat(self)
         self._watcher = _Watcher(self)
 
@@ -1825,8 +1872,13 @@ class Worker:
 
     def start(self) -> Worker:
         """Start the worker's daemon threads and return at once."""
-        if self._threads:
-            raise RuntimeError("this Worker is already started")
+        with self._lifecycle:
+            if self._threads:
+                raise RuntimeError("this Worker is already started")
+            self._start_threads()
+        return self
+
+    def _start_threads(self) -> None:
         self._store.connection()  # open (and check) the file now
         self._stopping.clear()
         self._threads = [
@@ -1837,21 +1889,22 @@ class Worker:
             thread.start()
         self._heartbeat.start()
         self._watcher.start()
-        return self
 
     def stop(self, timeout: float | None = None) -> bool:
         """Stop claiming, wait for running steps; True if all finished."""
         self._request_stop()
         deadline = None if timeout is None else time.monotonic() + timeout
-        for thread in self._threads:
-            left = None if deadline is None else max(
-                0.0, deadline - time.monotonic())
-            thread.join(left)
-        finished = not any(t.is_alive() for t in self._threads)
-        if finished:
-            self._heartbeat.stop()
-            self._watcher.stop()
-            self._threads = []
+        # Several threads may call stop(): one at a time tears down.
+        with self._lifecycle:
+            for thread in self._threads:
+                left = None if deadline is None else max(
+                    0.0, deadline - time.monotonic())
+                thread.join(left)
+            finished = not any(t.is_alive() for t in self._threads)
+            if finished and self._threads:
+                self._heartbeat.stop()
+                self._watcher.stop()
+                self._threads = []
         return finished
 
     def run_forever(self) -> None:
@@ -1861,7 +1914,7 @@ class Worker:
         """
         if not self._threads:
             self.start()
-        while not self._stopping.wait(0.5):
+        while not self._stopping.wait(0.1):
             pass
         self.stop()
         if self.fatal:
@@ -1915,8 +1968,19 @@ class Worker:
                 return
             else:
                 pause = _IDLE_MAX if due is None else due - time.time()
-                self._signal.wait(generation, min(max(pause, 0.0),
-                                                  _IDLE_MAX))
+                self._idle_wait(generation, min(max(pause, 0.0), _IDLE_MAX))
+
+    def _idle_wait(self, generation: int, timeout: float) -> None:
+        with self._idle_lock:
+            self._idle += 1
+            self._someone_idle.set()
+        try:
+            self._signal.wait(generation, timeout)
+        finally:
+            with self._idle_lock:
+                self._idle -= 1
+                if not self._idle:
+                    self._someone_idle.clear()
 
     def _cycle(self, outcome: _Outcome | None,
                claim: bool) -> tuple[_Claimed | None, float | None]:
@@ -1930,8 +1994,18 @@ class Worker:
                 result.append(self._record(conn, outcome, now))
             if not claim:
                 return None, None
-            self._wake_due(conn, now)
+            # While busy, look for due timers every _PROBE seconds; when
+            # nothing is ready, always look before going idle.
+            probed = now >= self._probe_at
+            if probed:
+                self._wake_due(conn, now)
             claimed = self._claim(conn, now)
+            if claimed is None and not probed:
+                self._wake_due(conn, now)
+                probed = True
+                claimed = self._claim(conn, now)
+            if probed:
+                self._probe_at = now + _PROBE
             due = None if claimed else _execute(
                 conn, _SQL_NEXT_TIMER).fetchone()[0]
             return claimed, due
@@ -1966,21 +2040,31 @@ class Worker:
 
     def _claim(self, conn: sqlite3.Connection,
                now: float) -> _Claimed | None:
-        best = None
-        for name in self.queues:
-            row = _execute(conn, _SQL_PEEK_READY, (name,)).fetchone()
-            if row and (best is None or (-row[1], row[2]) < (-best[1],
-                                                             best[2])):
-                best = row
-        if best is None:
+        """Start the first ready step of our queue names, by the order."""
+        params = {"now": now, "worker": _HOST_PID,
+                  "lease": _TASK_DEFAULTS["lease"],
+                  "max_lost": _TASK_DEFAULTS["max_lost"]}
+        if len(self.queues) == 1:
+            params["queue"] = self.queues[0]
+            row = _execute(conn, _SQL_CLAIM, params).fetchone()
+        else:  # the index orders one queue name at a time: merge here
+            peeks = [_execute(conn, _SQL_PEEK_READY, (name,)).fetchone()
+                     for name in self.queues]
+            peeks = [p for p in peeks if p is not None]
+            if not peeks:
+                return None
+            params["id"] = min(peeks, key=lambda p: (-p[1], p[2]))[0]
+            row = _execute(conn, _SQL_CLAIM_ID, params).fetchone()
+        if row is None:
             return None
-        fn = _REGISTRY.get(best[3])
-        row = _execute(conn, _SQL_CLAIM_ID, {
-            "id": best[0], "now": now, "worker": _HOST_PID,
-            "lease": fn.lease if fn else _TASK_DEFAULTS["lease"],
-            "max_lost": fn.max_lost if fn else _TASK_DEFAULTS["max_lost"],
-        }).fetchone()
-        return _Claimed(row)
+        claimed = _Claimed(row)
+        fn = _REGISTRY.get(claimed.current)
+        if fn is not None and (fn.lease, fn.max_lost) != (
+                params["lease"], params["max_lost"]):
+            _execute(conn, _SQL_ADJUST_CLAIM, {
+                "id": claimed.id, "now": now, "lease": fn.lease,
+                "max_lost": fn.max_lost})
+        return claimed
 
     def _record(self, conn: sqlite3.Connection, outcome: _Outcome,
                 now: float) -> Any:
@@ -2071,7 +2155,9 @@ class Worker:
                 return _Outcome(claimed, "done",
                                 _encode(value, "result", limit))
             text = _encode(follow, "continuation", limit)
-            follow = deserialize_task(_parse(text))
+            fn = _REGISTRY.get(follow.name)
+            if follow._then or (fn is not None and fn.percent is not None):
+                follow = deserialize_task(_parse(text))  # as stored
         except (TypeError, ValueError) as exc:
             error = f"task {call.name!r} returned a value liteq cannot " \
                     f"store: {exc}"
@@ -2088,6 +2174,7 @@ class _Heartbeat:
         # Guards _running; notified when a step starts or on stop.
         self._condition = threading.Condition()
         self._running: dict[int, tuple[_Claimed, float, float]] = {}
+        self._wake_at = math.inf  # when the thread next wakes (monotonic)
         self._thread: threading.Thread | None = None
         self._stop = False
 
@@ -2105,10 +2192,11 @@ class _Heartbeat:
             self._thread.join()
 
     def add(self, claimed: _Claimed, lease: float) -> None:
+        now = time.monotonic()
         with self._condition:
-            self._running[claimed.id] = (
-                claimed, lease, time.monotonic())
-            self._condition.notify_all()
+            self._running[claimed.id] = (claimed, lease, now)
+            if now + lease / 3 < self._wake_at:
+                self._condition.notify_all()
 
     def remove(self, claimed: _Claimed) -> None:
         with self._condition:
@@ -2125,7 +2213,11 @@ class _Heartbeat:
                 waits = [at + lease / 3 - now
                          for _, lease, at in self._running.values()]
                 if not due:
-                    self._condition.wait(min(waits, default=None))
+                    timeout = min(waits, default=None)
+                    self._wake_at = math.inf if timeout is None else (
+                        now + timeout)
+                    self._condition.wait(timeout)
+                    self._wake_at = -math.inf  # awake: add() need not wake
                     continue
                 for claimed, lease in due:
                     self._running[claimed.id] = (claimed, lease, now)
@@ -2168,48 +2260,53 @@ class _Watcher:
         self._worker = worker
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._inotify: _Inotify | None = None
 
     def start(self) -> None:
         self._stop.clear()
+        self._inotify = _Inotify.watch(self._worker._store.path + "-wal")
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name="liteq-watch")
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        self._worker._someone_idle.set()  # wake the thread if it waits
+        if self._inotify is not None:
+            self._inotify.interrupt()
         if self._thread is not None:
             self._thread.join()
+        if self._inotify is not None:
+            self._inotify.close()
+            self._inotify = None
 
     def _run(self) -> None:
         worker, store = self._worker, self._worker._store
         identity = store.identity()
-        inotify = _Inotify.watch(store.path + "-wal")
         version = None
         next_check = next_purge = 0.0
-        try:
-            while not self._stop.is_set():
-                if inotify is not None:
-                    changed = inotify.wait(1.0)
-                else:
-                    self._stop.wait(self._POLL)
-                    seen = self._data_version()
-                    changed, version = seen != version, seen
-                if changed:
-                    worker._signal.notify()
-                now = time.monotonic()
-                if now >= next_check:
-                    next_check = now + 1.0
-                    if store.identity() != identity:
-                        worker._die(f"database file {store.path} was "
-                                    f"deleted or replaced")
-                        return
-                    self._bound_wal()
-                if worker.keep is not None and now >= next_purge:
-                    next_purge = now + 3600.0
-                    self._purge()
-        finally:
-            if inotify is not None:
-                inotify.close()
+        while not self._stop.is_set():
+            if not worker._someone_idle.wait(1.0):
+                changed = False  # all threads busy: nobody to wake
+            elif self._inotify is not None:
+                changed = self._inotify.wait(1.0)
+            else:
+                self._stop.wait(self._POLL)
+                seen = self._data_version()
+                changed, version = seen != version, seen
+            if changed:
+                worker._signal.notify()
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + 1.0
+                if store.identity() != identity:
+                    worker._die(f"database file {store.path} was deleted "
+                                f"or replaced")
+                    return
+                self._bound_wal()
+            if worker.keep is not None and now >= next_purge:
+                next_purge = now + 3600.0
+                self._purge()
 
     def _data_version(self) -> int | None:
         with contextlib.suppress(Error):
@@ -2244,6 +2341,8 @@ class _Inotify:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        # interrupt() writes to this pipe to end a wait() at once.
+        self._wake_read, self._wake_write = os.pipe()
 
     @classmethod
     def watch(cls, path: str) -> _Inotify | None:
@@ -2265,16 +2364,21 @@ class _Inotify:
 
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds; True if the file changed."""
-        ready, _, _ = select.select([self.fd], [], [], timeout)
-        if not ready:
+        ready, _, _ = select.select([self.fd, self._wake_read], [], [],
+                                    timeout)
+        if self.fd not in ready:
             return False
         with contextlib.suppress(BlockingIOError):
             while os.read(self.fd, 65536):
                 pass
         return True
 
+    def interrupt(self) -> None:
+        os.write(self._wake_write, b"x")
+
     def close(self) -> None:
-        os.close(self.fd)
+        for fd in (self.fd, self._wake_read, self._wake_write):
+            os.close(fd)
 
 # ---------------------------------------------------------------------------
 # 9. HTTP: status resource and dashboard
