@@ -44,13 +44,17 @@ Licensed under the MIT licence (see LICENSE).
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import ctypes
 import datetime as _dt
 import functools
+import hashlib
 import html
+import http
 import importlib
 import inspect
+import ipaddress
 import itertools
 import json
 import logging
@@ -61,12 +65,15 @@ import re
 import select
 import signal
 import socket
+import socketserver
 import sqlite3
 import sys
 import threading
 import time
 import traceback
+import urllib.parse
 import weakref
+import wsgiref.simple_server
 from typing import Any, Callable, Iterator, Sequence
 
 __version__ = "0.1.0"
@@ -89,9 +96,11 @@ __all__ = [
     "current_job",
     "default_queue",
     "deserialize_task",
+    "location_header",
     "main",
     "serialize_task",
     "task",
+    "wsgi_app",
 ]
 
 logger = logging.getLogger("liteq")
@@ -2384,9 +2393,688 @@ class _Inotify:
 # 9. HTTP: status resource and dashboard
 # ---------------------------------------------------------------------------
 
+_JSON_TYPE = "application/json"
+_HTML_TYPE = "text/html; charset=utf-8"
+_HTTP_LIMIT = 100  # jobs in GET /tasks without ?limit=
+_HTTP_MAX_LIMIT = 1000  # most jobs one GET /tasks returns
+_TASK_PATH = re.compile(r"/tasks/([^/]*)/?\Z")
+_DIGITS = re.compile(r"[0-9]{1,30}\Z")
+
+
+def location_header(job: Job | int, prefix: str = "/tasks/"
+                    ) -> tuple[str, str]:
+    """Return the ``Taskqueue-Location`` header naming a job's resource.
+
+    A web view that has just scheduled work adds it to its response, so
+    the client knows where to poll the job's status (``GET /tasks/<id>``
+    of ``wsgi_app``); ``prefix`` is where that app is mounted::
+
+        >>> location_header(42)
+        ('Taskqueue-Location', '/tasks/42')
+    """
+    job_id = job.id if isinstance(job, Job) else job
+    _check_int("job id", job_id, 1)
+    return ("Taskqueue-Location", f"{prefix}{job_id}")
+
+
+class _HTTPError(Exception):
+    """An error response: its status code and a JSON body {"error": ...}."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def wsgi_app(queue: Queue | None = None) -> Callable:
+    """Return a read-only WSGI application serving the jobs of ``queue``.
+
+    Routes, matched on ``PATH_INFO`` so the app can be mounted under any
+    prefix (links follow ``SCRIPT_NAME``):
+
+    - ``GET /``: the dashboard, one self-contained HTML page;
+    - ``GET /tasks``: a JSON list of ``to_dict()`` objects, newest first,
+      filtered by ``?status=&queue=&name=&limit=`` (limit 0..1000,
+      default 100);
+    - ``GET /tasks/<id>``: one job's ``to_dict()``;
+    - ``GET /counts``: ``{queue name: {status: n}}``.
+
+    Errors have JSON bodies ``{"error": "..."}``: 404 for an unknown job
+    or route, 400 for a malformed id or parameter, 405 for any method but
+    GET or HEAD, 503 when the database is missing or unusable.  Every
+    response has ``Cache-Control: no-store``.  ``queue`` defaults to the
+    default Queue, looked up at each request.  The app never writes.
+    """
+    if queue is not None and not isinstance(queue, Queue):
+        raise TypeError(f"queue must be a liteq.Queue or None, "
+                        f"got {queue!r}")
+
+    def application(environ: dict, start_response: Callable) -> list:
+        target = queue if queue is not None else default_queue()
+        try:
+            code, kind, body = _http_dispatch(target, environ)
+        except _HTTPError as exc:
+            return _http_error(environ, start_response, exc.code, str(exc))
+        except Exception:
+            logger.exception("http: %s %s failed",
+                             environ.get("REQUEST_METHOD"),
+                             environ.get("PATH_INFO"))
+            return _http_error(environ, start_response, 500,
+                               "internal error: see the server log")
+        return _http_respond(environ, start_response, code, kind, body)
+
+    return application
+
+
+def _http_dispatch(queue: Queue, environ: dict) -> tuple[int, str, bytes]:
+    method = environ.get("REQUEST_METHOD", "GET")
+    if method not in ("GET", "HEAD"):
+        raise _HTTPError(405, f"method {method} is not allowed: this API "
+                              f"is read-only (GET, HEAD)")
+    path = environ.get("PATH_INFO", "")
+    if path in ("", "/"):
+        return 200, _HTML_TYPE, _dashboard_page(environ)
+    if path in ("/tasks", "/tasks/"):
+        filters = _http_filters(environ.get("QUERY_STRING", ""))
+        rows = _http_read(queue, lambda q: q._job_rows(**filters))
+        return 200, _JSON_TYPE, _json_body([_public_dict(r) for r in rows])
+    if path in ("/counts", "/counts/"):
+        counts = _http_read(queue, lambda q: q._counts_by_queue())
+        return 200, _JSON_TYPE, _json_body(dict(sorted(counts.items())))
+    match = _TASK_PATH.match(path)
+    if match:
+        return 200, _JSON_TYPE, _json_body(_http_job(queue, match[1]))
+    raise _HTTPError(404, f"no resource at {path!r}: the routes are /, "
+                          f"/tasks, /tasks/<id> and /counts")
+
+
+def _http_filters(query_string: str) -> dict:
+    query = urllib.parse.parse_qs(query_string, keep_blank_values=True)
+
+    def one(name: str) -> str | None:
+        values = query.get(name)
+        return values[-1] if values and values[-1] != "" else None
+
+    status, limit = one("status"), one("limit")
+    if status is not None and status not in STATUSES:
+        raise _HTTPError(400, f"status must be one of "
+                              f"{', '.join(STATUSES)}, got {status!r}")
+    if limit is None:
+        limit = str(_HTTP_LIMIT)
+    if not _DIGITS.match(limit) or int(limit) > _HTTP_MAX_LIMIT:
+        raise _HTTPError(400, f"limit must be an integer from 0 to "
+                              f"{_HTTP_MAX_LIMIT}, got {limit!r}")
+    return {"status": status, "queue": one("queue"), "name": one("name"),
+            "limit": int(limit)}
+
+
+def _http_job(queue: Queue, text: str) -> dict:
+    if not _DIGITS.match(text) or int(text) < 1:
+        raise _HTTPError(400, f"a job id is a positive integer, "
+                              f"got {text!r}")
+    job_id = int(text)
+
+    def read(reader: Queue) -> dict | None:
+        job = reader.get(job_id) if job_id <= _INT64[1] else None
+        try:
+            return None if job is None else job.to_dict()
+        except JobNotFound:  # purged between the two reads
+            return None
+
+    found = _http_read(queue, read)
+    if found is None:
+        raise _HTTPError(404, f"no job {job_id} (never stored, or purged)")
+    return found
+
+
+def _http_read(queue: Queue, read: Callable[[Queue], Any]) -> Any:
+    """Run ``read`` on a Queue opened for this request only.
+
+    A Queue keeps one connection per thread until it is closed, so a
+    server that starts a thread per request would leak one per request.
+    The file is checked first: the app must never create a database.
+    """
+    if not os.path.isfile(queue.path):
+        logger.error("http: no database at %s", queue.path)
+        raise _HTTPError(503, "the database is missing: see the server log")
+    try:
+        with Queue(queue.path) as reader:
+            return read(reader)
+    except Error as exc:
+        logger.error("http: %s", exc)
+        raise _HTTPError(503, f"the database is unavailable "
+                              f"({type(exc).__name__}): see the server "
+                              f"log") from None
+
+
+def _json_body(value: Any) -> bytes:
+    return (json.dumps(value, allow_nan=False) + "\n").encode("ascii")
+
+
+def _http_error(environ: dict, start_response: Callable, code: int,
+                message: str) -> list:
+    extra = [("Allow", "GET, HEAD")] if code == 405 else []
+    return _http_respond(environ, start_response, code, _JSON_TYPE,
+                         _json_body({"error": message}), extra)
+
+
+def _http_respond(environ: dict, start_response: Callable, code: int,
+                  kind: str, body: bytes, extra: Sequence = ()) -> list:
+    headers = [("Content-Type", kind), ("Content-Length", str(len(body))),
+               ("Cache-Control", "no-store"),
+               ("X-Content-Type-Options", "nosniff")]
+    if kind == _HTML_TYPE:
+        headers += [("Content-Security-Policy", _DASHBOARD_CSP),
+                    ("Referrer-Policy", "no-referrer")]
+    start_response(f"{code} {http.HTTPStatus(code).phrase}",
+                   headers + list(extra))
+    return [] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
+
+
+def _dashboard_page(environ: dict) -> bytes:
+    # The page fetches BASE + "tasks", so it works under any mount point.
+    base = environ.get("SCRIPT_NAME", "").rstrip("/") + "/"
+    return _DASHBOARD.replace("__LITEQ_BASE__",
+                              html.escape(base, quote=True)).encode()
+
+
+# The dashboard: one page, no external assets.  It polls /counts and
+# /tasks and builds every row with textContent, so job text is never
+# parsed as HTML.  The CSP below allows only this script and this style.
+_DASHBOARD = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="liteq-base" content="__LITEQ_BASE__">
+<link rel="icon" href="data:,">
+<title>liteq</title>
+<style>
+:root {
+  --bg: #f6f7f9; --card: #fff; --text: #1f2328; --muted: #656d76;
+  --line: #d0d7de; --soft: #eaeef2; --pending: #9a6700;
+  --running: #0969da; --done: #1a7f37; --failed: #cf222e;
+  --cancelled: #6e7781;
+}
+* { box-sizing: border-box; }
+[hidden] { display: none !important; }
+body {
+  margin: 0; background: var(--bg); color: var(--text);
+  font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto,
+        "Helvetica Neue", Arial, sans-serif;
+}
+header {
+  display: flex; align-items: center; gap: 16px; padding: 10px 24px;
+  background: #24292f; color: #fff;
+}
+header h1 { margin: 0; font-size: 18px; letter-spacing: .5px; }
+header select {
+  font: inherit; padding: 3px 6px; border-radius: 6px;
+  border: 1px solid #57606a; background: #32383f; color: #fff;
+}
+#live { margin-left: auto; font-size: 12px; color: #d0d7de; }
+#live::before {
+  content: ""; display: inline-block; width: 8px; height: 8px;
+  margin-right: 6px; border-radius: 50%; background: #8c959f;
+}
+#live.ok::before { background: #2da44e; }
+#live.down { color: #ffb3ad; }
+#live.down::before { background: #fa4549; }
+main { max-width: 1240px; margin: 0 auto; padding: 20px 24px 40px; }
+.counts {
+  display: grid; grid-template-columns: repeat(6, minmax(0, 1fr));
+  gap: 12px; margin-bottom: 20px;
+}
+.count {
+  font: inherit; text-align: left; cursor: pointer; padding: 10px 14px;
+  color: var(--muted); background: var(--card);
+  border: 1px solid var(--line); border-top: 3px solid var(--line);
+  border-radius: 8px;
+}
+.count b {
+  display: block; font-size: 24px; color: var(--text);
+  font-variant-numeric: tabular-nums;
+}
+.count:hover { border-color: #8c959f; }
+.count.active { box-shadow: 0 0 0 2px var(--running); }
+.count.pending { border-top-color: var(--pending); }
+.count.running { border-top-color: var(--running); }
+.count.done { border-top-color: var(--done); }
+.count.failed { border-top-color: var(--failed); }
+.count.cancelled { border-top-color: var(--cancelled); }
+.panel {
+  background: var(--card); border: 1px solid var(--line);
+  border-radius: 8px; overflow: hidden; margin-bottom: 20px;
+}
+.panel-head {
+  display: flex; align-items: baseline; gap: 12px; padding: 10px 14px;
+  border-bottom: 1px solid var(--line);
+}
+.panel-head h2 { margin: 0; font-size: 15px; }
+.muted { color: var(--muted); font-size: 12px; }
+.panel-head a { margin-left: auto; color: var(--running); }
+table { width: 100%; border-collapse: collapse; table-layout: fixed; }
+th {
+  text-align: left; font-size: 12px; font-weight: 600;
+  color: var(--muted); background: #f6f8fa; padding: 8px 12px;
+  border-bottom: 1px solid var(--line);
+}
+td {
+  padding: 8px 12px; border-bottom: 1px solid var(--soft);
+  overflow: hidden; text-overflow: ellipsis; white-space: nowrap;
+}
+tbody tr:last-child td { border-bottom: 0; }
+tbody tr { cursor: pointer; }
+tbody tr:hover { background: #f6f8fa; }
+tbody tr.selected { background: #ddf4ff; }
+.num { text-align: right; font-variant-numeric: tabular-nums; }
+.mono {
+  font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
+  font-size: 12.5px;
+}
+.c-id { width: 64px; } .c-task { width: 17%; } .c-status { width: 112px; }
+.c-progress { width: 210px; } .c-steps { width: 64px; }
+.c-updated { width: 96px; }
+.status {
+  display: inline-block; padding: 1px 9px; border-radius: 999px;
+  font-size: 12px; font-weight: 600;
+}
+.status.pending { color: var(--pending); background: #fff8c5; }
+.status.running { color: var(--running); background: #ddf4ff; }
+.status.done { color: var(--done); background: #dafbe1; }
+.status.failed { color: var(--failed); background: #ffebe9; }
+.status.cancelled { color: #57606a; background: var(--soft); }
+.progress { display: flex; align-items: center; gap: 8px; }
+.bar {
+  flex: 1; height: 8px; border-radius: 4px; overflow: hidden;
+  background: var(--soft);
+}
+.fill { height: 100%; border-radius: 4px; transition: width .4s ease; }
+.bar.pending .fill { background: #d4a72c; }
+.bar.running .fill { background: var(--running); }
+.bar.done .fill { background: var(--done); }
+.bar.failed .fill { background: var(--failed); }
+.bar.cancelled .fill { background: #8c959f; }
+.bar.unknown .fill {
+  width: 100% !important; opacity: .35;
+  background: repeating-linear-gradient(45deg, var(--running) 0 6px,
+                                        transparent 6px 12px);
+}
+.pct { width: 40px; text-align: right; font-variant-numeric: tabular-nums; }
+.empty { margin: 0; padding: 24px; text-align: center; color: var(--muted); }
+.why, .note {
+  display: block; font-size: 12px; color: var(--failed);
+  overflow: hidden; text-overflow: ellipsis;
+}
+.note { color: var(--muted); }
+#detail {
+  position: fixed; top: 0; right: 0; bottom: 0; z-index: 10;
+  width: min(520px, 100%); margin: 0; border-radius: 0; border-width: 0;
+  border-left: 1px solid var(--line); overflow-y: auto;
+  box-shadow: -8px 0 24px rgba(31, 35, 40, .15);
+}
+#detail .panel-head {
+  position: sticky; top: 0; background: var(--card); padding: 14px;
+}
+dl {
+  display: grid; grid-template-columns: max-content 1fr; gap: 6px 20px;
+  margin: 0; padding: 14px;
+}
+dt { color: var(--muted); }
+dd .progress { max-width: 280px; }
+dd { margin: 0; overflow-wrap: anywhere; }
+pre.error {
+  margin: 0 14px 14px; padding: 12px; overflow: auto;
+  background: #fff5f5; border: 1px solid #ffcecb; border-radius: 6px;
+  color: #82071e; font-size: 12.5px; white-space: pre-wrap;
+}
+@media (max-width: 800px) {
+  .counts { grid-template-columns: repeat(3, minmax(0, 1fr)); }
+  .c-task, .c-updated { display: none; }
+  .c-progress { width: 130px; } .c-status { width: 96px; }
+  main { padding: 12px; }
+}
+</style>
+</head>
+<body>
+<header>
+  <h1>liteq</h1>
+  <select id="queue" aria-label="queue name">
+    <option value="">all queues</option>
+  </select>
+  <span id="live">connecting&hellip;</span>
+</header>
+<main>
+  <section id="counts" class="counts" aria-label="jobs per status"></section>
+  <section class="panel">
+    <div class="panel-head">
+      <h2 id="title">Recent jobs</h2><span id="shown" class="muted"></span>
+    </div>
+    <table>
+      <colgroup>
+        <col class="c-id"><col class="c-task"><col><col class="c-status">
+        <col class="c-progress"><col class="c-steps"><col class="c-updated">
+      </colgroup>
+      <thead><tr>
+        <th class="num">ID</th><th class="c-task">Task</th>
+        <th>Description</th><th>Status</th><th>Progress</th>
+        <th class="num">Steps</th><th class="c-updated">Updated</th>
+      </tr></thead>
+      <tbody id="jobs"></tbody>
+    </table>
+    <p id="empty" class="empty" hidden>No jobs.</p>
+  </section>
+  <section id="detail" class="panel" hidden>
+    <div class="panel-head">
+      <h2 id="detail-title"></h2><span id="detail-status"></span>
+      <a href="#" id="close">close</a>
+    </div>
+    <dl id="fields"></dl>
+    <pre id="error" class="error" hidden></pre>
+  </section>
+</main>
+<script>
+"use strict";
+const BASE = document.querySelector('meta[name="liteq-base"]').content;
+const STATUSES = ["pending", "running", "done", "failed", "cancelled"];
+const LIMIT = 50, PERIOD = 1500;
+const view = {status: "", queue: "", selected: null};
+const loop = {timer: null, busy: false, again: false};
+const $ = (id) => document.getElementById(id);
+
+function node(tag, cls, text) {
+  const el = document.createElement(tag);
+  if (cls) el.className = cls;
+  if (text !== undefined && text !== null) el.textContent = String(text);
+  return el;
+}
+
+async function getJSON(path) {
+  const response = await fetch(BASE + path, {
+    cache: "no-store", headers: {Accept: "application/json"}});
+  let body = null;
+  try { body = await response.json(); } catch (e) { body = null; }
+  if (response.status === 404 && body) return null;
+  if (!response.ok) {
+    throw new Error((body && body.error) || "HTTP " + response.status);
+  }
+  return body;
+}
+
+function when(iso) {
+  return iso ? Date.parse(iso.replace(/(\.\d{3})\d+/, "$1")) : NaN;
+}
+
+function ago(iso) {
+  const t = when(iso);
+  if (isNaN(t)) return "";
+  const s = Math.max(0, Math.floor((Date.now() - t) / 1000));
+  if (s < 60) return s + "s ago";
+  if (s < 3600) return Math.floor(s / 60) + "m ago";
+  if (s < 86400) return Math.floor(s / 3600) + "h ago";
+  return Math.floor(s / 86400) + "d ago";
+}
+
+function ahead(iso) {
+  const s = Math.max(0, Math.round((when(iso) - Date.now()) / 1000));
+  const m = Math.round(s / 60), h = Math.round(s / 3600);
+  if (s < 60) return "in " + s + "s";
+  if (m < 60) return "in " + m + "m";
+  return h < 24 ? "in " + h + "h" : "in " + Math.round(s / 86400) + "d";
+}
+
+function localTime(iso) {
+  const t = when(iso);
+  return isNaN(t) ? "" : new Date(t).toLocaleString();
+}
+
+function progress(job) {
+  const known = typeof job.percent === "number";
+  const percent = known ? Math.max(0, Math.min(100, job.percent)) : 0;
+  const unknown = !known && job.status === "running";
+  const bar = node("div", "bar " + (unknown ? "unknown" : job.status));
+  const fill = node("div", "fill");
+  fill.style.width = percent + "%";
+  bar.appendChild(fill);
+  bar.setAttribute("role", "progressbar");
+  bar.setAttribute("aria-valuemin", "0");
+  bar.setAttribute("aria-valuemax", "100");
+  if (known) bar.setAttribute("aria-valuenow", String(percent));
+  const box = node("div", "progress");
+  box.append(bar, node("span", "pct",
+                       known ? Math.floor(percent) + "%" : "\u2014"));
+  return box;
+}
+
+function lastLine(text) {
+  const lines = text.trim().split("\n");
+  return lines[lines.length - 1];
+}
+
+function statusWord(status) {
+  return node("span", "status " + status, status);
+}
+
+function renderQueues(names) {
+  const select = $("queue");
+  if (view.queue && !names.includes(view.queue)) names.push(view.queue);
+  const known = Array.from(select.options).slice(1).map((o) => o.value);
+  if (known.join("\n") !== names.join("\n")) {
+    const options = [node("option", "", "all queues")];
+    options[0].value = "";
+    for (const name of names) {
+      const option = node("option", "", name);
+      option.value = name;
+      options.push(option);
+    }
+    select.replaceChildren(...options);
+  }
+  select.value = view.queue;
+}
+
+function countCards() {
+  if ($("counts").children.length) return $("counts").children;
+  for (const s of ["all"].concat(STATUSES)) {
+    const card = node("button", "count " + s);
+    card.type = "button";
+    card.dataset.status = s;
+    card.append(node("b", "", "0"), node("span", "", s));
+    card.addEventListener("click", () => {
+      view.status = s === "all" || view.status === s ? "" : s;
+      refreshSoon();
+    });
+    $("counts").appendChild(card);
+  }
+  return $("counts").children;
+}
+
+function renderCounts(byQueue) {
+  const names = Object.keys(byQueue).sort();
+  renderQueues(names.slice());
+  const totals = {all: 0};
+  for (const s of STATUSES) totals[s] = 0;
+  for (const name of names) {
+    if (view.queue && name !== view.queue) continue;
+    for (const s of STATUSES) {
+      const n = byQueue[name][s] || 0;
+      totals[s] += n;
+      totals.all += n;
+    }
+  }
+  for (const card of countCards()) {
+    const s = card.dataset.status;
+    card.firstChild.textContent = String(totals[s]);
+    card.classList.toggle("active", (view.status || "all") === s);
+  }
+}
+
+function jobRow(job) {
+  const row = node("tr");
+  row.dataset.id = job.id;
+  row.dataset.status = job.status;
+  if (job.id === view.selected) row.className = "selected";
+  const updated = node("td", "c-updated", ago(job.updated_at));
+  updated.title = localTime(job.updated_at);
+  const task = node("td", "c-task mono", job.name);
+  task.title = job.name;
+  const description = node("td", "", job.description);
+  description.title = job.description;
+  if (job.status === "failed" && job.error) {
+    const why = node("span", "why", lastLine(job.error));
+    description.appendChild(why);
+    description.title = job.description + "\n" + why.textContent;
+  } else if (job.status === "pending" && when(job.eta) > Date.now()) {
+    description.appendChild(node("span", "note", "runs " + ahead(job.eta)));
+  }
+  const status = node("td");
+  status.appendChild(statusWord(job.status));
+  const bar = node("td");
+  bar.appendChild(progress(job));
+  row.append(node("td", "num", job.id), task, description, status, bar,
+             node("td", "num", job.steps), updated);
+  row.tabIndex = 0;
+  row.addEventListener("click", () => { location.hash = "job-" + job.id; });
+  row.addEventListener("keydown", (event) => {
+    if (event.key === "Enter") location.hash = "job-" + job.id;
+  });
+  return row;
+}
+
+function renderJobs(jobs) {
+  $("jobs").replaceChildren(...jobs.map(jobRow));
+  $("empty").hidden = jobs.length > 0;
+  const words = [view.status || "recent", "jobs"];
+  if (view.queue) words.push("in " + view.queue);
+  $("title").textContent = words.join(" ").replace(/^./, (c) =>
+    c.toUpperCase());
+  $("shown").textContent = jobs.length >= LIMIT ?
+    "newest " + LIMIT + " shown" : "";
+}
+
+const FIELDS = ["id", "name", "current", "description", "queue",
+                "priority", "key", "status", "percent", "steps", "attempts",
+                "worker", "eta", "created_at", "started_at", "updated_at",
+                "finished_at", "args", "kwargs", "result"];
+
+function fieldValue(job, field) {
+  const value = job[field];
+  if (field === "percent") return progress(job);
+  if (field === "status") return statusWord(value);
+  if (["args", "kwargs", "result"].includes(field)) {
+    return node("span", "mono", JSON.stringify(value));
+  }
+  if (value === null || value === undefined) return node("span", "", "-");
+  if (field.endsWith("_at") || field === "eta") {
+    return node("span", "", localTime(value) + " (" + ago(value) + ")");
+  }
+  return node("span", field === "name" || field === "current" ?
+              "mono" : "", value);
+}
+
+function renderDetail(job, id) {
+  $("detail").hidden = false;
+  $("detail-title").textContent = "Job " + id;
+  if (job === null) {
+    $("detail-status").textContent = "not found (never stored, or purged)";
+    $("fields").replaceChildren();
+    $("error").hidden = true;
+    return;
+  }
+  $("detail-status").replaceChildren(statusWord(job.status));
+  const items = [];
+  for (const field of FIELDS) {
+    const dd = node("dd");
+    dd.appendChild(fieldValue(job, field));
+    items.push(node("dt", "", field), dd);
+  }
+  $("fields").replaceChildren(...items);
+  $("error").hidden = !job.error;
+  $("error").textContent = job.error || "";
+}
+
+function selectedId() {
+  const match = /^#job-(\d+)$/.exec(location.hash);
+  return match ? Number(match[1]) : null;
+}
+
+async function refresh() {
+  loop.busy = true;
+  const query = new URLSearchParams({limit: String(LIMIT)});
+  if (view.status) query.set("status", view.status);
+  if (view.queue) query.set("queue", view.queue);
+  view.selected = selectedId();
+  try {
+    const [counts, jobs] = await Promise.all(
+      [getJSON("counts"), getJSON("tasks?" + query)]);
+    renderCounts(counts);
+    renderJobs(jobs);
+    if (view.selected === null) $("detail").hidden = true;
+    else renderDetail(await getJSON("tasks/" + view.selected),
+                      view.selected);
+    $("live").className = "ok";
+    $("live").textContent = "live \u00b7 " +
+      new Date().toLocaleTimeString();
+  } catch (err) {
+    $("live").className = "down";
+    $("live").textContent = "cannot reach the server (" + err.message +
+      "): retrying";
+  }
+  loop.busy = false;
+  loop.timer = setTimeout(refresh, loop.again ? 0 : PERIOD);
+  loop.again = false;
+}
+
+function refreshSoon() {
+  if (loop.busy) { loop.again = true; return; }
+  clearTimeout(loop.timer);
+  refresh();
+}
+
+$("queue").addEventListener("change", (event) => {
+  view.queue = event.target.value;
+  refreshSoon();
+});
+function closeDetail(event) {
+  event.preventDefault();
+  history.replaceState(null, "", location.pathname + location.search);
+  refreshSoon();
+}
+
+$("close").addEventListener("click", closeDetail);
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Escape" && selectedId() !== null) closeDetail(event);
+});
+window.addEventListener("hashchange", refreshSoon);
+refresh();
+</script>
+</body>
+</html>
+"""
+
+
+def _csp_source(page: str, tag: str) -> str:
+    """The CSP hash source allowing the page's one inline ``tag``."""
+    body = page.split(f"<{tag}>", 1)[1].split(f"</{tag}>", 1)[0]
+    digest = hashlib.sha256(body.encode()).digest()
+    return f"'sha256-{base64.b64encode(digest).decode()}'"
+
+
+_DASHBOARD_CSP = (
+    f"default-src 'none'; script-src {_csp_source(_DASHBOARD, 'script')}; "
+    f"style-src {_csp_source(_DASHBOARD, 'style')}; connect-src 'self'; "
+    f"img-src data:; base-uri 'none'; form-action 'none'; "
+    f"frame-ancestors 'none'")
+
+
 # ---------------------------------------------------------------------------
 # 10. Command line
 # ---------------------------------------------------------------------------
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_LIST_LIMIT = 20  # jobs `list` shows without --limit
+_FOLLOW_POLL = 0.2  # seconds between looks at a followed job
+_BAR_WIDTH = 24  # characters in a progress bar
+_LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+_HOST_HEADER = re.compile(r"(\[[0-9a-fA-F:.]*\]|[^:\[\]]*)(:[0-9]{1,5})?\Z")
 
 
 class _UsageError(Exception):
@@ -2394,36 +3082,61 @@ class _UsageError(Exception):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line (``python -m liteq``); return the exit status."""
+    """Run the command line (``python -m liteq``); return the exit status.
+
+    0 on success; 1 when the command ran but the outcome is a failure
+    (``show --follow`` of a failed job, ``cancel`` of a finished one);
+    2 for a user error (missing database, unknown id, bad duration, a
+    module that cannot be imported), reported in one line on stderr.
+    """
     parser = _build_parser()
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
     except (_UsageError, Error, ValueError) as exc:
         print(f"liteq: error: {exc}", file=sys.stderr)
-        return 1 if isinstance(exc, StorageError) and not isinstance(
-            exc, _UsageError) else 2
+        return 1 if isinstance(exc, StorageError) else 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # `liteq list | head`: the reader left.  Point stdout at devnull
+        # so the interpreter's final flush does not fail again.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    console = os.path.basename(sys.argv[0] if sys.argv else "") == "liteq"
     parser = argparse.ArgumentParser(
-        prog="python -m liteq",
+        prog="liteq" if console else "python -m liteq",
         description="A durable background task queue on SQLite.")
     parser.add_argument("--version", action="version",
                         version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True,
                                      metavar="COMMAND")
+    add = functools.partial(_add_command, commands)
+    _add_worker_commands(add)
+    _add_read_commands(add)
+    _add_write_commands(add)
+    return parser
 
-    def command(name: str, handler: Callable, text: str
-                ) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=text, description=text)
-        sub.add_argument("--db", metavar="PATH",
-                         help="database file (default: $LITEQ_DB, else "
-                              "./liteq.db)")
-        sub.set_defaults(handler=handler)
-        return sub
 
-    run = command("run", _cmd_run, "run a worker for the tasks of MODULEs")
+def _add_command(commands: Any, name: str, handler: Callable, text: str,
+                 json_output: bool = False) -> argparse.ArgumentParser:
+    sub = commands.add_parser(name, help=text, description=text)
+    sub.add_argument("--db", metavar="PATH",
+                     help="database file (default: $LITEQ_DB, else "
+                          "./liteq.db)")
+    if json_output:
+        sub.add_argument("--json", action="store_true",
+                         help="print JSON (the fields of Job.to_dict())")
+    sub.set_defaults(handler=handler)
+    return sub
+
+
+def _add_worker_commands(add: Callable) -> None:
+    run = add("run", _cmd_run, "run a worker for the tasks of MODULEs")
     run.add_argument("modules", nargs="+", metavar="MODULE",
                      help="module defining tasks, e.g. app.tasks")
     run.add_argument("--threads", type=int, default=1,
@@ -2431,13 +3144,47 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--queue", action="append", dest="queues",
                      metavar="NAME", help="queue name to serve (repeat; "
                                           "default: default)")
-    run.add_argument("--log-level", default="INFO",
-                     choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    demo = command("demo", _cmd_demo,
-                   "enqueue demo jobs and run a worker until they finish")
-    demo.add_argument("--log-level", default="WARNING",
-                      choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    return parser
+    run.add_argument("--log-level", default="INFO", choices=_LOG_LEVELS)
+    demo = add("demo", _cmd_demo,
+               "enqueue demo jobs and run a worker until they finish")
+    demo.add_argument("--log-level", default="WARNING", choices=_LOG_LEVELS)
+
+
+def _add_read_commands(add: Callable) -> None:
+    add("status", _cmd_status, "count jobs per status per queue name",
+        json_output=True)
+    jobs = add("list", _cmd_list, "list jobs, newest first",
+               json_output=True)
+    jobs.add_argument("--status", choices=STATUSES)
+    jobs.add_argument("--queue", metavar="NAME", help="queue name")
+    jobs.add_argument("--name", metavar="TASK", help="stored task name")
+    jobs.add_argument("--limit", type=int, default=_LIST_LIMIT,
+                      help=f"most jobs to show (default {_LIST_LIMIT})")
+    show = add("show", _cmd_show, "show every field of a job",
+               json_output=True)
+    show.add_argument("id", metavar="ID")
+    show.add_argument("--follow", action="store_true",
+                      help="draw a progress bar until the job finishes; "
+                           "exit 0 if done, 1 if failed or cancelled")
+    serve = add("serve", _cmd_serve,
+                "serve the HTTP API and dashboard (read-only)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8080,
+                       help="port (default 8080; 0 picks a free one)")
+    serve.add_argument("--log-level", default="INFO", choices=_LOG_LEVELS,
+                       help="DEBUG also logs every request")
+
+
+def _add_write_commands(add: Callable) -> None:
+    cancel = add("cancel", _cmd_cancel,
+                 "cancel a job (exit 1 if it had already finished)")
+    cancel.add_argument("id", metavar="ID")
+    retry = add("retry", _cmd_retry, "run a failed or cancelled job again")
+    retry.add_argument("id", metavar="ID")
+    purge = add("purge", _cmd_purge, "delete jobs finished long ago")
+    purge.add_argument("--older-than", required=True, metavar="DURATION",
+                       help="e.g. 30s, 12h, 7d, 2w (0s: every finished job)")
 
 
 def _setup_logging(level: str) -> None:
@@ -2447,10 +3194,35 @@ def _setup_logging(level: str) -> None:
 
 
 def _cli_queue(args: argparse.Namespace, create: bool) -> Queue:
+    """The Queue of ``--db``; only ``create`` commands may make the file.
+
+    Commands that create (run, demo) point the default Queue at the file,
+    so the task modules they import store their jobs there too.  The
+    others get a Queue of their own, to close when done.
+    """
     path = args.db or os.environ.get("LITEQ_DB") or DEFAULT_DB
-    if not create and not os.path.exists(path):
-        raise _UsageError(f"no database at {os.path.abspath(path)}")
-    return configure(path)
+    if create:
+        return configure(path)
+    if not os.path.isfile(path):
+        raise _UsageError(f"no database at {os.path.abspath(path)} (pass "
+                          f"--db or set LITEQ_DB; run and demo create one)")
+    return Queue(path)
+
+
+def _job_id(text: str) -> int:
+    if not _DIGITS.match(text) or int(text) < 1:
+        raise _UsageError(f"a job id is a positive integer, got {text!r}")
+    return int(text)
+
+
+def _find_job(queue: Queue, text: str) -> Job:
+    job_id = _job_id(text)
+    job = queue.get(job_id) if job_id <= _INT64[1] else None
+    if job is None:
+        raise _UsageError(f"no job {job_id} in {queue.path}")
+    return job
+
+# Worker commands -----------------------------------------------------------
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -2530,10 +3302,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 chain([step("one"), step("two"), step("three")]).delay(),
                 flaky.delay("flaky job")]
     print(f"liteq demo: {len(jobs)} jobs in {queue.path}, queue liteq-demo")
+    screen = _Screen(sys.stdout)
     with Worker(queue, threads=3, queues=["liteq-demo"]):
         while True:
             rows = [job.to_dict() for job in jobs]
-            _draw_demo(rows)
+            screen.draw([_demo_line(row) for row in rows])
             if all(row["status"] in FINISHED for row in rows):
                 break
             time.sleep(0.2)
@@ -2542,27 +3315,376 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if all(job.status == DONE for job in jobs) else 1
 
 
-_DEMO_LAST: list = []
+def _demo_line(row: dict) -> str:
+    return (f"  job {row['id']:>4} {_bar(row['percent'])} "
+            f"{_percent_text(row['percent'])} {row['status']:<9} "
+            f"steps {row['steps']:>2}  {_clean(row['description'])}")
+
+# Terminal output -----------------------------------------------------------
 
 
-def _draw_demo(rows: list[dict]) -> None:
+class _Screen:
+    """Lines that redraw in place on a terminal.
+
+    Elsewhere (a pipe, a log file) a line is printed again only when its
+    key changes, so the output stays short and every line is news.
+    """
+
+    def __init__(self, stream: Any, redraw: bool = True) -> None:
+        self.stream = stream
+        self.tty = redraw and stream.isatty()
+        self.keys: list = []  # per line, as drawn last time
+
+    def draw(self, lines: list[str], keys: list | None = None) -> None:
+        keys = lines if keys is None else keys
+        if self.tty:
+            # A line that wrapped would take two rows: cut it to fit.
+            width = self._width()
+            lines = [line[:width - 1] if width else line for line in lines]
+            up = f"\x1b[{len(self.keys)}F" if self.keys else ""
+            _emit(up + "".join(f"{line}\x1b[K\n" for line in lines),
+                  self.stream)
+        else:
+            old = self.keys or [None] * len(lines)
+            _emit("".join(f"{line}\n" for line, key, was in
+                          zip(lines, keys, old) if key != was), self.stream)
+        self.keys = list(keys)
+        self.stream.flush()
+
+    def _width(self) -> int:
+        try:
+            return os.get_terminal_size(self.stream.fileno()).columns
+        except (OSError, ValueError, AttributeError):
+            return 0
+
+
+def _emit(text: str, stream: Any = None) -> None:
+    """Write ``text``; characters the stream cannot encode become '?'."""
+    stream = sys.stdout if stream is None else stream
+    try:
+        stream.write(text)
+    except UnicodeEncodeError:
+        encoding = getattr(stream, "encoding", None) or "ascii"
+        stream.write(text.encode(encoding, "replace").decode(encoding))
+
+
+def _clean(value: Any, width: int | None = None) -> str:
+    """``value`` as one printable line, cut to ``width`` characters.
+
+    Job text comes from users: control characters (escape sequences
+    included) must not reach the terminal.
+    """
+    text = "".join(ch if ch.isprintable() else " " if ch in "\t\n\r"
+                   else "?" for ch in str(value))
+    if width is not None and len(text) > width:
+        text = text[:width - 3] + "..."
+    return text
+
+
+def _unicode_ok(stream: Any) -> bool:
+    try:
+        "\u2588\u2591".encode(getattr(stream, "encoding", None) or "ascii")
+    except (UnicodeEncodeError, LookupError):
+        return False
+    return True
+
+
+def _bar(percent: float | None, width: int = _BAR_WIDTH) -> str:
+    full, empty = ("\u2588", "\u2591") if _unicode_ok(sys.stdout) else "#-"
+    filled = 0 if percent is None else int(width * percent / 100)
+    return full * filled + empty * (width - filled)
+
+
+def _percent_text(percent: float | None) -> str:
+    return "   -" if percent is None else f"{int(percent):>3d}%"
+
+
+def _seconds(iso: str | None) -> float | None:
+    if iso is None:
+        return None
+    return _dt.datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def _duration_text(seconds: float) -> str:
+    minutes, secs = divmod(int(max(0.0, seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return (f"{hours}:{minutes:02d}:{secs:02d}" if hours
+            else f"{minutes}:{secs:02d}")
+
+
+def _age_text(iso: str | None, now: float) -> str:
+    if iso is None:
+        return "-"
+    seconds = max(0, int(now - _seconds(iso)))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+def _table(headers: Sequence[str], rows: list[list[str]],
+           right: Sequence[int] = ()) -> str:
+    """An aligned text table; columns in ``right`` are right-aligned."""
+    widths = [max(len(cell) for cell in column)
+              for column in zip(headers, *rows)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            cell.rjust(width) if i in right else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(cells, widths))).rstrip()
+
+    return "".join(line(cells) + "\n" for cells in [headers, *rows])
+
+
+def _print_json(value: Any) -> None:
+    _emit(json.dumps(value, indent=2) + "\n")
+
+# Read commands -------------------------------------------------------------
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    with _cli_queue(args, create=False) as queue:
+        counts = dict(sorted(queue._counts_by_queue().items()))
+    if args.json:
+        _print_json(counts)
+    elif not counts:
+        _emit(f"no jobs in {queue.path}\n")
+    else:
+        rows = [[_clean(name), *(str(n[s]) for s in STATUSES),
+                 str(sum(n.values()))] for name, n in counts.items()]
+        _emit(_table(["QUEUE", *(s.upper() for s in STATUSES), "TOTAL"],
+                     rows, right=range(1, len(STATUSES) + 2)))
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    if args.limit < 0:
+        raise _UsageError(f"--limit must be 0 or more, got {args.limit}")
+    with _cli_queue(args, create=False) as queue:
+        rows = queue._job_rows(args.status, args.name, args.queue,
+                               args.limit)
+    jobs = [_public_dict(row) for row in rows]
+    if args.json:
+        _print_json(jobs)
+    elif not jobs:
+        _emit("no jobs\n")
+    else:
+        now = time.time()
+        _emit(_table(
+            ["ID", "STATUS", "PROGRESS", "STEPS", "QUEUE", "TASK",
+             "DESCRIPTION", "UPDATED"],
+            [[str(job["id"]), job["status"],
+              _percent_text(job["percent"]).strip(), str(job["steps"]),
+              _clean(job["queue"], 20), _clean(job["name"], 32),
+              _clean(job["description"], 40),
+              _age_text(job["updated_at"], now)] for job in jobs],
+            right=(0, 2, 3)))
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    with _cli_queue(args, create=False) as queue:
+        job = _find_job(queue, args.id)
+        if args.follow:
+            return _follow(job, args.json)
+        data = job.to_dict()
+    if args.json:
+        _print_json(data)
+    else:
+        _emit(_show_text(data))
+    return 0
+
+
+_SHOW_FIELDS = (
+    "id", "name", "current", "description", "queue", "priority", "key",
+    "status", "percent", "steps", "attempts", "worker", "eta",
+    "created_at", "started_at", "updated_at", "finished_at", "args",
+    "kwargs", "result")
+
+
+def _show_text(data: dict) -> str:
     lines = []
-    for row in rows:
-        percent = row["percent"] or 0.0
-        bar = "#" * int(percent / 5) + "." * (20 - int(percent / 5))
-        lines.append(f"  job {row['id']:>4} [{bar}] {percent:5.1f}% "
-                     f"{row['status']:<9} steps {row['steps']:>2} "
-                     f"{row['description']}")
-    previous = _DEMO_LAST[0] if _DEMO_LAST else [None] * len(lines)
-    if sys.stdout.isatty():  # redraw in place
-        if _DEMO_LAST:
-            sys.stdout.write(f"\x1b[{len(lines)}F")
-        sys.stdout.write("".join(f"{line}\x1b[K\n" for line in lines))
-    else:  # a log: print the lines that changed
-        sys.stdout.write("".join(f"{line}\n" for line, old in
-                                 zip(lines, previous) if line != old))
-    sys.stdout.flush()
-    _DEMO_LAST[:] = [lines]
+    for field in _SHOW_FIELDS:
+        value = data[field]
+        if field in ("args", "kwargs", "result"):
+            text = json.dumps(value)
+        elif field == "percent":
+            text = f"{_bar(value)} {_percent_text(value).strip()}"
+        else:
+            text = "-" if value is None else _clean(value)
+        lines.append(f"{field:<12} {text}")
+    if data["error"]:
+        lines.append("error:")
+        lines += [f"  {_clean(line)}"
+                  for line in data["error"].rstrip().splitlines()]
+    return "".join(line + "\n" for line in lines)
+
+
+def _follow(job: Job, as_json: bool) -> int:
+    """Redraw the job's progress until it finishes; 0 if done, else 1."""
+    screen = _Screen(sys.stdout, redraw=not as_json)
+    while True:
+        data = job.to_dict()
+        key = (data["status"], data["percent"], data["steps"])
+        if as_json:
+            screen.draw([json.dumps(data)], [key])
+        else:
+            screen.draw([_follow_line(data, time.time())], [key])
+        if data["status"] in FINISHED:
+            break
+        time.sleep(_FOLLOW_POLL)
+    if data["error"] and not as_json:
+        _emit(f"error: {_clean(_error_line(data['error']))}\n")
+    return 0 if data["status"] == DONE else 1
+
+
+def _follow_line(data: dict, now: float) -> str:
+    start = _seconds(data["started_at"] or data["created_at"])
+    end = _seconds(data["finished_at"]) or now
+    return (f"job {data['id']} {_bar(data['percent'])} "
+            f"{_percent_text(data['percent'])}  steps {data['steps']}  "
+            f"{_duration_text(end - start)}  {data['status']}")
+
+# Write commands ------------------------------------------------------------
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    with _cli_queue(args, create=False) as queue:
+        job = _find_job(queue, args.id)
+        before = job.status
+        cancelled = before not in FINISHED and job.cancel()
+        after = job.status
+    if not cancelled:
+        print(f"liteq: job {job.id} has already finished ({after}): not "
+              f"cancelled", file=sys.stderr)
+        return 1
+    if after == CANCELLED:
+        _emit(f"job {job.id} cancelled\n")
+    else:
+        _emit(f"job {job.id}: cancel requested; the step running now "
+              f"finishes first\n")
+    return 0
+
+
+def _cmd_retry(args: argparse.Namespace) -> int:
+    with _cli_queue(args, create=False) as queue:
+        job = _find_job(queue, args.id)
+        job.retry()
+        data = job.to_dict()
+    _emit(f"job {data['id']} is {data['status']} again: it resumes at step "
+          f"{data['steps'] + 1} ({_clean(data['current'])})\n")
+    return 0
+
+
+def _cmd_purge(args: argparse.Namespace) -> int:
+    seconds = _parse_duration(args.older_than)
+    with _cli_queue(args, create=False) as queue:
+        deleted = queue.purge(seconds)
+    _emit(f"purged {deleted} job{'' if deleted == 1 else 's'} finished "
+          f"more than {args.older_than.strip()} ago\n")
+    return 0
+
+# serve ---------------------------------------------------------------------
+
+
+class _WSGIServer(socketserver.ThreadingMixIn,
+                  wsgiref.simple_server.WSGIServer):
+    """wsgiref's server with a thread per request: a slow client does not
+    hold up the others."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hangs up mid-response is not worth a traceback.
+        logger.debug("http: request from %s failed", client_address[0],
+                     exc_info=True)
+
+
+class _WSGIServer6(_WSGIServer):
+    address_family = socket.AF_INET6
+
+
+class _RequestHandler(wsgiref.simple_server.WSGIRequestHandler):
+    """Sends the access log to the ``liteq`` logger, not to stderr."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("http: %s %s", self.address_string(), format % args)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level)
+    queue = _cli_queue(args, create=False)
+    app = wsgi_app(queue)
+    if _is_loopback(args.host):
+        app = _loopback_only(app, args.host)
+    else:
+        logger.warning(
+            "serving on %s: the API and dashboard are unauthenticated, "
+            "anyone who can reach this address can read every job's "
+            "arguments, results and errors", args.host or "every address")
+    server = _make_server(args.host, args.port, app)
+    port = server.server_address[1]
+    host = f"[{args.host}]" if ":" in args.host else args.host or "0.0.0.0"
+    print(f"liteq: serving {queue.path} at http://{host}:{port}/ "
+          f"(Ctrl-C to stop)", flush=True)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops `serve` as Ctrl-C does
+
+
+def _make_server(host: str, port: int, app: Callable) -> _WSGIServer:
+    server_class = _WSGIServer6 if ":" in host else _WSGIServer
+    try:
+        return wsgiref.simple_server.make_server(
+            host, port, app, server_class, _RequestHandler)
+    except (OSError, OverflowError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise _UsageError(f"cannot listen on {host}:{port}: "
+                          f"{reason}") from None
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _loopback_only(app: Callable, bound: str) -> Callable:
+    """Answer only requests addressed to a loopback name.
+
+    A page elsewhere can point a host name it controls at 127.0.0.1 (DNS
+    rebinding) and read the API from the victim's browser; such requests
+    still carry that name in ``Host``, so they are refused.
+    """
+    bound = f"[{bound}]" if ":" in bound else bound
+    allowed = {name.lower() for name in (*_LOOPBACK_NAMES, bound)}
+
+    def guarded(environ: dict, start_response: Callable) -> list:
+        header = environ.get("HTTP_HOST", "")
+        match = _HOST_HEADER.match(header)
+        if not header or not match:
+            return _http_error(environ, start_response, 400,
+                               "a valid Host header is required")
+        if match[1].lower() not in allowed:
+            return _http_error(environ, start_response, 403,
+                               f"host {header!r} is not allowed: use "
+                               f"http://127.0.0.1 or http://localhost")
+        return app(environ, start_response)
+
+    return guarded
 
 
 # ---------------------------------------------------------------------------
