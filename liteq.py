@@ -193,6 +193,7 @@ class SchemaError(Error):
 # 4. Utilities: clock, durations, JSON codec
 # ---------------------------------------------------------------------------
 
+_SURROGATE = re.compile("[\ud800-\udfff]")  # not storable as UTF-8
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -236,10 +237,10 @@ def _check_int(name: str, value: Any, minimum: int | None = None,
                maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {value!r}")
-    if (minimum is not None and value < minimum) or (
-            maximum is not None and value > maximum):
-        raise ValueError(f"{name} must be between {minimum} and {maximum},"
-                         f" got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value!r}")
     return int(value)
 
 
@@ -248,7 +249,17 @@ def _check_name(what: str, value: Any) -> str:
         raise TypeError(f"{what} must be a str, got {value!r}")
     if not value.strip():
         raise ValueError(f"{what} must not be empty, got {value!r}")
+    if _SURROGATE.search(value):
+        raise ValueError(f"{what} must be valid Unicode text (no lone "
+                         f"surrogates), got {value!r}")
     return value
+
+
+def _storable_text(text: str) -> str:
+    """Text for a TEXT column: surrogates (invalid UTF-8) escaped."""
+    if _SURROGATE.search(text):
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 # The stored form is JSON.  Tuples, Tasks and dicts whose keys collide with
@@ -343,7 +354,6 @@ def _from_json(value: Any) -> Any:
 # escapes instead.  A JSON parser joins an escaped high surrogate and an
 # escaped low one into a single character, so when two meet, _parse puts a
 # marker character between them and takes it out again after parsing.
-_SURROGATE = re.compile("[\ud800-\udfff]")
 _ESCAPED_PAIR = re.compile(
     r"(\\u[dD][89abAB][0-9a-fA-F]{2})(?=\\u[dD][c-fC-F][0-9a-fA-F]{2})")
 
@@ -633,6 +643,10 @@ _SQL_PURGE = """
 """
 
 
+class _Connection(sqlite3.Connection):
+    """A connection that a WeakSet can hold."""
+
+
 class _Store:
     """The database file: connections, transactions and error mapping.
 
@@ -649,7 +663,9 @@ class _Store:
         self._local = threading.local()
         # Guards _connections and _schema_ok across threads.
         self._lock = threading.Lock()
-        self._connections: list[sqlite3.Connection] = []
+        # Weak, so the connection of a thread that ended is closed with it
+        # (a thread-per-request server would otherwise leak one each).
+        self._connections: weakref.WeakSet = weakref.WeakSet()
         self._schema_ok = False
         self._pid = os.getpid()
 
@@ -668,7 +684,7 @@ class _Store:
         # The parent's connections belong to the parent: forget them
         # without closing, which could disturb its locks.
         self._local = threading.local()
-        self._connections = []
+        self._connections = weakref.WeakSet()
         self._lock = threading.Lock()
         self._pid = os.getpid()
 
@@ -676,7 +692,8 @@ class _Store:
         try:
             conn = sqlite3.connect(self.path, timeout=0,
                                    isolation_level=None,
-                                   check_same_thread=False)
+                                   check_same_thread=False,
+                                   factory=_Connection)
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open {self.path}: {exc}") from exc
         try:
@@ -689,12 +706,13 @@ class _Store:
             conn.close()
             raise
         with self._lock:
-            self._connections.append(conn)
+            self._connections.add(conn)
         return conn
 
     def close(self) -> None:
         with self._lock:
-            connections, self._connections = self._connections, []
+            connections = list(self._connections)
+            self._connections = weakref.WeakSet()
             self._local = threading.local()
         for conn in connections:
             with contextlib.suppress(sqlite3.Error):
@@ -1712,8 +1730,8 @@ class Queue:
             _check_name("key", key)
         return {
             "name": call.name, "call": text,
-            "description": call.function._description(call.args,
-                                                       call.kwargs),
+            "description": _storable_text(call.function._description(
+                call.args, call.kwargs)),
             "queue": fn.queue if queue is None else queue,
             "priority": fn.priority if priority is None else priority,
             "key": key, "percent": call.percent(), "eta": start,
@@ -1965,6 +1983,13 @@ class Worker:
                              self.queue.path, failures, exc)
                 time.sleep(min(0.05 * 2 ** min(failures, 6), 2.0))
                 continue
+            except Exception:  # a bug of ours: keep the thread alive
+                failures += 1
+                logger.exception("worker error; the step's outcome is "
+                                 "dropped and it will run again")
+                outcome = None
+                time.sleep(min(0.05 * 2 ** min(failures, 6), 2.0))
+                continue
             failures, outcome = 0, None
             if claimed is not None:
                 outcome = self._execute(claimed)
@@ -2079,6 +2104,8 @@ class Worker:
                 now: float) -> Any:
         claimed = outcome.claimed
         params = {"id": claimed.id, "token": claimed.token, "now": now}
+        if outcome.error is not None:
+            outcome.error = _storable_text(outcome.error)
         kind = outcome.kind
         if kind == "continue":
             params.update(call=outcome.text, current=outcome.current,
