@@ -277,61 +277,92 @@ def _int_ok(value: int) -> bool:
         return False
 
 
-def _to_json(value: Any, path: str, depth: int = 0,
-             active: set | None = None) -> Any:
-    """Return the JSON-ready form of ``value``, or raise TypeError."""
+class _Unstorable(TypeError):
+    """A value JSON cannot hold.  Each enclosing container adds its key
+    to ``where`` as the error passes through, so a path costs nothing
+    until something is wrong."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.where: list[str] = []  # innermost first
+
+    def at(self, path: str) -> TypeError:
+        where = "".join(reversed(self.where))
+        if not path:
+            where = where.lstrip(".")
+        return TypeError(f"{path}{where} {self.problem}")
+
+
+def _to_json(value: Any, depth: int = 0, active: set | None = None) -> Any:
+    """Return the JSON-ready form of ``value``, or raise _Unstorable."""
     kind = type(value)
     if kind is str or value is None or kind is bool:
         return value
     if kind is int:
         if not _int_ok(value):
-            raise TypeError(f"{path} is an int of more than "
-                            f"{_MAX_INT_DIGITS} digits")
+            raise _Unstorable(f"is an int of more than {_MAX_INT_DIGITS} "
+                              f"digits")
         return value
     if kind is float:
         if not math.isfinite(value):
-            raise TypeError(f"{path} is {value!r}: only finite floats are "
-                            f"JSON")
+            raise _Unstorable(f"is {value!r}: only finite floats are JSON")
         return value
     if isinstance(value, (bool, int, float, str)):  # subclasses: base type
         base = next(t for t in (bool, int, float, str)
                     if isinstance(value, t))
-        return _to_json(base(value), path, depth, active)
+        return _to_json(base(value), depth, active)
     if not isinstance(value, (list, tuple, dict, Task)):
-        raise TypeError(
-            f"{path} is a {type(value).__name__}, which liteq cannot store:"
-            f" use None, bool, int, float, str, list, tuple, dict with str "
-            f"keys, or a Task")
+        raise _Unstorable(
+            f"is a {type(value).__name__}, which liteq cannot store: use "
+            f"None, bool, int, float, str, list, tuple, dict with str keys,"
+            f" or a Task")
     if depth > _MAX_DEPTH:
-        raise TypeError(f"{path} is nested deeper than {_MAX_DEPTH} levels")
+        raise _Unstorable(f"is nested deeper than {_MAX_DEPTH} levels")
     active = set() if active is None else active
     if id(value) in active:
-        raise TypeError(f"{path} is a {type(value).__name__} that contains "
-                        f"itself (a cycle)")
+        raise _Unstorable(f"is a {type(value).__name__} that contains "
+                          f"itself (a cycle)")
     active.add(id(value))
     try:
-        return _container_to_json(value, path, depth + 1, active)
+        if isinstance(value, Task):
+            return value._to_json(depth + 1, active)
+        if isinstance(value, list):
+            return _items_to_json(value, depth + 1, active)
+        if isinstance(value, tuple):
+            return {_TAG_TUPLE: _items_to_json(value, depth + 1, active)}
+        out = _dict_to_json(value, depth + 1, active)
+        return {_TAG_DICT: out} if _TAGS.intersection(out) else out
     finally:
         active.discard(id(value))
 
 
-def _container_to_json(value: Any, path: str, depth: int,
-                       active: set) -> Any:
-    if isinstance(value, Task):
-        return value._to_json(path, depth, active)
-    if isinstance(value, list):
-        return [_to_json(item, f"{path}[{i}]", depth, active)
-                for i, item in enumerate(value)]
-    if isinstance(value, tuple):
-        return {_TAG_TUPLE: [_to_json(item, f"{path}[{i}]", depth, active)
-                             for i, item in enumerate(value)]}
+def _items_to_json(items: Sequence, depth: int, active: set) -> list:
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(_to_json(item, depth, active))
+        except _Unstorable as exc:
+            exc.where.append(f"[{i}]")
+            raise
+    return out
+
+
+def _dict_to_json(value: dict, depth: int, active: set) -> dict:
     out = {}
     for key, item in value.items():
-        if not isinstance(key, str):
-            raise TypeError(f"{path} has a key {key!r} of type "
-                            f"{type(key).__name__}: dict keys must be str")
-        out[str(key)] = _to_json(item, f"{path}[{key!r}]", depth, active)
-    return {_TAG_DICT: out} if _TAGS.intersection(out) else out
+        if type(key) is not str:
+            if not isinstance(key, str):
+                raise _Unstorable(f"has a key {key!r} of type "
+                                  f"{type(key).__name__}: dict keys must "
+                                  f"be str")
+            key = str.__str__(key)
+        try:
+            out[key] = _to_json(item, depth, active)
+        except _Unstorable as exc:
+            exc.where.append(f"[{key!r}]")
+            raise
+    return out
 
 
 def _from_json(value: Any) -> Any:
@@ -358,9 +389,12 @@ _ESCAPED_PAIR = re.compile(
     r"(\\u[dD][89abAB][0-9a-fA-F]{2})(?=\\u[dD][c-fC-F][0-9a-fA-F]{2})")
 
 
+_JSON_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"),
+                               allow_nan=False).encode
+
+
 def _dumps(value: Any) -> str:
-    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"),
-                      allow_nan=False)
+    text = _JSON_ENCODE(value)
     if _SURROGATE.search(text):
         text = _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
     return text
@@ -393,12 +427,20 @@ def _loads(text: str) -> Any:
     return _from_json(value) if '"__' in text else value
 
 
+def _top_depth(value: Any) -> int:
+    # A call's arguments and a bare result count from the same level.
+    return 0 if isinstance(value, Task) else 1
+
+
 def _encode(value: Any, path: str, limit: int) -> str:
-    text = _dumps(_to_json(value, path))
+    try:
+        text = _dumps(_to_json(value, _top_depth(value)))
+    except _Unstorable as exc:
+        raise exc.at(path) from None
     size = len(text) if len(text) * 4 <= limit else len(text.encode())
     if size > limit:
         raise ValueError(
-            f"{path} encodes to {size} bytes, over max_payload "
+            f"{path or 'the call'} encodes to {size} bytes, over max_payload "
             f"({limit}): store large data elsewhere and pass a reference")
     return text
 
@@ -481,6 +523,8 @@ _SQL_INSERT_JOB = """
             CASE WHEN :due THEN NULL ELSE :eta END, :now, :now)
 """
 
+_SQL_LAST_ID = "SELECT seq FROM sqlite_sequence WHERE name = 'liteq_jobs'"
+
 _SQL_SELECT_ACTIVE_KEY = """
     SELECT id FROM liteq_jobs WHERE key = ? AND finished_at IS NULL
 """
@@ -558,6 +602,14 @@ _SQL_CONTINUE = """
            finished_at = CASE WHEN cancel THEN :now END
      WHERE id = :id AND token = :token AND worker IS NOT NULL
  RETURNING status
+"""
+
+_SQL_DONE = """
+    UPDATE liteq_jobs
+       SET status = 'done', result = :result, percent = 100.0,
+           steps = steps + 1, worker = NULL, timer = NULL,
+           finished_at = :now, updated_at = :now
+     WHERE id = :id AND token = :token AND worker IS NOT NULL
 """
 
 _SQL_FINISH = """
@@ -842,6 +894,14 @@ def _execute(conn: sqlite3.Connection, sql: str,
     return conn.execute(sql, params)
 
 
+def _execute_many(conn: sqlite3.Connection, sql: str,
+                  rows: list) -> sqlite3.Cursor:
+    """Run one statement for many rows, logged at DEBUG like _execute."""
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("sql: %s x%d", " ".join(sql.split()), len(rows))
+    return conn.executemany(sql, rows)
+
+
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)
     if code is not None:
@@ -890,18 +950,18 @@ class Task:
             return NotImplemented
         return serialize_task(self) == serialize_task(other)
 
-    def _to_json(self, path: str = "task", depth: int = 0,
-                 active: set | None = None) -> dict:
+    def _to_json(self, depth: int = 1, active: set | None = None) -> dict:
         active = set() if active is None else active
-        out = {_TAG_TASK: self.name,
-               "args": [_to_json(a, f"{path}.args[{i}]", depth, active)
-                        for i, a in enumerate(self.args)],
-               "kwargs": {k: _to_json(v, f"{path}.kwargs[{k!r}]", depth,
-                                      active)
-                          for k, v in self.kwargs.items()}}
-        if self._then:
-            out["then"] = [f._to_json(f"{path}.then[{i}]", depth, active)
-                           for i, f in enumerate(self._then)]
+        out: dict = {_TAG_TASK: self.name}
+        for part, encode, value in (("args", _items_to_json, self.args),
+                                    ("kwargs", _dict_to_json, self.kwargs),
+                                    ("then", _items_to_json, self._then)):
+            if value or part != "then":
+                try:
+                    out[part] = encode(value, depth, active)
+                except _Unstorable as exc:
+                    exc.where.append(f".{part}")
+                    raise
         return out
 
     @classmethod
@@ -956,7 +1016,7 @@ class Task:
         Every call and result goes through the JSON form a worker uses,
         and each step is attempted once: an exception propagates.
         """
-        call = _roundtrip(self, "task")
+        call = _roundtrip(self, "")
         while True:
             value = call._run_step()
             follow = _advance(call, value)
@@ -966,7 +1026,7 @@ class Task:
 
     def run_once(self) -> Any:
         """Run exactly one step here; a Task means the work continues."""
-        call = _roundtrip(self, "task")
+        call = _roundtrip(self, "")
         value = call._run_step()
         follow = _advance(call, value)
         return value if follow is None else follow
@@ -978,7 +1038,10 @@ class Task:
 
 
 def _roundtrip(value: Any, path: str) -> Any:
-    return _loads(_dumps(_to_json(value, path)))
+    try:
+        return _loads(_dumps(_to_json(value, _top_depth(value))))
+    except _Unstorable as exc:
+        raise exc.at(path) from None
 
 
 def _advance(call: Task, value: Any) -> Task | None:
@@ -1323,7 +1386,10 @@ def serialize_task(t: Task) -> dict:
     """Return the stable plain-JSON form of a Task (see docs/format.md)."""
     if not isinstance(t, Task):
         raise TypeError(f"serialize_task() needs a Task, got {t!r}")
-    return t._to_json()
+    try:
+        return t._to_json()
+    except _Unstorable as exc:
+        raise exc.at("") from None
 
 
 def deserialize_task(value: Any) -> Task:
@@ -1693,7 +1759,7 @@ class Queue:
             self._batch.items = None
         if items:
             ids = self._store.write(
-                lambda conn: [_insert(conn, row) for row, _ in items])
+                lambda conn: _insert_many(conn, [row for row, _ in items]))
             for (_, job), job_id in zip(items, ids):
                 job._id = job_id
             _Signal.of(self.path).notify()
@@ -1715,7 +1781,7 @@ class Queue:
                  queue: Any, key: Any) -> dict:
         """Validate a call and its options into the row to insert."""
         fn = _options_function(call)
-        text = _encode(call, "call", self.max_payload)
+        text = _encode(call, "", self.max_payload)
         own = call.function
         if own.percent is not None or own.description is not None:
             # They see the arguments as a worker will, decoded from JSON.
@@ -1736,6 +1802,21 @@ class Queue:
             "priority": fn.priority if priority is None else priority,
             "key": key, "percent": call.percent(), "eta": start,
             "due": start <= now, "now": now}
+
+
+def _insert_many(conn: sqlite3.Connection, rows: list[dict]) -> list[int]:
+    """Insert rows in order; runs without a key go in one executemany."""
+    ids: list[int] = []
+    for keyed, run in itertools.groupby(rows, lambda r: r["key"] is not None):
+        run = list(run)
+        if keyed:
+            ids += [_insert(conn, row) for row in run]
+            continue
+        _execute_many(conn, _SQL_INSERT_JOB, run)
+        # AUTOINCREMENT hands consecutive ids to a run in one transaction.
+        last = _execute(conn, _SQL_LAST_ID).fetchone()[0]
+        ids += range(last - len(run) + 1, last + 1)
+    return ids
 
 
 def _insert(conn: sqlite3.Connection, row: dict) -> int:
@@ -2111,9 +2192,12 @@ class Worker:
             params.update(call=outcome.text, current=outcome.current,
                           percent=outcome.percent, ready=_next_ready(conn))
             row = _execute(conn, _SQL_CONTINUE, params).fetchone()
-        elif kind in ("done", "fail"):
-            params.update(status=DONE if kind == "done" else FAILED,
-                          result=outcome.text, error=outcome.error)
+        elif kind == "done":
+            params["result"] = outcome.text
+            row = (DONE,) if _execute(conn, _SQL_DONE,
+                                      params).rowcount else None
+        elif kind == "fail":
+            params.update(status=FAILED, result=None, error=outcome.error)
             row = _execute(conn, _SQL_FINISH, params).fetchone()
         elif kind == "retry":
             params.update(error=outcome.error, retries=outcome.retries,

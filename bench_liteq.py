@@ -1,0 +1,1615 @@
+#!/usr/bin/env python3
+"""Benchmark liteq against a raw sqlite3 loop doing the same work.
+
+Run it from anywhere (standard library only)::
+
+    python3 bench_liteq.py                 # full run, about 3 minutes
+    python3 bench_liteq.py --quick         # CI smoke run, about 20 s
+    python3 bench_liteq.py --n 10000 --json bench.json
+    python3 bench_liteq.py --only drain --only steps
+    python3 bench_liteq.py --profile       # where .delay() and a worker
+                                           # spend their time
+
+Every measurement uses fresh database files in a temporary directory on
+local disk (``--dir`` chooses where it is made).  Absolute times wander on
+a shared machine, so each liteq figure is printed next to the same work
+done by a hand-written ``sqlite3`` loop, and as a ratio to it; the ratios
+are the numbers to watch.  The raw loop uses a comparable table (an
+autoincrement id, a name, a JSON payload, a status, REAL timestamps and a
+partial index on (queue, priority DESC, ready)), WAL, ``synchronous =
+NORMAL`` and one ``BEGIN IMMEDIATE`` transaction per write, as liteq does;
+it waits for locks with SQLite's own busy handler.
+
+Sections (``grep -n '^# [0-9]*\\. ' bench_liteq.py``):
+
+ 1. Settings and helpers
+ 2. Child processes and /proc
+ 3. Tasks: the parent's registrations and the generated task module
+ 4. The raw sqlite3 baseline
+ 5. liteq measurements
+ 6. The benchmark, measurement by measurement
+ 7. Report: table and JSON
+ 8. Profile (--profile)
+ 9. Command line and child entry points
+
+The measurements (N is ``--n``: 5000, or 1000 with ``--quick``):
+
+1. enqueue: 3 rounds of N ``.delay()`` calls, one commit each, into one
+   fresh file, versus 3 rounds of N single-INSERT ``BEGIN IMMEDIATE``
+   transactions; the best round counts.  Rounds alternate between liteq
+   and raw, so a slow moment of the machine hits both.
+2. batch enqueue: N ``.delay()`` calls in one ``with queue.batch():``
+   block, versus ``executemany`` in one transaction.  Best of 3 rounds.
+3. drain: N of the 3N pending no-op jobs stored by (1), run by one
+   worker thread in another process (``python -m liteq run benchtasks
+   --db PATH``, with a generated task module), versus a raw worker
+   process that runs a claim transaction (``UPDATE ... WHERE id = (SELECT
+   ... LIMIT 1) RETURNING``) and a completion transaction per job, on the
+   raw rows of (1).  Timed in the database, from the first claim (min
+   ``started_at``) to the last completion (max ``finished_at``), so
+   process start-up does not count.
+4. continuation steps: one job of N steps (``return steps(n - 1)``), in
+   steps per second, as a ratio to the drain rate of (3) (target >= 0.8)
+   and to a raw worker that stores each continuation (new payload, next
+   place in line) in its own transaction.
+5. latency: an idle worker in another process; sequential ``.delay()``
+   calls (200, 50 with --quick) of a task that returns ``time.time()`` as
+   its first act; the delay from just before ``.delay()`` to that stamp,
+   p50/p90/p99 in ms.  The same with a ``Worker`` thread in this process.
+   Then the idle worker process's CPU use over 10 s (2 s with --quick),
+   from utime + stime in /proc/PID/stat, as % of one core.
+6. scale: (1) and (3) again on a file that already holds 1,000,000
+   finished jobs (20,000 with --quick; copies of a real done row inserted
+   with raw SQL), as ratios to the empty file.  Then the worker's peak RSS
+   (VmHWM in /proc/PID/status) with 1,000,000 pending jobs (copies of a
+   real pending row, each with its own place in line), read after it has
+   run N of them, as a ratio to the worker of (3); the drain rate it
+   reached there is shown too.
+7. multi-process: 4 worker processes and 2 producer processes (each
+   calling ``.delay()`` as fast as it can) on one file for 30 s (5 s with
+   --quick).  Counts every exception that reaches the producers' code and
+   every "database is locked" / Busy / OperationalError line in the
+   workers' stderr (target 0), ERROR and Traceback lines, failed jobs;
+   the aggregate drain rate as a ratio to the one worker of (3); and both
+   rates against the same run of raw workers and raw producers (30 s,
+   1.5 s with --quick).
+
+Targets are informational: a MISS never changes the exit status.  The exit
+status is 1 only when something crashed: a child process failed or timed
+out, a job failed in (3), (4) or (6), a measurement raised.  (Errors and
+failed jobs of (7) are figures with a target of 0, not crashes.)
+``--quick`` makes no timing assertions at all; it takes about 20 s on an
+idle 2-CPU machine.
+
+``--profile`` runs no benchmark: it runs cProfile over N in-process
+``.delay()`` calls, a ``Worker.run_once()`` loop over N jobs, and a real
+``Worker`` thread draining N jobs and running one N-step job, and prints
+the top functions, the SQL statements each job costs with their times,
+and how long each write transaction holds the lock; then the same SQL
+figures for the raw loops.
+"""
+
+# ---------------------------------------------------------------------------
+# 1. Settings and helpers
+# ---------------------------------------------------------------------------
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import cProfile
+import dataclasses
+import datetime as _dt
+import json
+import os
+import pstats
+import random
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from typing import Any, Callable, Iterator
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import liteq  # noqa: E402  (the copy next to this file)
+
+ROUNDS = 3  # best of, for the in-process measurements
+LATENCY_SAMPLES = (200, 50)  # (full, quick)
+CPU_SECONDS = (10.0, 2.0)
+SCALE_ROWS = (1_000_000, 20_000)
+MULTI_SECONDS = (30.0, 5.0)
+RAW_MULTI_SECONDS = (30.0, 1.5)
+MULTI_WORKERS, MULTI_PRODUCERS = 4, 2
+POLL = 0.02  # seconds between checks of a child's progress
+STOP_TIMEOUT = 15.0  # seconds a worker gets to exit after SIGTERM
+
+#: Lines in a worker's stderr that mean a lock error reached it.
+LOCK_WORDS = ("database is locked", "Busy", "OperationalError")
+#: Lines that mean something went wrong in a worker at all.
+ERROR_WORDS = ("Traceback", " ERROR ", " CRITICAL ")
+
+
+class BenchError(Exception):
+    """Something crashed or timed out: the run exits with status 1."""
+
+
+def timed(action: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    action()
+    return time.perf_counter() - start
+
+
+def percentile(values: list[float], p: int) -> float:
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[p - 1]
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str,
+             watch: tuple = ()) -> None:
+    """Poll ``condition`` until true; fail if a watched child exits."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        for proc in watch:
+            if proc.poll() is not None:
+                raise BenchError(f"{proc.label} exited with status "
+                                 f"{proc.returncode} while {what}"
+                                 f"{stderr_tail(proc)}")
+        if time.monotonic() > deadline:
+            raise BenchError(f"timed out after {timeout:g}s while {what}")
+        time.sleep(POLL)
+
+
+def read_one(path: str, sql: str, params: Any = ()) -> tuple:
+    """One row of a query on ``path``, outside any transaction."""
+    conn = sqlite3.connect(path, timeout=30, isolation_level=None)
+    try:
+        return conn.execute(sql, params).fetchone()
+    finally:
+        conn.close()
+
+
+def span(path: str, table: str, first_id: int = 1,
+         last_id: int = 2**63 - 1) -> tuple[int, float]:
+    """Finished jobs with ids in a range, and first claim to last end."""
+    count, started, finished = read_one(
+        path, f"SELECT count(*), min(started_at), max(finished_at) "
+              f"FROM {table} WHERE id BETWEEN ? AND ? "
+              f"AND finished_at IS NOT NULL", (first_id, last_id))
+    if not count:
+        raise BenchError(f"no finished jobs in {table} of {path}")
+    return count, finished - started
+
+
+def done_between(path: str, table: str, start: float, end: float) -> int:
+    return read_one(path, f"SELECT count(*) FROM {table} "
+                          f"WHERE finished_at BETWEEN ? AND ?",
+                    (start, end))[0]
+
+
+def fs_type(path: str) -> str:
+    """The type of the filesystem holding ``path`` (Linux), or '?'."""
+    best, kind = "", "?"
+    path = os.path.realpath(path)
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/self/mountinfo") as lines:
+            for line in lines:
+                fields = line.split()
+                mount = fields[4]
+                inside = path == mount or path.startswith(
+                    mount.rstrip("/") + "/")
+                if inside and len(mount) >= len(best):
+                    best, kind = mount, fields[fields.index("-") + 1]
+    return kind
+
+
+def error_key(exc: BaseException) -> str:
+    return f"{type(exc).__module__}.{type(exc).__name__}: {exc}"[:200]
+
+# ---------------------------------------------------------------------------
+# 2. Child processes and /proc
+# ---------------------------------------------------------------------------
+
+
+class Children:
+    """Child processes of one run; whatever happens, none outlives it."""
+
+    def __init__(self, workdir: str) -> None:
+        self.workdir = workdir
+        self.procs: list[subprocess.Popen] = []
+        # Sent SIGTERM, not yet waited for (see stop(wait=False)).
+        self.retiring: list[subprocess.Popen] = []
+        self.env = dict(os.environ)
+        self.env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (HERE, self.env.get("PYTHONPATH")) if p)
+        self.env.pop("LITEQ_DB", None)
+
+    def spawn(self, label: str, argv: list[str],
+              stdout: Any = subprocess.DEVNULL) -> subprocess.Popen:
+        """Start ``argv`` with its stderr in a file named after ``label``."""
+        err_path = os.path.join(self.workdir, f"{label}.stderr")
+        with open(err_path, "wb") as err:
+            proc = subprocess.Popen(argv, cwd=self.workdir, env=self.env,
+                                    stdin=subprocess.DEVNULL, stdout=stdout,
+                                    stderr=err)
+        proc.label, proc.stderr_path = label, err_path
+        self.procs.append(proc)
+        return proc
+
+    def worker(self, label: str, path: str) -> subprocess.Popen:
+        """``python -m liteq run benchtasks`` on ``path``, one thread."""
+        return self.spawn(label, [
+            sys.executable, "-m", "liteq", "run", "benchtasks", "--db", path,
+            "--threads", "1", "--log-level", "WARNING"])
+
+    def bench(self, label: str, *args: str,
+              stdout: Any = subprocess.DEVNULL) -> subprocess.Popen:
+        """This file, run as one of the child entry points of section 9."""
+        return self.spawn(label, [sys.executable, os.path.abspath(__file__),
+                                  *args], stdout=stdout)
+
+    def stop(self, *procs: subprocess.Popen, wait: bool = True) -> None:
+        """SIGTERM (a graceful liteq stop); exit status 0 expected.
+
+        An idle liteq worker takes up to a second to stop, so a caller
+        that does not need it gone passes ``wait=False`` and reap()
+        checks it later.
+        """
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        self.retiring.extend(procs)
+        if wait:
+            self.reap()
+
+    def reap(self) -> None:
+        """Wait for the stopped children; fail if one did not exit 0."""
+        procs, self.retiring = self.retiring, []
+        for proc in procs:
+            try:
+                proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                raise BenchError(f"{proc.label} did not stop within "
+                                 f"{STOP_TIMEOUT:g}s of SIGTERM") from None
+        for proc in procs:
+            if proc.returncode != 0:
+                raise BenchError(f"{proc.label} exited with status "
+                                 f"{proc.returncode}{stderr_tail(proc)}")
+
+    def kill_all(self) -> None:
+        self.retiring = []
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + 5
+        for proc in self.procs:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def stderr_text(proc: subprocess.Popen) -> str:
+    try:
+        with open(proc.stderr_path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def stderr_tail(proc: subprocess.Popen, lines: int = 15) -> str:
+    text = stderr_text(proc).strip()
+    if not text:
+        return ""
+    return "; its stderr ends:\n    " + "\n    ".join(
+        text.splitlines()[-lines:])
+
+
+def cpu_ticks(pid: int) -> int | None:
+    """utime + stime of a process, in clock ticks (Linux only)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of stat
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """VmHWM of a process in MiB (Linux only)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+# ---------------------------------------------------------------------------
+# 3. Tasks: the parent's registrations and the generated task module
+# ---------------------------------------------------------------------------
+
+# The workers import this module; the parent and the producers register
+# functions of their own under the same stored names (see bind_tasks).
+TASK_MODULE = '''\
+"""Tasks for bench_liteq.py (generated; safe to delete)."""
+import time
+
+from liteq import task
+
+
+@task
+def noop():
+    return None
+
+
+@task
+def steps(n):
+    return steps(n - 1) if n > 0 else None
+
+
+@task
+def stamp():
+    return time.time()
+'''
+
+NOOP, STEPS, STAMP = "benchtasks:noop", "benchtasks:steps", "benchtasks:stamp"
+
+
+def noop() -> None:
+    return None
+
+
+def steps(n: int) -> Any:
+    return liteq.Task(STEPS, [n - 1]) if n > 0 else None
+
+
+def stamp() -> float:
+    return time.time()
+
+
+@dataclasses.dataclass
+class Tasks:
+    noop: liteq.TaskFunction
+    steps: liteq.TaskFunction
+    stamp: liteq.TaskFunction
+
+
+def bind_tasks(queue: liteq.Queue) -> Tasks:
+    """Register the bench tasks so that their calls go to ``queue``.
+
+    The registry is one per process and keyed by stored name, so this
+    replaces the previous binding: use one Queue at a time.
+    """
+    return Tasks(queue.task(noop, name=NOOP),
+                 queue.task(steps, name=STEPS),
+                 queue.task(stamp, name=STAMP))
+
+
+@contextlib.contextmanager
+def open_queue(path: str) -> Iterator[tuple[liteq.Queue, Tasks]]:
+    """A Queue on ``path`` with its schema made, and the bench tasks."""
+    queue = liteq.Queue(path)
+    try:
+        queue.counts()  # opens the file and creates the schema
+        yield queue, bind_tasks(queue)
+    finally:
+        queue.close()
+
+# ---------------------------------------------------------------------------
+# 4. The raw sqlite3 baseline
+# ---------------------------------------------------------------------------
+
+RAW_SCHEMA = """
+CREATE TABLE IF NOT EXISTS raw_jobs (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    name        TEXT    NOT NULL,
+    queue       TEXT    NOT NULL,
+    priority    INTEGER NOT NULL,
+    payload     TEXT    NOT NULL,
+    status      TEXT    NOT NULL,
+    ready       INTEGER,
+    result      TEXT,
+    created_at  REAL    NOT NULL,
+    started_at  REAL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS raw_jobs_ready
+    ON raw_jobs (queue, priority DESC, ready) WHERE ready IS NOT NULL;
+"""
+
+# A job takes its place in line from the AUTOINCREMENT counter, as liteq's.
+RAW_INSERT = """
+    INSERT INTO raw_jobs (name, queue, priority, payload, status, ready,
+                          created_at)
+    VALUES (?, 'default', 0, ?, 'pending',
+            1 + coalesce((SELECT seq FROM sqlite_sequence
+                           WHERE name = 'raw_jobs'), 0), ?)
+"""
+
+RAW_CLAIM = """
+    UPDATE raw_jobs
+       SET status = 'running', ready = NULL,
+           started_at = coalesce(started_at, :now)
+     WHERE id = (SELECT id FROM raw_jobs
+                  WHERE queue = 'default' AND ready IS NOT NULL
+                  ORDER BY priority DESC, ready LIMIT 1)
+ RETURNING id, name, payload
+"""
+
+RAW_DONE = """
+    UPDATE raw_jobs SET status = 'done', result = ?, finished_at = ?
+     WHERE id = ?
+"""
+
+RAW_NEXT_READY = """
+    UPDATE sqlite_sequence SET seq = seq + 1 WHERE name = 'raw_jobs'
+ RETURNING seq
+"""
+
+RAW_CONTINUE = """
+    UPDATE raw_jobs SET payload = ?, status = 'pending', ready = ?
+     WHERE id = ?
+"""
+
+
+def raw_connect(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=30, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    return conn
+
+
+def raw_create(path: str) -> sqlite3.Connection:
+    conn = raw_connect(path)
+    conn.executescript(RAW_SCHEMA)
+    return conn
+
+
+def raw_params(name: str, args: list) -> tuple:
+    payload = json.dumps({"name": name, "args": args, "kwargs": {}},
+                         separators=(",", ":"))
+    return name, payload, time.time()
+
+
+def raw_enqueue(conn: sqlite3.Connection, n: int) -> None:
+    """``n`` inserts, one transaction each."""
+    for _ in range(n):
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(RAW_INSERT, raw_params(NOOP, []))
+        conn.execute("COMMIT")
+
+
+def raw_batch(conn: sqlite3.Connection, n: int) -> None:
+    """``n`` inserts by executemany in one transaction."""
+    conn.execute("BEGIN IMMEDIATE")
+    conn.executemany(RAW_INSERT, (raw_params(NOOP, []) for _ in range(n)))
+    conn.execute("COMMIT")
+
+
+def raw_step(name: str, args: list) -> Any:
+    """Run a raw job's call: a dict {"continue": args} continues it."""
+    if name == STEPS and args[0] > 0:
+        return {"continue": [args[0] - 1]}
+    return None
+
+
+def raw_run_one(conn: sqlite3.Connection) -> bool:
+    """Claim, run and record one raw job; False if none was ready."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        rows = conn.execute(RAW_CLAIM, {"now": time.time()}).fetchall()
+        conn.execute("COMMIT")
+    finally:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+    if not rows:
+        return False
+    job_id, name, payload = rows[0]
+    call = json.loads(payload)
+    value = raw_step(name, call["args"])
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if isinstance(value, dict) and "continue" in value:
+            ready = conn.execute(RAW_NEXT_READY).fetchall()[0][0]
+            payload = raw_params(name, value["continue"])[1]
+            conn.execute(RAW_CONTINUE, (payload, ready, job_id))
+        else:
+            conn.execute(RAW_DONE, (json.dumps(value), time.time(), job_id))
+        conn.execute("COMMIT")
+    finally:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+    return True
+
+
+def raw_drain(children: Children, path: str, label: str,
+              jobs: int | None = None) -> tuple[int, float]:
+    """Run a raw worker process and time its work.
+
+    It runs ``jobs`` jobs, or by default until none is ready.
+    """
+    proc = children.bench(label, "_raw-worker", path, "drain",
+                          *([str(jobs)] if jobs else []))
+    try:
+        proc.wait(600)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{label} did not finish in 600s") from None
+    if proc.returncode != 0:
+        raise BenchError(f"{label} exited with status {proc.returncode}"
+                         f"{stderr_tail(proc)}")
+    return span(path, "raw_jobs")
+
+# ---------------------------------------------------------------------------
+# 5. liteq measurements
+# ---------------------------------------------------------------------------
+
+
+def liteq_enqueue(tasks: Tasks, n: int) -> None:
+    for _ in range(n):
+        tasks.noop.delay()
+
+
+def liteq_batch(queue: liteq.Queue, tasks: Tasks, n: int) -> None:
+    with queue.batch():
+        for _ in range(n):
+            tasks.noop.delay()
+
+
+def next_id(path: str) -> int:
+    """No job stored in ``path`` from now on has a smaller id."""
+    row = read_one(path, "SELECT seq FROM sqlite_sequence "
+                         "WHERE name = 'liteq_jobs'")
+    return (row[0] if row else 0) + 1
+
+
+def failed_jobs(path: str, first_id: int = 1) -> int:
+    return read_one(path, "SELECT count(*) FROM liteq_jobs WHERE id >= ? "
+                          "AND status IN ('failed', 'cancelled')",
+                    (first_id,))[0]
+
+
+@dataclasses.dataclass
+class Drain:
+    jobs: int
+    seconds: float
+    peak_rss_mb: float | None
+
+    @property
+    def rate(self) -> float:
+        return self.jobs / self.seconds
+
+
+def nth_id(path: str, first_id: int, n: int) -> int:
+    """The id of the n-th job from ``first_id`` on."""
+    row = read_one(path, "SELECT id FROM liteq_jobs WHERE id >= ? "
+                         "ORDER BY id LIMIT 1 OFFSET ?", (first_id, n - 1))
+    if row is None:
+        raise BenchError(f"{path} has fewer than {n} jobs from {first_id}")
+    return row[0]
+
+
+def liteq_drain(children: Children, path: str, first_id: int, last: int,
+                label: str) -> Drain:
+    """Run a worker process until jobs ``first_id`` to ``last`` end.
+
+    One worker thread runs jobs in line order, and ids come from the
+    counter that orders the line, so job ``last`` ends last: polling
+    that one row costs the worker nothing.
+    """
+    # One connection for all the polls: closing the last connection to a
+    # file checkpoints it under an exclusive lock, and a liteq 0.1.0
+    # worker that opens the file at that moment exits with "not a liteq
+    # database (database is locked)".
+    with contextlib.closing(sqlite3.connect(path, timeout=30,
+                                            isolation_level=None)) as conn:
+        proc = children.worker(label, path)
+        try:
+            wait_for(lambda: conn.execute(
+                "SELECT finished_at FROM liteq_jobs WHERE id = ?",
+                (last,)).fetchone()[0] is not None,
+                timeout=max(120.0, (last - first_id) / 50),
+                what=f"{label} ran jobs {first_id} to {last}",
+                watch=(proc,))
+            rss = peak_rss_mb(proc.pid)
+        finally:
+            children.stop(proc, wait=False)
+    failed = failed_jobs(path, first_id)
+    if failed:
+        raise BenchError(f"{failed} jobs failed in {label}; see "
+                         f"{proc.stderr_path}")
+    jobs, seconds = span(path, "liteq_jobs", first_id, last)
+    return Drain(jobs, seconds, rss)
+
+
+def template_row(path: str, run: bool) -> dict:
+    """A real liteq row: one noop job, pending, or done when ``run``."""
+    with open_queue(path) as (queue, tasks):
+        job = tasks.noop.delay()
+        if run:
+            if not liteq.Worker(queue).run_once():
+                raise BenchError("Worker.run_once() found no job to run")
+            if job.status != "done":
+                raise BenchError(f"the template job ended {job.status}")
+        conn = sqlite3.connect(path)
+        try:
+            conn.row_factory = sqlite3.Row
+            return dict(conn.execute("SELECT * FROM liteq_jobs WHERE id = ?",
+                                     (job.id,)).fetchone())
+        finally:
+            conn.close()
+
+
+TIME_COLUMNS = ("eta", "created_at", "started_at", "updated_at",
+                "finished_at")
+
+
+def fill(path: str, rows: int, done: bool) -> float:
+    """Add ``rows`` copies of a real done (or pending) row; return seconds.
+
+    Done copies get ready and timer NULL.  Pending copies each get their
+    own place in line: ids and ``ready`` values past the template's, with
+    sqlite_sequence moved past them, as liteq's own inserts would leave
+    it.  Copies are spread 1 ms apart in time, ending at the template's.
+    """
+    template = template_row(path, run=done)
+    for column in ("id", "status", "ready", "timer", "worker"):
+        if column not in template:
+            raise BenchError(f"liteq_jobs has no column {column!r}: update "
+                             f"fill() in bench_liteq.py to the new schema")
+    values = dict(template)
+    if done:
+        if template["finished_at"] is None:
+            raise BenchError("the template done row has no finished_at")
+        values.update(status="done", ready=None, timer=None, worker=None)
+    elif template["ready"] is None:
+        raise BenchError("the template pending row has no ready value")
+    columns, exprs = [], []
+    for column in template:
+        if column == "id" or (column == "ready" and not done):
+            expr = ":base + x"
+        elif column in TIME_COLUMNS and values[column] is not None:
+            expr = f":{column} - (:rows - x) * 0.001"
+        else:
+            expr = f":{column}"
+        columns.append(column)
+        exprs.append(expr)
+    sql = (f"INSERT INTO liteq_jobs ({', '.join(columns)}) "
+           f"WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n "
+           f"WHERE x < :rows) SELECT {', '.join(exprs)} FROM n")
+    conn = raw_connect(path)
+    try:
+        start = time.perf_counter()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(sql, {**values, "rows": rows, "base": template["id"]})
+        conn.execute("UPDATE sqlite_sequence SET seq = (SELECT max(id) FROM "
+                     "liteq_jobs) WHERE name = 'liteq_jobs'")
+        conn.execute("COMMIT")
+        seconds = time.perf_counter() - start
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return seconds
+    finally:
+        conn.close()
+
+
+def latencies(task: liteq.TaskFunction, count: int,
+              poll: float | None) -> list[float]:
+    """ms from just before ``.delay()`` to the stamp its step returns.
+
+    ``poll``: check the job's status this often (another process's
+    worker: ``result()`` alone re-checks only every 50 ms).
+    """
+    rng = random.Random(7)
+    out = []
+    for _ in range(count):
+        time.sleep(rng.uniform(0.002, 0.006))  # the worker is idle again
+        before = time.time()
+        job = task.delay()
+        if poll is not None:
+            deadline = time.monotonic() + 30
+            while job.status not in ("done", "failed", "cancelled"):
+                if time.monotonic() > deadline:
+                    raise BenchError(f"job {job.id} did not finish in 30s")
+                time.sleep(poll)
+        out.append((job.result(timeout=30) - before) * 1000)
+    return out
+
+# ---------------------------------------------------------------------------
+# 6. The benchmark, measurement by measurement
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Row:
+    """One line of the final table."""
+
+    metric: str
+    liteq: float | None
+    base: float | None
+    unit: str
+    base_label: str = "raw"
+    ratio: float | None = None
+    target: str = ""  # e.g. ">= 0.8" or "<= 5"
+    applies_to: str = "ratio"  # what the target checks: ratio or liteq
+
+    def __post_init__(self) -> None:
+        if (self.ratio is None and self.liteq is not None and self.base
+                and self.unit != "count"):
+            self.ratio = self.liteq / self.base
+
+    @property
+    def verdict(self) -> str:
+        if not self.target:
+            return ""
+        value = self.ratio if self.applies_to == "ratio" else self.liteq
+        if value is None:
+            return "-"
+        op, limit = self.target.split()
+        ok = value >= float(limit) if op == ">=" else value <= float(limit)
+        return "ok" if ok else "MISS"
+
+
+@dataclasses.dataclass
+class Enqueued:
+    """The outcome of (1): rates, and the files (3) drains."""
+
+    rate: float
+    raw_rate: float
+    path: str
+    raw_path: str
+
+
+class Bench:
+    """One run: the options, its directory, its children and its figures."""
+
+    def __init__(self, opts: argparse.Namespace, workdir: str,
+                 children: Children) -> None:
+        self.n, self.quick = opts.n, opts.quick
+        self.workdir, self.children = workdir, children
+        self.rows: list[Row] = []
+        self.details: dict[str, Any] = {}
+        self._files = 0
+        self._cache: dict[str, Any] = {}
+
+    def db(self, label: str) -> str:
+        """A fresh database path."""
+        self._files += 1
+        return os.path.join(self.workdir, f"{self._files:02d}-{label}.db")
+
+    def pick(self, choices: tuple) -> Any:
+        full, quick = choices
+        return quick if self.quick else full
+
+    def once(self, key: str, measure: Callable[[], Any]) -> Any:
+        """Measure once per run; later sections reuse the figure."""
+        if key not in self._cache:
+            self._cache[key] = measure()
+        return self._cache[key]
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+        ratio = "" if row.ratio is None else f" (ratio {row.ratio:.2f})"
+        print(f"  {row.metric}: {format_value(row.liteq, row.unit)}{ratio}",
+              flush=True)
+
+    # 1. and 2. -------------------------------------------------------------
+
+    def enqueued(self) -> Enqueued:
+        def measure() -> Enqueued:
+            path, raw_path = self.db("enqueue"), self.db("raw-enqueue")
+            ours, raw = [], []
+            with open_queue(path) as (_, tasks), contextlib.closing(
+                    raw_create(raw_path)) as conn:
+                for _ in range(ROUNDS):
+                    ours.append(timed(lambda: liteq_enqueue(tasks, self.n)))
+                    raw.append(timed(lambda: raw_enqueue(conn, self.n)))
+            return Enqueued(self.n / min(ours), self.n / min(raw), path,
+                            raw_path)
+        return self.once("enqueue", measure)
+
+    def section_enqueue(self) -> None:
+        done = self.enqueued()
+        self.add(Row("1. enqueue, .delay() per commit", done.rate,
+                     done.raw_rate, "jobs/s", target=">= 0.6"))
+
+    def section_batch(self) -> None:
+        ours, raw = [], []
+        with open_queue(self.db("batch")) as (queue, tasks), \
+                contextlib.closing(raw_create(self.db("raw-batch"))) as conn:
+            for _ in range(ROUNDS):
+                ours.append(timed(lambda: liteq_batch(queue, tasks, self.n)))
+                raw.append(timed(lambda: raw_batch(conn, self.n)))
+        self.add(Row("2. batch enqueue, one batch()", self.n / min(ours),
+                     self.n / min(raw), "jobs/s",
+                     base_label="raw executemany", target=">= 0.5"))
+
+    # 3. --------------------------------------------------------------------
+
+    def drain(self) -> Drain:
+        def measure() -> Drain:
+            done = self.enqueued()
+            return liteq_drain(self.children, done.path, 1,
+                               nth_id(done.path, 1, self.n),
+                               "drain-worker")
+        return self.once("drain", measure)
+
+    def section_drain(self) -> None:
+        drain = self.drain()
+        jobs, seconds = raw_drain(self.children, self.enqueued().raw_path,
+                                  "raw-drain", self.n)
+        self.add(Row("3. drain, 1 worker process", drain.rate,
+                     jobs / seconds, "jobs/s", target=">= 1.0"))
+
+    # 4. --------------------------------------------------------------------
+
+    def section_steps(self) -> None:
+        path = self.db("steps")
+        with open_queue(path) as (_, tasks):
+            job = tasks.steps.delay(self.n - 1)
+        run = liteq_drain(self.children, path, job.id, job.id,
+                          "steps-worker")
+        ours = self.n / run.seconds
+        raw_path = self.db("raw-steps")
+        with contextlib.closing(raw_create(raw_path)) as conn:
+            conn.execute(RAW_INSERT, raw_params(STEPS, [self.n - 1]))
+        raw = self.n / raw_drain(self.children, raw_path, "raw-steps")[1]
+        self.add(Row("4. continuation steps vs drain (3)", ours,
+                     self.drain().rate, "steps/s", base_label="liteq drain",
+                     target=">= 0.8"))
+        self.add(Row("4. continuation steps vs raw", ours, raw, "steps/s",
+                     base_label="raw steps"))
+
+    # 5. --------------------------------------------------------------------
+
+    def section_latency(self) -> None:
+        samples, cpu_seconds = self.pick(LATENCY_SAMPLES), self.pick(
+            CPU_SECONDS)
+        with open_queue(self.db("latency")) as (queue, tasks):
+            proc = self.children.worker("latency-worker", queue.path)
+            try:
+                tasks.stamp.delay().result(timeout=60)  # the worker is up
+                time.sleep(0.1)
+                other = latencies(tasks.stamp, samples, poll=0.002)
+                time.sleep(0.1)
+                cpu = idle_cpu(proc, cpu_seconds)
+                self.details["idle_worker_peak_rss_mb"] = peak_rss_mb(
+                    proc.pid)
+            finally:
+                self.children.stop(proc, wait=False)
+            with liteq.Worker(queue, threads=1):
+                tasks.stamp.delay().result(timeout=60)
+                time.sleep(0.1)
+                inproc = latencies(tasks.stamp, samples, poll=None)
+        self.details["latency_ms"] = {"other_process": other,
+                                      "in_process": inproc}
+        for where, values in (("other process", other),
+                              ("in-process", inproc)):
+            limits = ({50: 2, 99: 10} if where == "other process"
+                      else {50: 1})  # the issue's targets, in ms
+            for p in (50, 90, 99):
+                target = f"<= {limits[p]}" if p in limits else ""
+                self.add(Row(f"5. latency {where} p{p}",
+                             percentile(values, p), None, "ms",
+                             base_label="", target=target,
+                             applies_to="liteq"))
+        self.add(Row(f"5. idle worker CPU over {cpu_seconds:g} s", cpu,
+                     None, "% core", base_label="", target="<= 1",
+                     applies_to="liteq"))
+
+    # 6. --------------------------------------------------------------------
+
+    def section_scale(self) -> None:
+        rows = self.pick(SCALE_ROWS)
+        label = f"{rows:,}"
+        empty, empty_drain = self.enqueued(), self.drain()
+
+        path = self.db("scale-done")
+        self.details["fill_done_seconds"] = fill(path, rows, done=True)
+        first = next_id(path)
+        with open_queue(path) as (_, tasks):
+            times = [timed(lambda: liteq_enqueue(tasks, self.n))
+                     for _ in range(ROUNDS)]
+        full = liteq_drain(self.children, path, first,
+                           nth_id(path, first, self.n),
+                           "scale-done-worker")
+        self.add(Row(f"6. enqueue, {label} done rows", self.n / min(times),
+                     empty.rate, "jobs/s", base_label="empty file",
+                     target=">= 0.8"))
+        self.add(Row(f"6. drain, {label} done rows", full.rate,
+                     empty_drain.rate, "jobs/s", base_label="empty file",
+                     target=">= 0.8"))
+
+        path = self.db("scale-pending")
+        self.details["fill_pending_seconds"] = fill(path, rows, done=False)
+        first = next_id(path) - rows
+        pending = liteq_drain(self.children, path, first,
+                              nth_id(path, first, min(self.n, rows)),
+                              "scale-pending-worker")
+        self.add(Row(f"6. worker peak RSS, {label} pending",
+                     pending.peak_rss_mb, empty_drain.peak_rss_mb, "MiB",
+                     base_label="worker of (3)", target="<= 64",
+                     applies_to="liteq"))
+        self.add(Row(f"6. drain, {label} pending", pending.rate,
+                     empty_drain.rate, "jobs/s", base_label="drain (3)",
+                     target=">= 0.8"))
+
+    # 7. --------------------------------------------------------------------
+
+    def section_multi(self) -> None:
+        finish = self.multi_liteq(self.pick(MULTI_SECONDS))
+        raw = self.multi_raw(self.pick(RAW_MULTI_SECONDS))
+        self.children.reap()  # meanwhile the liteq workers stopped
+        ours = finish()
+        self.details["multi"] = {"liteq": ours, "raw": raw}
+        for line in ours["problems"][:10]:
+            print(f"    {line}")
+        who = f"{MULTI_WORKERS} workers + {MULTI_PRODUCERS} producers"
+        self.add(Row("7. multi: errors reaching user code", ours["errors"],
+                     raw["errors"], "count", target="<= 0",
+                     applies_to="liteq"))
+        self.add(Row("7. multi: ERROR/Traceback lines of workers",
+                     ours["error_lines"], None, "count", base_label="",
+                     target="<= 0", applies_to="liteq"))
+        self.add(Row("7. multi: failed jobs", ours["failed"], None, "count",
+                     base_label="", target="<= 0", applies_to="liteq"))
+        self.add(Row(f"7. multi: drain, {who}", ours["drain"],
+                     self.drain().rate, "jobs/s",
+                     base_label="1 worker (3)", target=">= 1.0"))
+        self.add(Row(f"7. multi: drain, {who}", ours["drain"],
+                     raw["drain"], "jobs/s", base_label="raw, same"))
+        self.add(Row(f"7. multi: enqueue by the {MULTI_PRODUCERS} producers",
+                     ours["enqueue"],
+                     raw["enqueue"], "jobs/s", base_label="raw, same"))
+
+    def multi_liteq(self, seconds: float) -> Callable[[], dict]:
+        """Run the liteq processes; return what reads their outcome.
+
+        The workers are stopped but not waited for: call the result
+        once they have exited (after reap()).
+        """
+        path = self.db("multi")
+        with open_queue(path):
+            pass
+        workers = [self.children.worker(f"multi-worker{i + 1}", path)
+                   for i in range(MULTI_WORKERS)]
+        try:
+            reports = self.run_producers("multi-producer", "_producer", path,
+                                         seconds, workers)
+        finally:
+            self.children.stop(*workers, wait=False)
+        return lambda: self.multi_outcome(path, workers, reports)
+
+    @staticmethod
+    def multi_outcome(path: str, workers: list, reports: list[dict]) -> dict:
+        start = min(r["start"] for r in reports)
+        end = max(r["end"] for r in reports)
+        errors: collections.Counter = collections.Counter()
+        for report in reports:
+            errors.update(report["errors"])
+        lock_lines, error_lines = [], []
+        for proc in workers:
+            for line in stderr_text(proc).splitlines():
+                if any(word in line for word in LOCK_WORDS):
+                    lock_lines.append(f"{proc.label}: {line}")
+                if any(word in line for word in ERROR_WORDS):
+                    error_lines.append(f"{proc.label}: {line}")
+        return {
+            "seconds": end - start,
+            "drain": done_between(path, "liteq_jobs", start, end)
+            / (end - start),
+            "enqueue": sum(r["delayed"] for r in reports) / (end - start),
+            "errors": sum(errors.values()) + len(lock_lines),
+            "error_lines": len(error_lines), "failed": failed_jobs(path),
+            "problems": list(errors) + lock_lines + error_lines,
+            "producer_errors": dict(errors),
+            "worker_lines": (lock_lines + error_lines)[:50]}
+
+    def multi_raw(self, seconds: float) -> dict:
+        path = self.db("raw-multi")
+        raw_create(path).close()
+        workers = [self.children.bench(f"raw-multi-worker{i + 1}",
+                                       "_raw-worker", path, "serve",
+                                       stdout=subprocess.PIPE)
+                   for i in range(MULTI_WORKERS)]
+        producers = self.run_producers("raw-multi-producer",
+                                       "_raw-producer", path, seconds,
+                                       workers)
+        reports = []
+        for proc in workers:
+            proc.send_signal(signal.SIGTERM)
+        for proc in workers:
+            out, _ = proc.communicate(timeout=STOP_TIMEOUT)
+            if proc.returncode != 0:
+                raise BenchError(f"{proc.label} exited with status "
+                                 f"{proc.returncode}{stderr_tail(proc)}")
+            reports.append(json.loads(out))
+        start = min(r["start"] for r in producers)
+        end = max(r["end"] for r in producers)
+        return {
+            "seconds": end - start,
+            "drain": done_between(path, "raw_jobs", start, end)
+            / (end - start),
+            "enqueue": sum(r["delayed"] for r in producers) / (end - start),
+            "errors": sum(sum(r["errors"].values())
+                          for r in producers + reports),
+            "problems": [key for r in producers + reports
+                         for key in r["errors"]][:50]}
+
+    def run_producers(self, label: str, entry: str, path: str,
+                      seconds: float, workers: list) -> list[dict]:
+        """Run the producers after the workers' start-up; their reports."""
+        start_at = time.time() + 0.7  # python + liteq start in ~0.3 s
+        producers = [self.children.bench(
+            f"{label}{i + 1}", entry, path, str(seconds), str(start_at),
+            stdout=subprocess.PIPE) for i in range(MULTI_PRODUCERS)]
+        reports = []
+        for proc in producers:
+            out, _ = proc.communicate(timeout=seconds + 120)
+            if proc.returncode != 0:
+                raise BenchError(f"{proc.label} exited with status "
+                                 f"{proc.returncode}{stderr_tail(proc)}")
+            reports.append(json.loads(out))
+        for proc in workers:
+            if proc.poll() is not None:
+                raise BenchError(f"{proc.label} ended during the run with "
+                                 f"status {proc.returncode}"
+                                 f"{stderr_tail(proc)}")
+        return reports
+
+
+def idle_cpu(proc: subprocess.Popen, seconds: float) -> float | None:
+    """% of one core a process used over ``seconds`` from now."""
+    before, start = cpu_ticks(proc.pid), time.monotonic()
+    time.sleep(seconds)
+    after, wall = cpu_ticks(proc.pid), time.monotonic() - start
+    if before is None or after is None:
+        return None
+    return 100.0 * (after - before) / os.sysconf("SC_CLK_TCK") / wall
+
+
+SECTIONS = {
+    "enqueue": Bench.section_enqueue,
+    "batch": Bench.section_batch,
+    "drain": Bench.section_drain,
+    "steps": Bench.section_steps,
+    "latency": Bench.section_latency,
+    "scale": Bench.section_scale,
+    "multi": Bench.section_multi,
+}
+
+# ---------------------------------------------------------------------------
+# 7. Report: table and JSON
+# ---------------------------------------------------------------------------
+
+
+def format_value(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    if unit in ("jobs/s", "steps/s"):
+        return f"{value:,.0f} {unit}"
+    if unit == "count":
+        return f"{value:,.0f}"
+    return f"{value:,.2f} {unit}"
+
+
+def print_table(rows: list[Row]) -> None:
+    header = ("metric", "liteq", "baseline", "vs", "ratio", "target", "")
+    lines = [header]
+    for row in rows:
+        target = row.target
+        if target and row.applies_to == "liteq":
+            target = f"value {target}"
+        lines.append((
+            row.metric, format_value(row.liteq, row.unit),
+            format_value(row.base, row.unit) if row.base is not None
+            else "", row.base_label,
+            "" if row.ratio is None else f"{row.ratio:.2f}", target,
+            row.verdict))
+    widths = [max(len(line[i]) for line in lines) for i in range(7)]
+    right = {1, 2, 4}
+    for i, line in enumerate(lines):
+        cells = [cell.rjust(w) if col in right else cell.ljust(w)
+                 for col, (cell, w) in enumerate(zip(line, widths))]
+        print("  ".join(cells).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def meta(opts: argparse.Namespace, workdir: str) -> dict:
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(
+            timespec="seconds"),
+        "liteq": liteq.__version__, "python": sys.version.split()[0],
+        "sqlite": sqlite3.sqlite_version, "cpus": os.cpu_count(),
+        "n": opts.n, "quick": opts.quick, "filesystem": fs_type(workdir),
+        "load_average_at_start": load_average(),
+    }
+
+
+def load_average() -> float | None:
+    """The 1-minute load average: how busy the shared machine was."""
+    with contextlib.suppress(OSError, AttributeError):
+        return round(os.getloadavg()[0], 1)
+    return None
+
+
+def write_json(path: str, info: dict, bench: Bench,
+               crashed: list[str]) -> None:
+    rows = [{**dataclasses.asdict(row), "verdict": row.verdict}
+            for row in bench.rows]
+    with open(path, "w") as f:
+        json.dump({"meta": info, "rows": rows, "details": bench.details,
+                   "crashed": crashed}, f, indent=2)
+        f.write("\n")
+
+# ---------------------------------------------------------------------------
+# 8. Profile (--profile)
+# ---------------------------------------------------------------------------
+
+# Each scenario runs three times on fresh files: once plain (the time per
+# job), once with every SQL statement counted and timed, once under
+# cProfile.  Tracing and profiling never share a pass, so neither
+# distorts the other's figures.
+
+
+HELD = "(write lock held: BEGIN IMMEDIATE started to COMMIT returned)"
+
+
+class TimedConnection(sqlite3.Connection):
+    """A connection that times each ``execute`` by statement text.
+
+    It also times each write transaction as a whole, from the start of
+    ``BEGIN IMMEDIATE`` to the return of ``COMMIT``: how long other
+    processes may wait for the lock.
+    """
+
+    #: Set by sql_timer(): (thread filter, {sql: [calls, seconds]}).
+    probe: tuple[Callable[[str], bool], dict] | None = None
+    _began: float | None = None
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        probe = TimedConnection.probe
+        if probe is None or not probe[0](threading.current_thread().name):
+            return super().execute(sql, *args)
+        start = time.perf_counter()
+        try:
+            return super().execute(sql, *args)
+        finally:
+            end = time.perf_counter()
+            entry = probe[1].setdefault(" ".join(sql.split()), [0, 0.0])
+            entry[0] += 1
+            entry[1] += end - start
+            if sql.startswith("BEGIN"):
+                self._began = start
+            elif sql in ("COMMIT", "ROLLBACK") and self._began is not None:
+                entry = probe[1].setdefault(HELD, [0, 0.0])
+                entry[0] += 1
+                entry[1] += end - self._began
+                self._began = None
+
+
+@contextlib.contextmanager
+def sql_timer(threads: Callable[[str], bool]) -> Iterator[dict]:
+    """Time the statements that chosen threads run on new connections.
+
+    Wraps sqlite3.connect for the block, so only connections opened
+    inside it (liteq's: it opens them lazily) are timed.
+    """
+    found: dict[str, list] = {}
+    real_connect = sqlite3.connect
+
+    def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        return real_connect(*args, factory=TimedConnection, **kwargs)
+
+    sqlite3.connect = connect
+    TimedConnection.probe = (threads, found)
+    try:
+        yield found
+    finally:
+        sqlite3.connect = real_connect
+        TimedConnection.probe = None
+
+
+# Up to Python 3.11 a cProfile.Profile sees only the thread that enabled
+# it; from 3.12 it uses sys.monitoring, sees every thread, and only one
+# may be active, so the per-thread profiles below are skipped there.
+PER_THREAD_PROFILES = sys.version_info < (3, 12)
+
+
+@contextlib.contextmanager
+def thread_profiles() -> Iterator[dict[str, cProfile.Profile]]:
+    """cProfile each liteq thread started in the block, one per thread."""
+    profiles: dict[str, cProfile.Profile] = {}
+    if not PER_THREAD_PROFILES:
+        yield profiles
+        return
+
+    def hook(frame: Any, event: str, arg: Any) -> None:
+        sys.setprofile(None)
+        name = threading.current_thread().name
+        if name.startswith("liteq-"):
+            profiles[name] = cProfile.Profile()
+            profiles[name].enable()
+
+    threading.setprofile(hook)
+    try:
+        yield profiles
+    finally:
+        threading.setprofile(None)
+
+
+@dataclasses.dataclass
+class Scenario:
+    """Work to profile: ``prepare`` stores jobs, ``work`` runs them.
+
+    ``threaded``: the work happens in a Worker's thread, not this one.
+    """
+
+    title: str
+    prepare: Callable[[liteq.Queue, Tasks, int], Any]
+    work: Callable[[liteq.Queue, Tasks, int, Any], None]
+    threaded: bool
+
+
+def store_noops(queue: liteq.Queue, tasks: Tasks, n: int) -> Any:
+    with queue.batch():
+        jobs = [tasks.noop.delay() for _ in range(n)]
+    return jobs[-1]
+
+
+def store_steps(queue: liteq.Queue, tasks: Tasks, n: int) -> Any:
+    return tasks.steps.delay(n - 1)
+
+
+def work_delay(queue: liteq.Queue, tasks: Tasks, n: int, _: Any) -> None:
+    liteq_enqueue(tasks, n)
+
+
+def work_run_once(queue: liteq.Queue, tasks: Tasks, n: int,
+                  _: Any) -> None:
+    worker = liteq.Worker(queue)
+    while worker.run_once():
+        pass
+
+
+def work_thread(queue: liteq.Queue, tasks: Tasks, n: int, last: Any) -> None:
+    with liteq.Worker(queue, threads=1):
+        wait_for(lambda: read_one(
+            queue.path, "SELECT finished_at FROM liteq_jobs WHERE id = ?",
+            (last.id,))[0] is not None, 600, "a Worker thread ran the jobs")
+
+
+SCENARIOS = (
+    Scenario(".delay() in this thread, one commit each (per job)",
+             lambda queue, tasks, n: None, work_delay, threaded=False),
+    Scenario("Worker.run_once() loop in this thread, noop jobs (per job)",
+             store_noops, work_run_once, threaded=False),
+    Scenario("Worker thread draining noop jobs, as `liteq run` does "
+             "(per job)", store_noops, work_thread, threaded=True),
+    Scenario("Worker thread running one job of N continuation steps "
+             "(per step)", store_steps, work_thread, threaded=True),
+)
+
+
+def profile_pass(scenario: Scenario, path: str, n: int,
+                 kind: str) -> tuple[float, Any]:
+    """One run of a scenario: its seconds, and the probe's findings."""
+    if scenario.threaded:
+        def chosen(name: str) -> bool:
+            return name.startswith("liteq-worker")
+    else:
+        def chosen(name: str) -> bool:
+            return name == threading.current_thread().name
+    with open_queue(path) as (queue, tasks):
+        last = scenario.prepare(queue, tasks, n)
+        queue.close()  # reopened inside the probe, so the probe sees it
+
+        def work() -> None:
+            scenario.work(queue, tasks, n, last)
+
+        if kind == "sql":
+            with sql_timer(chosen) as probe:
+                seconds = timed(work)
+        elif kind == "profile" and scenario.threaded:
+            with thread_profiles() as probe:
+                seconds = timed(work)
+        elif kind == "profile":
+            probe = cProfile.Profile()
+            probe.enable()
+            try:
+                seconds = timed(work)
+            finally:
+                probe.disable()
+        else:
+            probe, seconds = None, timed(work)
+    if scenario.threaded:  # time the worker's own work, not start/stop
+        seconds = span(path, "liteq_jobs")[1]
+    return seconds, probe
+
+
+def print_sql(found: dict, n: int, per_job: float) -> None:
+    """The statements of a traced pass; ``per_job``: that pass's time."""
+    found = dict(found)
+    held = found.pop(HELD, None)
+    calls = sum(c for c, _ in found.values())
+    spent = sum(s for _, s in found.values())
+    print(f"SQL: {calls / n:.2f} statements per job, {spent / n * 1e6:.1f} "
+          f"us/job inside Connection.execute ({spent / n / per_job:.0%} "
+          f"of the time), the rest is Python:")
+    if held:
+        print(f"  write lock held {held[1] / held[0] * 1e6:.1f} us per "
+              f"transaction, {held[0] / n:.2f} transactions per job")
+    print(f"  {'calls':>6} {'us/call':>8} {'us/job':>7}  statement")
+    ranked = sorted(found.items(), key=lambda item: -item[1][1])
+    for sql, (count, seconds) in ranked:
+        if count / n < 0.01:
+            continue
+        print(f"  {count / n:6.2f} {seconds / count * 1e6:8.1f} "
+              f"{seconds / n * 1e6:7.1f}  {sql[:90]}")
+
+
+def print_stats(stats: pstats.Stats, n: int, top: int,
+                heading: str, liteq_only: bool = False,
+                key: int = 0) -> None:
+    entries = []
+    for (path, line, name), (_, calls, own, cum, _) in \
+            stats.stats.items():  # type: ignore[attr-defined]
+        if liteq_only and not path.endswith("liteq.py"):
+            continue
+        where = f"{os.path.basename(path)}:{line}({name})" if line else name
+        entries.append((own, cum, calls, where))
+    print(heading)
+    print(f"  {'own':>8} {'cum':>8} {'calls':>6}  function  (us and calls "
+          f"per job)")
+    for own, cum, calls, where in sorted(entries,
+                                         key=lambda e: -e[key])[:top]:
+        print(f"  {own / n * 1e6:8.1f} {cum / n * 1e6:8.1f} {calls / n:6.2f}"
+              f"  {where}")
+
+
+def profile_raw(workdir: str, n: int) -> None:
+    """The raw loops of section 4, in this thread, statement by statement."""
+    def drain(conn: sqlite3.Connection) -> None:
+        while raw_run_one(conn):
+            pass
+
+    for title, prepare, work in (
+            ("raw enqueue, one INSERT per transaction (compare with 1.)",
+             lambda conn: None, lambda conn: raw_enqueue(conn, n)),
+            ("raw drain, claim + completion transactions (compare with "
+             "2. and 3.)", lambda conn: raw_batch(conn, n), drain)):
+        seconds = []
+        for kind in ("plain", "sql"):
+            path = os.path.join(workdir, f"profile-raw-{len(seconds)}-"
+                                         f"{title[4:9]}.db")
+            with contextlib.closing(raw_create(path)) as conn:
+                prepare(conn)
+            timer = sql_timer(lambda name: True) if kind == "sql" else \
+                contextlib.nullcontext({})
+            with timer as found, contextlib.closing(raw_connect(path)) as \
+                    conn:
+                seconds.append(timed(lambda: work(conn)))
+        print(f"\n== {title} ==")
+        print(f"{seconds[0] / n * 1e6:.1f} us/job ({n / seconds[0]:,.0f} "
+              f"jobs/s) plain")
+        print_sql(found, n, seconds[1] / n)
+
+
+def run_profile(workdir: str, n: int, top: int) -> None:
+    print(f"liteq {liteq.__version__}, Python {sys.version.split()[0]}, "
+          f"SQLite {sqlite3.sqlite_version}; N = {n}; times are per job")
+    for number, scenario in enumerate(SCENARIOS, 1):
+        def path(kind: str) -> str:
+            return os.path.join(workdir, f"profile{number}-{kind}.db")
+        plain, _ = profile_pass(scenario, path("plain"), n, "plain")
+        traced, found = profile_pass(scenario, path("sql"), n, "sql")
+        profiled, probe = profile_pass(scenario, path("profile"), n,
+                                       "profile")
+        print(f"\n== {number}. {scenario.title} ==")
+        print(f"{plain / n * 1e6:.1f} us/job ({n / plain:,.0f} jobs/s) "
+              f"plain; {profiled / n * 1e6:.1f} us/job under cProfile")
+        print_sql(found, n, traced / n)
+        if scenario.threaded and not PER_THREAD_PROFILES:
+            print("(no cProfile of Worker threads on Python 3.12+: run "
+                  "--profile with Python 3.11 or older for it)")
+            continue
+        if scenario.threaded:
+            workers = [p for name, p in probe.items()
+                       if name.startswith("liteq-worker")]
+            others = [p for name, p in probe.items()
+                      if not name.startswith("liteq-worker")]
+            stats = pstats.Stats(*workers)
+        else:
+            stats, others = pstats.Stats(probe), []
+        print_stats(stats, n, top, f"top {top} by own time:")
+        print_stats(stats, n, top, f"top {top} liteq functions by "
+                                   f"cumulative time:", liteq_only=True,
+                    key=1)
+        if others:
+            print_stats(pstats.Stats(*others), n, 8,
+                        "the Worker's other threads (watcher, heartbeat), "
+                        "top 8 by own time (select and acquire are "
+                        "waits, not CPU):")
+    profile_raw(workdir, n)
+
+
+# ---------------------------------------------------------------------------
+# 9. Command line and child entry points
+# ---------------------------------------------------------------------------
+
+
+def child_raw_worker(path: str, mode: str = "drain",
+                     limit: str | None = None) -> int:
+    """Run raw jobs until none is ready, or with ``serve`` until SIGTERM.
+
+    Draining, it stops early after ``limit`` steps, if given.  Serving
+    (the multi-process run), it polls every millisecond when idle, counts
+    the errors and prints them as JSON when it stops.
+    """
+    conn = raw_connect(path)
+    if mode == "drain":
+        left = int(limit) if limit else -1
+        while left != 0 and raw_run_one(conn):
+            left -= 1
+        return 0
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    errors: collections.Counter = collections.Counter()
+    while not stop.is_set():
+        try:
+            if not raw_run_one(conn):
+                time.sleep(0.001)
+        except sqlite3.Error as exc:
+            errors[error_key(exc)] += 1
+    print(json.dumps({"errors": errors}))
+    return 0
+
+
+def produce(store: Callable[[], Any], seconds: str, start_at: str) -> int:
+    """Call ``store`` until the time is up; print what happened as JSON.
+
+    Every exception that reaches this code is counted: liteq promises
+    that none does while the database is merely busy.
+    """
+    errors: collections.Counter = collections.Counter()
+    delayed = 0
+    time.sleep(max(0.0, float(start_at) - time.time()))
+    start = time.time()
+    end = start + float(seconds)
+    while time.time() < end:
+        try:
+            store()
+            delayed += 1
+        except Exception as exc:
+            errors[error_key(exc)] += 1
+    print(json.dumps({"delayed": delayed, "errors": errors, "start": start,
+                      "end": time.time()}))
+    return 0
+
+
+def child_producer(path: str, seconds: str, start_at: str) -> int:
+    with open_queue(path) as (_, tasks):
+        return produce(tasks.noop.delay, seconds, start_at)
+
+
+def child_raw_producer(path: str, seconds: str, start_at: str) -> int:
+    with contextlib.closing(raw_connect(path)) as conn:
+        return produce(lambda: raw_enqueue(conn, 1), seconds, start_at)
+
+
+CHILDREN = {"_raw-worker": child_raw_worker, "_producer": child_producer,
+            "_raw-producer": child_raw_producer}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bench_liteq.py",
+        description="Benchmark liteq against a raw sqlite3 loop.")
+    parser.add_argument("--n", type=int, default=None,
+                        help="jobs per measurement (default 5000; 1000 "
+                             "with --quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a short smoke run for CI (under 30 s)")
+    parser.add_argument("--json", metavar="PATH",
+                        help="also write every figure to PATH")
+    parser.add_argument("--only", action="append", choices=list(SECTIONS),
+                        help="run only this measurement (repeatable)")
+    parser.add_argument("--dir", metavar="DIR",
+                        help="make the temporary directory in DIR "
+                             "(default: the system's temp directory)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the temporary directory")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile .delay() and the worker instead")
+    parser.add_argument("--top", type=int, default=20,
+                        help="functions shown per profile (default 20)")
+    opts = parser.parse_args(argv)
+    if opts.n is None:
+        opts.n = 1000 if opts.quick else 5000
+    if opts.n < 1:
+        parser.error(f"--n must be at least 1, got {opts.n}")
+    return opts
+
+
+def run_bench(opts: argparse.Namespace, workdir: str) -> int:
+    info = meta(opts, workdir)
+    print(f"liteq {info['liteq']} on Python {info['python']}, SQLite "
+          f"{info['sqlite']}, {info['cpus']} CPUs; N = {opts.n}"
+          f"{' (quick)' if opts.quick else ''}; files in {workdir} "
+          f"({info['filesystem']})")
+    if info["filesystem"] in ("tmpfs", "ramfs", "nfs", "nfs4", "cifs",
+                              "smb3"):
+        print(f"warning: {workdir} is on {info['filesystem']}, not local "
+              f"disk: use --dir", file=sys.stderr)
+    started = time.monotonic()
+    # A CI timeout sends SIGTERM: unwind, so the children are killed.
+    signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
+    children = Children(workdir)
+    bench = Bench(opts, workdir, children)
+    crashed = []
+    try:
+        for name, section in SECTIONS.items():
+            if opts.only and name not in opts.only:
+                continue
+            print(f"[{time.monotonic() - started:6.1f}s] {name}",
+                  flush=True)
+            try:
+                section(bench)
+                children.reap()
+            except Exception as exc:  # report it, go on with the others
+                traceback.print_exc()
+                crashed.append(f"{name}: {exc}")
+                children.kill_all()
+    finally:
+        children.kill_all()
+    info["seconds"] = time.monotonic() - started
+    info["load_average_at_end"] = load_average()
+    print(f"\nliteq benchmark, N = {opts.n}"
+          f"{' (quick)' if opts.quick else ''}, {info['seconds']:.1f} s, "
+          f"load average {info['load_average_at_start']} -> "
+          f"{info['load_average_at_end']} on {info['cpus']} CPUs; "
+          f"ratio = liteq / baseline; targets are informational\n")
+    print_table(bench.rows)
+    for line in crashed:
+        print(f"CRASHED {line}")
+    if opts.json:
+        write_json(opts.json, info, bench, crashed)
+    return 1 if crashed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in CHILDREN:
+        return CHILDREN[argv[0]](*argv[1:])
+    opts = parse_args(argv)
+    workdir = tempfile.mkdtemp(prefix="liteq-bench-", dir=opts.dir)
+    try:
+        with open(os.path.join(workdir, "benchtasks.py"), "w") as f:
+            f.write(TASK_MODULE)
+        if opts.profile:
+            run_profile(workdir, opts.n, opts.top)
+            return 0
+        return run_bench(opts, workdir)
+    finally:
+        if opts.keep:
+            print(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
