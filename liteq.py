@@ -308,10 +308,12 @@ def _to_json(value: Any, depth: int = 0, active: set | None = None) -> Any:
         if not math.isfinite(value):
             raise _Unstorable(f"is {value!r}: only finite floats are JSON")
         return value
-    if isinstance(value, (bool, int, float, str)):  # subclasses: base type
-        base = next(t for t in (bool, int, float, str)
-                    if isinstance(value, t))
-        return _to_json(base(value), depth, active)
+    if isinstance(value, (int, float, str)):  # subclasses: base value
+        # Not str(value): an Enum mixin overrides __str__.
+        convert = (int.__int__ if isinstance(value, int) else
+                   float.__float__ if isinstance(value, float) else
+                   str.__str__)
+        return _to_json(convert(value), depth, active)
     if not isinstance(value, (list, tuple, dict, Task)):
         raise _Unstorable(
             f"is a {type(value).__name__}, which liteq cannot store: use "
@@ -523,6 +525,13 @@ _SQL_INSERT_JOB = """
             CASE WHEN :due THEN NULL ELSE :eta END, :now, :now)
 """
 
+# One statement, so one snapshot: another opener may be creating the schema.
+_SQL_HEADER = """
+    SELECT (SELECT application_id FROM pragma_application_id),
+           (SELECT user_version FROM pragma_user_version),
+           (SELECT count(*) FROM sqlite_master)
+"""
+
 _SQL_LAST_ID = "SELECT seq FROM sqlite_sequence WHERE name = 'liteq_jobs'"
 
 _SQL_SELECT_ACTIVE_KEY = """
@@ -645,8 +654,7 @@ _SQL_FAIL_STEP = """
 
 _SQL_RELEASE = """
     UPDATE liteq_jobs
-       SET worker = NULL, timer = NULL, ready = :ready,
-           attempts = max(attempts - 1, 0), updated_at = :now
+       SET worker = NULL, timer = NULL, ready = :ready, updated_at = :now
      WHERE id = :id AND token = :token AND worker IS NOT NULL
 """
 
@@ -784,10 +792,7 @@ class _Store:
 
     def _check_header(self, conn: sqlite3.Connection) -> int:
         try:
-            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            tables = conn.execute(
-                "SELECT count(*) FROM sqlite_master").fetchone()[0]
+            app_id, version, tables = _execute(conn, _SQL_HEADER).fetchone()
         except sqlite3.DatabaseError as exc:
             if isinstance(exc, sqlite3.OperationalError) and _is_busy(exc):
                 raise  # not a verdict on the file: the caller retries
@@ -876,7 +881,14 @@ class _Store:
     def read(self, sql: str, params: Any = ()) -> list:
         """Run one query outside any transaction and return its rows."""
         conn = self.connection()
-        return self._retry(lambda: _execute(conn, sql, params).fetchall())
+
+        def attempt() -> list:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version != _SCHEMA_VERSION:
+                self._check_header(conn)
+            return _execute(conn, sql, params).fetchall()
+
+        return self._retry(attempt)
 
     def identity(self) -> tuple[int, int] | None:
         try:
@@ -1035,6 +1047,20 @@ class Task:
         fn = self.function
         args, kwargs = fn._bind_stored(self.args, self.kwargs)
         return _roundtrip(fn.__wrapped__(*args, **kwargs), "result")
+
+
+def _decode_call(text: str) -> Task:
+    """A stored call as a Task; quick when no argument needs decoding."""
+    value = _parse(text)
+    if text.count('"__') > 1 or not isinstance(value, dict):
+        return deserialize_task(value)
+    task = Task.__new__(Task)  # only the __task__ tag: plain JSON inside
+    task.name, task.args = value[_TAG_TASK], value["args"]
+    task.kwargs, task._then = value["kwargs"], ()
+    if not (isinstance(task.name, str) and isinstance(task.args, list)
+            and isinstance(task.kwargs, dict)):
+        raise ValueError(f"not a serialized task: {text:.200}")
+    return task
 
 
 def _roundtrip(value: Any, path: str) -> Any:
@@ -1987,8 +2013,9 @@ class Worker:
         return self
 
     def _start_threads(self) -> None:
+        # _stopping stays set if stop() came first: the threads then end
+        # at once, and run_forever() returns.
         self._store.connection()  # open (and check) the file now
-        self._stopping.clear()
         self._threads = [
             threading.Thread(target=self._run_thread, daemon=True,
                              name=f"liteq-worker-{i + 1}")
@@ -2013,6 +2040,7 @@ class Worker:
                 self._heartbeat.stop()
                 self._watcher.stop()
                 self._threads = []
+                self._stopping.clear()  # it may be started again
         return finished
 
     def run_forever(self) -> None:
@@ -2020,9 +2048,11 @@ class Worker:
 
         Raises StorageError if the worker had to stop by itself.
         """
-        if not self._threads:
+        with contextlib.suppress(RuntimeError):  # already started
             self.start()
-        while not self._stopping.wait(0.1):
+        # Ends when stop() is called, here or by a stop() elsewhere that
+        # also tore the threads down.
+        while self._threads and not self._stopping.wait(0.1):
             pass
         self.stop()
         if self.fatal:
@@ -2236,7 +2266,7 @@ class Worker:
     def _execute(self, claimed: _Claimed) -> _Outcome:
         """Run one claimed step with no transaction open."""
         try:
-            call = deserialize_task(_parse(claimed.call))
+            call = _decode_call(claimed.call)
             fn = _REGISTRY.get(call.name)
             if fn is None:
                 raise LookupError(f"unknown task {call.name!r}: not "
@@ -2292,7 +2322,7 @@ class _Heartbeat:
     def __init__(self, worker: Worker) -> None:
         self._worker = worker
         # Guards _running; notified when a step starts or on stop.
-        self._condition = threading.Condition()
+        self._condition = threading.Condition(threading.Lock())
         self._running: dict[int, tuple[_Claimed, float, float]] = {}
         self._wake_at = math.inf  # when the thread next wakes (monotonic)
         self._thread: threading.Thread | None = None
