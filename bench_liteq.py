@@ -950,6 +950,11 @@ class Bench:
     # 7. --------------------------------------------------------------------
 
     def section_multi(self) -> None:
+        # The same producers with one worker: does adding workers add
+        # throughput, or does lock contention eat it?
+        alone = self.multi_liteq(self.pick(MULTI_SECONDS), 1)
+        self.children.reap()
+        alone = alone()
         finish = self.multi_liteq(self.pick(MULTI_SECONDS))
         raw = self.multi_raw(self.pick(RAW_MULTI_SECONDS))
         self.children.reap()  # meanwhile the liteq workers stopped
@@ -967,25 +972,30 @@ class Bench:
         self.add(Row("7. multi: failed jobs", ours["failed"], None, "count",
                      base_label="", target="<= 0", applies_to="liteq"))
         self.add(Row(f"7. multi: drain, {who}", ours["drain"],
+                     alone["drain"], "jobs/s",
+                     base_label="1 worker + producers", target=">= 1.0"))
+        self.add(Row(f"7. multi: drain, {who}", ours["drain"],
                      self.drain().rate, "jobs/s",
-                     base_label="1 worker (3)", target=">= 1.0"))
+                     base_label="1 worker, no producers"))
         self.add(Row(f"7. multi: drain, {who}", ours["drain"],
                      raw["drain"], "jobs/s", base_label="raw, same"))
         self.add(Row(f"7. multi: enqueue by the {MULTI_PRODUCERS} producers",
                      ours["enqueue"],
                      raw["enqueue"], "jobs/s", base_label="raw, same"))
 
-    def multi_liteq(self, seconds: float) -> Callable[[], dict]:
-        """Run the liteq processes; return what reads their outcome.
+    def multi_liteq(self, seconds: float,
+                    count: int = MULTI_WORKERS) -> Callable[[], dict]:
+        """Run ``count`` workers and the producers; return what reads
+        their outcome.
 
         The workers are stopped but not waited for: call the result
         once they have exited (after reap()).
         """
-        path = self.db("multi")
+        path = self.db(f"multi{count}")
         with open_queue(path):
             pass
-        workers = [self.children.worker(f"multi-worker{i + 1}", path)
-                   for i in range(MULTI_WORKERS)]
+        workers = [self.children.worker(f"multi{count}-worker{i + 1}", path)
+                   for i in range(count)]
         try:
             reports = self.run_producers("multi-producer", "_producer", path,
                                          seconds, workers)

@@ -557,6 +557,13 @@ _SQL_SELECT_DUE = """
      WHERE timer <= ? LIMIT 100
 """
 
+# Idle workers look with these reads before taking the write lock.
+_SQL_ANY_READY = """
+    SELECT 1 FROM liteq_jobs WHERE queue = ? AND ready IS NOT NULL LIMIT 1
+"""
+
+_SQL_ANY_DUE = "SELECT 1 FROM liteq_jobs WHERE timer <= ? LIMIT 1"
+
 _SQL_NEXT_TIMER = "SELECT min(timer) FROM liteq_jobs WHERE timer IS NOT NULL"
 
 _SQL_MAKE_READY = """
@@ -2080,9 +2087,13 @@ class Worker:
     def _run_thread(self) -> None:
         outcome = None
         failures = 0
+        idle = False
         while True:
             generation = self._signal.generation
             claim = not self._stopping.is_set()
+            if idle and claim and not self._work_in_sight():
+                self._idle_wait(generation, _IDLE_MAX)
+                continue
             try:
                 claimed, due = self._cycle(outcome, claim)
             except SchemaError as exc:
@@ -2101,7 +2112,7 @@ class Worker:
                 outcome = None
                 time.sleep(min(0.05 * 2 ** min(failures, 6), 2.0))
                 continue
-            failures, outcome = 0, None
+            failures, outcome, idle = 0, None, False
             if claimed is not None:
                 outcome = self._execute(claimed)
                 if outcome.kind == "release":  # KeyboardInterrupt in a task
@@ -2114,6 +2125,22 @@ class Worker:
             else:
                 pause = _IDLE_MAX if due is None else due - time.time()
                 self._idle_wait(generation, min(max(pause, 0.0), _IDLE_MAX))
+                idle = pause >= _IDLE_MAX  # else a timer is due: claim
+
+    def _work_in_sight(self) -> bool:
+        """Whether a claim could find work, read without the write lock.
+
+        Every commit wakes idle workers; without this each would take the
+        write lock only to find nothing, crowding out the producers.
+        """
+        try:
+            if any(self._store.read(_SQL_ANY_READY, (name,))
+                   for name in self.queues):
+                return True
+            return bool(self._store.read(_SQL_ANY_DUE,
+                                         (self._store.clock(),)))
+        except Error:
+            return True  # let the claim meet the error and report it
 
     def _idle_wait(self, generation: int, timeout: float) -> None:
         with self._idle_lock:
