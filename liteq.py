@@ -2466,7 +2466,9 @@ class _Watcher:
             if not worker._someone_idle.wait(1.0):
                 changed = False  # all threads busy: nobody to wake
             elif self._inotify is not None:
-                changed = self._inotify.wait(1.0)
+                changed = False
+                if self._inotify.wait(1.0):
+                    self._settle()
             else:
                 self._stop.wait(self._POLL)
                 seen = self._data_version()
@@ -2484,6 +2486,20 @@ class _Watcher:
             if worker.keep is not None and now >= next_purge:
                 next_purge = now + 3600.0
                 self._purge()
+
+    def _settle(self) -> None:
+        """Wake the threads, and once more when the writes stop.
+
+        A commit's last write to the WAL comes a moment before SQLite
+        publishes it in the shared-memory index, so a thread woken by that
+        write can look too early; the second wake-up, 2 ms after the last
+        write, finds it.
+        """
+        signal_ = self._worker._signal
+        signal_.notify()
+        while self._inotify is not None and self._inotify.wait(0.002):
+            signal_.notify()
+        signal_.notify()
 
     def _data_version(self) -> int | None:
         with contextlib.suppress(Error):
