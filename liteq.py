@@ -111,13 +111,13 @@ logger.addHandler(logging.NullHandler())
 # ---------------------------------------------------------------------------
 
 #: Database used by the module-level ``@task`` unless configured.
-DEFAULT_DB = "liteq.db"
-DEFAULT_QUEUE = "default"
+_DEFAULT_DB = "liteq.db"
+_DEFAULT_NAME = "default"  # queue name of tasks and workers
 
-PENDING, RUNNING, DONE = "pending", "running", "done"
-FAILED, CANCELLED = "failed", "cancelled"
-STATUSES = (PENDING, RUNNING, DONE, FAILED, CANCELLED)
-FINISHED = (DONE, FAILED, CANCELLED)
+_PENDING, _RUNNING, _DONE = "pending", "running", "done"
+_FAILED, _CANCELLED = "failed", "cancelled"
+_STATUSES = (_PENDING, _RUNNING, _DONE, _FAILED, _CANCELLED)
+_FINISHED = (_DONE, _FAILED, _CANCELLED)
 
 _MIN_SQLITE = (3, 35, 0)  # UPDATE ... RETURNING
 _APPLICATION_ID = 0x6C697471  # "litq" in the database header
@@ -138,7 +138,7 @@ _TASK_DEFAULTS = {
     "retries": 0,
     "retry_delay": 1.0,
     "retry_max_delay": 3600.0,
-    "queue": DEFAULT_QUEUE,
+    "queue": _DEFAULT_NAME,
     "priority": 0,
     "name": None,
     "description": None,
@@ -1546,7 +1546,7 @@ class Job:
         while True:
             generation = signal_.generation
             row = self._row()
-            if row["status"] in FINISHED:
+            if row["status"] in _FINISHED:
                 return _outcome(row)
             left = _RESULT_POLL
             if deadline is not None:
@@ -1567,7 +1567,7 @@ class Job:
             row = _execute(conn, _SQL_SELECT_STATUS, (self.id,)).fetchone()
             if row is None:
                 raise JobNotFound(f"job {self.id} does not exist")
-            if row[0] in (DONE, FAILED):
+            if row[0] in (_DONE, _FAILED):
                 return False
             _execute(conn, _SQL_CANCEL, {"id": self.id, "now": store.clock()})
             return True
@@ -1585,7 +1585,7 @@ class Job:
             if row is None:
                 raise JobNotFound(f"job {self.id} does not exist")
             status, key, _ = row
-            if status not in (FAILED, CANCELLED):
+            if status not in (_FAILED, _CANCELLED):
                 raise ValueError(f"job {self.id} is {status}: only failed or"
                                  f" cancelled jobs can be retried")
             if key is not None and _execute(
@@ -1634,14 +1634,14 @@ def _public_dict(row: dict) -> dict:
     out["args"] = call.get("args", [])
     out["kwargs"] = call.get("kwargs", {})
     out["result"] = (_parse(row["result"])
-                     if row["status"] == DONE and row["result"] else None)
+                     if row["status"] == _DONE and row["result"] else None)
     return out
 
 
 def _outcome(row: dict) -> Any:
-    if row["status"] == DONE:
+    if row["status"] == _DONE:
         return _loads(row["result"]) if row["result"] else None
-    if row["status"] == FAILED:
+    if row["status"] == _FAILED:
         raise TaskFailed(row["id"], row["error"] or "")
     raise TaskCancelled(row["id"])
 
@@ -1737,8 +1737,8 @@ class Queue:
 
     def _job_rows(self, status: str | None = None, name: str | None = None,
                   queue: str | None = None, limit: int = 100) -> list[dict]:
-        if status is not None and status not in STATUSES:
-            raise ValueError(f"status must be one of {', '.join(STATUSES)},"
+        if status is not None and status not in _STATUSES:
+            raise ValueError(f"status must be one of {', '.join(_STATUSES)},"
                              f" got {status!r}")
         _check_int("limit", limit, 0)
         rows = self._store.read(_SQL_SELECT_JOBS, {
@@ -1747,7 +1747,7 @@ class Queue:
 
     def counts(self, queue: str | None = None) -> dict[str, int]:
         """Number of jobs in each of the five statuses."""
-        counts = dict.fromkeys(STATUSES, 0)
+        counts = dict.fromkeys(_STATUSES, 0)
         for name, status, n in self._store.read(_SQL_COUNT_JOBS):
             if queue is None or name == queue:
                 counts[status] += n
@@ -1756,7 +1756,7 @@ class Queue:
     def _counts_by_queue(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
         for name, status, n in self._store.read(_SQL_COUNT_JOBS):
-            out.setdefault(name, dict.fromkeys(STATUSES, 0))[status] = n
+            out.setdefault(name, dict.fromkeys(_STATUSES, 0))[status] = n
         return out
 
     def purge(self, older_than: float) -> int:
@@ -1886,7 +1886,7 @@ def default_queue() -> Queue:
     with _DEFAULT_LOCK:
         if not _DEFAULT_QUEUE:
             _DEFAULT_QUEUE.append(
-                Queue(os.environ.get("LITEQ_DB") or DEFAULT_DB))
+                Queue(os.environ.get("LITEQ_DB") or _DEFAULT_DB))
         return _DEFAULT_QUEUE[0]
 
 
@@ -1977,7 +1977,7 @@ class Worker:
         if isinstance(queues, str):
             queues = [queues]
         self.queues = [_check_name("queue name", q)
-                       for q in (queues or [DEFAULT_QUEUE])]
+                       for q in (queues or [_DEFAULT_NAME])]
         if isinstance(keep, str):
             keep = _parse_duration(keep)
         self.keep = None if keep is None else _check_number("keep", keep)
@@ -2251,10 +2251,10 @@ class Worker:
             row = _execute(conn, _SQL_CONTINUE, params).fetchone()
         elif kind == "done":
             params["result"] = outcome.text
-            row = (DONE,) if _execute(conn, _SQL_DONE,
+            row = (_DONE,) if _execute(conn, _SQL_DONE,
                                       params).rowcount else None
         elif kind == "fail":
-            params.update(status=FAILED, result=None, error=outcome.error)
+            params.update(status=_FAILED, result=None, error=outcome.error)
             row = _execute(conn, _SQL_FINISH, params).fetchone()
         elif kind == "retry":
             params.update(error=outcome.error, retries=outcome.retries,
@@ -2273,7 +2273,7 @@ class Worker:
                            claimed.current, claimed.step)
             return
         status = row[0] if isinstance(row, tuple) else None
-        if status == CANCELLED:
+        if status == _CANCELLED:
             logger.info("job %d cancelled", claimed.id)
         elif outcome.kind == "continue":
             logger.info("job %d continued: step %d of %s done, next %s",
@@ -2281,7 +2281,7 @@ class Worker:
                         outcome.current)
         elif outcome.kind == "done":
             logger.info("job %d done", claimed.id)
-        elif outcome.kind == "retry" and status != FAILED:
+        elif outcome.kind == "retry" and status != _FAILED:
             logger.info("job %d retried in %gs: %s", claimed.id,
                         outcome.delay, _error_line(outcome.error))
         elif outcome.kind in ("retry", "fail"):
@@ -2679,9 +2679,9 @@ def _http_filters(query_string: str) -> dict:
         return values[-1] if values and values[-1] != "" else None
 
     status, limit = one("status"), one("limit")
-    if status is not None and status not in STATUSES:
+    if status is not None and status not in _STATUSES:
         raise _HTTPError(400, f"status must be one of "
-                              f"{', '.join(STATUSES)}, got {status!r}")
+                              f"{', '.join(_STATUSES)}, got {status!r}")
     if limit is None:
         limit = str(_HTTP_LIMIT)
     if not _DIGITS.match(limit) or int(limit) > _HTTP_MAX_LIMIT:
@@ -3339,7 +3339,7 @@ def _add_read_commands(add: Callable) -> None:
         json_output=True)
     jobs = add("list", _cmd_list, "list jobs, newest first",
                json_output=True)
-    jobs.add_argument("--status", choices=STATUSES)
+    jobs.add_argument("--status", choices=_STATUSES)
     jobs.add_argument("--queue", metavar="NAME", help="queue name")
     jobs.add_argument("--name", metavar="TASK", help="stored task name")
     jobs.add_argument("--limit", type=int, default=_LIST_LIMIT,
@@ -3384,7 +3384,7 @@ def _cli_queue(args: argparse.Namespace, create: bool) -> Queue:
     so the task modules they import store their jobs there too.  The
     others get a Queue of their own, to close when done.
     """
-    path = args.db or os.environ.get("LITEQ_DB") or DEFAULT_DB
+    path = args.db or os.environ.get("LITEQ_DB") or _DEFAULT_DB
     if create:
         return configure(path)
     if not os.path.isfile(path):
@@ -3491,12 +3491,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         while True:
             rows = [job.to_dict() for job in jobs]
             screen.draw([_demo_line(row) for row in rows])
-            if all(row["status"] in FINISHED for row in rows):
+            if all(row["status"] in _FINISHED for row in rows):
                 break
             time.sleep(0.2)
     for job in jobs:
         print(f"job {job.id} {job.status}: result {job.to_dict()['result']!r}")
-    return 0 if all(job.status == DONE for job in jobs) else 1
+    return 0 if all(job.status == _DONE for job in jobs) else 1
 
 
 def _demo_line(row: dict) -> str:
@@ -3634,10 +3634,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
     elif not counts:
         _emit(f"no jobs in {queue.path}\n")
     else:
-        rows = [[_clean(name), *(str(n[s]) for s in STATUSES),
+        rows = [[_clean(name), *(str(n[s]) for s in _STATUSES),
                  str(sum(n.values()))] for name, n in counts.items()]
-        _emit(_table(["QUEUE", *(s.upper() for s in STATUSES), "TOTAL"],
-                     rows, right=range(1, len(STATUSES) + 2)))
+        _emit(_table(["QUEUE", *(s.upper() for s in _STATUSES), "TOTAL"],
+                     rows, right=range(1, len(_STATUSES) + 2)))
     return 0
 
 
@@ -3714,12 +3714,12 @@ def _follow(job: Job, as_json: bool) -> int:
             screen.draw([json.dumps(data)], [key])
         else:
             screen.draw([_follow_line(data, time.time())], [key])
-        if data["status"] in FINISHED:
+        if data["status"] in _FINISHED:
             break
         time.sleep(_FOLLOW_POLL)
     if data["error"] and not as_json:
         _emit(f"error: {_clean(_error_line(data['error']))}\n")
-    return 0 if data["status"] == DONE else 1
+    return 0 if data["status"] == _DONE else 1
 
 
 def _follow_line(data: dict, now: float) -> str:
@@ -3736,13 +3736,13 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
     with _cli_queue(args, create=False) as queue:
         job = _find_job(queue, args.id)
         before = job.status
-        cancelled = before not in FINISHED and job.cancel()
+        cancelled = before not in _FINISHED and job.cancel()
         after = job.status
     if not cancelled:
         print(f"liteq: job {job.id} has already finished ({after}): not "
               f"cancelled", file=sys.stderr)
         return 1
-    if after == CANCELLED:
+    if after == _CANCELLED:
         _emit(f"job {job.id} cancelled\n")
     else:
         _emit(f"job {job.id}: cancel requested; the step running now "

@@ -18,29 +18,38 @@ import datetime as dt
 import doctest
 import enum
 import functools
+import html.parser
+import http.client
 import importlib
 import inspect
 import json
 import logging
 import math
 import os
+import random
+import re
+import select
+import shutil
 import signal
 import socket
 import sqlite3
 import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
 import tracemalloc
 import types
+import wsgiref.util
 
 import pytest
 
 import liteq
 
 MOD = __name__
+ALL_STATUSES = ("pending", "running", "done", "failed", "cancelled")
 UTC = dt.timezone.utc
 T0 = 1_700_000_000.0  # the fake clock's start (2023-11-14)
 HOST_PID = f"{socket.gethostname()}:{os.getpid()}"
@@ -2768,3 +2777,1575 @@ def test_module_docstring_example_runs():
     results = doctest.testmod(liteq, optionflags=doctest.ELLIPSIS)
     assert results.attempted > 0
     assert results.failed == 0
+
+
+# ---------------------------------------------------------------------------
+# 6b. Multi-process guarantees: kill -9, SIGSTOP, signals, contention
+# ---------------------------------------------------------------------------
+# Multi-process guarantee tests for liteq (SPEC section 6).
+#
+# Real worker processes (``python -m liteq run``) share one database file
+# while the tests kill them with SIGKILL, freeze them with SIGSTOP, stop them
+# with SIGTERM/SIGINT, flood the file with producers and delete it under
+# them.  The task module is written into ``tmp_path`` at run time; every
+# execution of a step appends ``start``/``end`` lines to ``chaos.log`` next
+# to it (one ``os.write`` on an ``O_APPEND`` descriptor per line, so lines
+# from different processes never interleave), stamped with
+# ``time.monotonic_ns()``, which on Linux is one clock for every process.
+#
+# Every wait polls a condition every 50 ms up to a generous deadline; every
+# subprocess is killed in a ``finally`` block.
+
+
+CHAOS_LITEQ_DIR = os.path.dirname(os.path.abspath(liteq.__file__))
+CHAOS_LINUX = sys.platform.startswith("linux")
+CHAOS_POLL = 0.05  # seconds between checks of a condition
+CHAOS_DEADLINE = 45.0  # generous bound on any single wait
+CHAOS_JOBS = 40  # jobs in the kill -9 test
+CHAOS_STEPS = 35  # continuations per job there (CHAOS_STEPS + 1 steps)
+CHAOS_KILLS = 15  # SIGKILLs the killer loop sends
+CHAOS_WORKERS = 3
+
+# The task module the workers import (``python -m liteq run chaostasks``).
+CHAOS_TASKS = r'''
+import os
+import random
+import time
+
+from liteq import current_job, task
+
+LOG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chaos.log")
+
+
+def mark(kind):
+    """Append 'KIND JOB STEP PID TOKEN MONOTONIC_NS' as one atomic write."""
+    job = current_job()
+    line = "%s %d %d %d %d %d\n" % (kind, job.id, job.step, os.getpid(),
+                                    job.token, time.monotonic_ns())
+    fd = os.open(LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+@task(lease=1.5, max_lost=1000)
+def step(key, n, trail, long_step=0):
+    """One of n + 1 steps; step number long_step outlasts the lease."""
+    mark("start")
+    if current_job().step == long_step:
+        time.sleep(1.8)  # only the heartbeat keeps other workers off
+    else:
+        time.sleep(random.uniform(0.01, 0.03))
+    trail = trail + [current_job().step]
+    mark("end")
+    if n > 0:
+        return step(key, n - 1, trail, long_step)
+    return {"key": key, "trail": trail}
+
+
+@task(lease=1.0)
+def slow(n, pids):
+    mark("start")
+    time.sleep(0.5)
+    pids = pids + [os.getpid()]
+    mark("end")
+    if n > 0:
+        return slow(n - 1, pids)
+    return {"pids": pids}
+
+
+@task(lease=1.5)
+def nap(first, later):
+    """Sleep `first` seconds on the first attempt, `later` on the others."""
+    job = current_job()
+    mark("start")
+    time.sleep(first if job.attempt == 1 else later)
+    mark("end")
+    return {"attempt": job.attempt, "pid": os.getpid()}
+
+
+@task
+def quick(value, hops):
+    if hops > 0:
+        return quick(value, hops - 1)
+    return value * 2
+'''
+
+# A producer's own task module: registers a name no worker imports.
+CHAOS_ROGUE = r'''
+from liteq import task
+
+
+@task(name="os:system")
+def rogue(command):
+    raise AssertionError("a worker must never run this")
+'''
+
+# Run with cwd=tmp_path and LITEQ_DB set; BODY appends to `out`.
+CHAOS_PRODUCER = r'''
+import json
+import liteq
+import chaostasks
+out = []
+{body}
+print(json.dumps(out))
+'''
+
+# Waits for the shared start time, then stores one job.
+CHAOS_OPENER = r'''
+import sys, time
+import chaostasks
+time.sleep(max(0.0, float(sys.argv[1]) - time.time()))
+chaostasks.quick(1, 0).delay()
+'''
+
+
+# Helpers ------------------------------------------------------------------
+
+
+def _chaos_env():
+    env = dict(os.environ)
+    paths = [CHAOS_LITEQ_DIR]
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env.pop("LITEQ_DB", None)
+    return env
+
+
+def _chaos_setup(tmp_path):
+    (tmp_path / "chaostasks.py").write_text(CHAOS_TASKS)
+    (tmp_path / "chaosrogue.py").write_text(CHAOS_ROGUE)
+    return tmp_path / "chaos.db"
+
+
+def _chaos_worker(tmp_path, db, procs, name, *extra):
+    """Start `python -m liteq run chaostasks`; stderr goes to NAME.err."""
+    err_path = tmp_path / f"{name}.err"
+    with open(err_path, "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "liteq", "run", "chaostasks", "--db",
+             str(db), "--log-level", "INFO", *extra],
+            cwd=tmp_path, env=_chaos_env(), stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=err)
+    proc.chaos_err = err_path
+    procs.append(proc)
+    return proc
+
+
+def _chaos_producer(tmp_path, db, body, procs=None):
+    """Run BODY in a producer process; Popen if procs is given, else run."""
+    env = _chaos_env()
+    env["LITEQ_DB"] = str(db)
+    argv = [sys.executable, "-c", CHAOS_PRODUCER.format(body=body)]
+    if procs is None:
+        done = subprocess.run(argv, cwd=tmp_path, env=env,
+                              capture_output=True, timeout=CHAOS_DEADLINE)
+        assert done.returncode == 0 and not done.stderr, done.stderr.decode()
+        return json.loads(done.stdout)
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=env,
+                            stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    procs.append(proc)
+    return proc
+
+
+def _chaos_reap(procs):
+    """Kill whatever is still running (stopped ones too) and wait."""
+    for proc in procs:
+        if proc.poll() is None:
+            try:
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+            except ProcessLookupError:
+                pass
+    for proc in procs:
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _chaos_wait(condition, what, timeout=CHAOS_DEADLINE, alive=()):
+    """Poll condition() every 50 ms; return its first truthy value.
+
+    Fails at once, with its stderr, if a process in `alive` has exited.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        for proc in alive:
+            if proc.poll() is not None:
+                raise AssertionError(
+                    f"worker {proc.pid} exited with {proc.returncode} while "
+                    f"waiting for {what}; stderr tail:\n"
+                    + _chaos_stderr(proc)[-3000:])
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting "
+                                 f"for {what}")
+        time.sleep(CHAOS_POLL)
+
+
+def _chaos_stderr(proc):
+    return proc.chaos_err.read_text(errors="replace")
+
+
+def _chaos_exit(proc, sig, what, timeout=CHAOS_DEADLINE):
+    """Send sig (if not None) and wait for the process to exit."""
+    if sig is not None:
+        proc.send_signal(sig)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"{what} (pid {proc.pid}) did not exit within "
+                             f"{timeout:g}s; stderr tail:\n"
+                             + _chaos_stderr(proc)[-3000:]) from None
+
+
+def _chaos_executions(tmp_path):
+    """Parse chaos.log into {(job, token): execution dict}."""
+    path = tmp_path / "chaos.log"
+    if not path.exists():
+        return {}
+    text = path.read_text()
+    executions = {}
+    for line in text.split("\n")[:-1]:  # a last piece may be half written
+        kind, job, step, pid, token, ns = line.split()
+        ex = executions.setdefault((int(job), int(token)), {
+            "job": int(job), "step": int(step), "pid": int(pid),
+            "token": int(token), "start": None, "end": None})
+        assert ex["pid"] == int(pid) and ex["step"] == int(step), line
+        assert ex[kind] is None, f"two {kind} lines for one claim: {line}"
+        ex[kind] = int(ns)
+    return executions
+
+
+def _chaos_open(tmp_path, pid):
+    """The execution pid has started but not ended, or None."""
+    for ex in _chaos_executions(tmp_path).values():
+        if ex["pid"] == pid and ex["start"] is not None and ex["end"] is None:
+            return ex
+    return None
+
+
+def _chaos_stopped(pid):
+    """True once the kernel reports the process as stopped (SIGSTOP)."""
+    with open(f"/proc/{pid}/stat") as f:
+        state = f.read().rsplit(")", 1)[1].split()[0]
+    return state in ("T", "t")
+
+
+def _chaos_write_locked(db):
+    """True if another process holds the database's write lock."""
+    conn = sqlite3.connect(str(db), timeout=0.3, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+        return False
+    except sqlite3.OperationalError:
+        return True
+    finally:
+        conn.close()
+
+
+def _chaos_result(queue, job_id, alive, timeout=CHAOS_DEADLINE):
+    """Wait for a job to finish while its workers live; return result()."""
+    job = queue.get(job_id)
+    _chaos_wait(lambda: job.status in ("done", "failed", "cancelled"),
+                f"job {job_id} to finish", timeout, alive)
+    return job.result(timeout=1)
+
+
+def _chaos_all_finished(queue, ids):
+    counts = queue.counts()
+    return counts["done"] + counts["failed"] + counts["cancelled"] >= len(
+        ids)
+
+
+# 1. kill -9 chaos ---------------------------------------------------------
+
+
+@pytest.mark.skipif(not CHAOS_LINUX, reason="needs Linux (monotonic clock "
+                                            "shared by processes, /proc)")
+def test_chaos_kill9_loses_nothing_and_never_overlaps(tmp_path):
+    db = _chaos_setup(tmp_path)
+    procs = []
+    queue = liteq.Queue(db)
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    kills = {}  # pid -> monotonic_ns once the kernel had reaped it
+    try:
+        ids = _chaos_producer(tmp_path, db, (
+            f"for k in range({CHAOS_JOBS}):\n"
+            f"    long_step = 5 + k // 2 if k % 5 == 0 else 0\n"
+            f"    out.append(chaostasks.step('job%d' % k, {CHAOS_STEPS}, [],"
+            f" long_step).delay().id)"))
+        assert len(set(ids)) == CHAOS_JOBS
+        slots = [_chaos_worker(tmp_path, db, procs, f"w{i}")
+                 for i in range(CHAOS_WORKERS)]
+        restarts = 0
+        deadline = time.monotonic() + CHAOS_DEADLINE
+        while len(kills) < CHAOS_KILLS and time.monotonic() < deadline:
+            time.sleep(rng.uniform(0.2, 0.8))
+            if _chaos_all_finished(queue, ids):
+                break
+            i = rng.randrange(CHAOS_WORKERS)
+            victim = slots[i]
+            assert victim.poll() is None, (
+                f"worker {victim.pid} exited by itself with "
+                f"{victim.returncode}:\n{_chaos_stderr(victim)[-3000:]}")
+            victim.kill()
+            victim.wait(10)
+            kills[victim.pid] = time.monotonic_ns()
+            assert victim.returncode == -signal.SIGKILL
+            restarts += 1
+            slots[i] = _chaos_worker(tmp_path, db, procs, f"w{i}-{restarts}")
+
+        try:
+            _chaos_wait(lambda: _chaos_all_finished(queue, ids),
+                        "every job to finish after the kills", alive=slots)
+            unfinished = None
+        except AssertionError as exc:
+            unfinished = str(exc)  # check the log first: it says why
+        for proc in slots:
+            if unfinished is None:
+                assert _chaos_exit(proc, signal.SIGTERM, "worker") == 0
+            else:
+                proc.kill()
+                proc.wait(10)
+                kills[proc.pid] = time.monotonic_ns()
+
+        # Executions: one per claim that reached user code.
+        executions = _chaos_executions(tmp_path)
+        interrupted = 0
+        by_job = {}
+        for ex in executions.values():
+            if ex["end"] is None:
+                assert ex["pid"] in kills, (
+                    f"execution without an end in a worker that was never "
+                    f"killed: {ex}")
+                ex["end"] = kills[ex["pid"]]
+                ex["killed"] = True
+                interrupted += 1
+            by_job.setdefault(ex["job"], []).append(ex)
+        stale = [line for p in procs for line in _chaos_stderr(p).splitlines()
+                 if "lease lost" in line]
+        for job_id, runs in by_job.items():
+            runs.sort(key=lambda ex: ex["start"])
+            last_end, last = None, None
+            for ex in runs:
+                # Guarantee 2: never two executions of a job at once.
+                assert last_end is None or ex["start"] >= last_end, (
+                    f"job {job_id}: execution {ex} started before {last} "
+                    f"ended (seed {seed}); 'lease lost' lines: {stale[:5]}")
+                # Guarantee 3: once a later step ran, no earlier one runs.
+                assert last is None or ex["step"] >= last["step"], (
+                    f"job {job_id}: step {ex['step']} ran after step "
+                    f"{last['step']}: {ex} after {last}")
+                if last_end is None or ex["end"] > last_end:
+                    last_end, last = ex["end"], ex
+        assert unfinished is None, (unfinished, queue.counts())
+
+        # Guarantee 1: every job done, each step counted exactly once.
+        assert set(by_job) == set(ids)
+        for k, job_id in enumerate(ids):
+            job = queue.get(job_id)
+            assert job.result(timeout=10) == {
+                "key": f"job{k}",
+                "trail": list(range(1, CHAOS_STEPS + 2))}, job.to_dict()
+            assert job.status == "done"
+            assert job.steps == CHAOS_STEPS + 1, job.to_dict()
+            finished = {ex["step"] for ex in by_job[job_id]
+                        if not ex.get("killed")}
+            assert finished == set(range(1, CHAOS_STEPS + 2)), job_id
+        for proc in procs:
+            text = _chaos_stderr(proc)
+            assert "Traceback" not in text and "locked" not in text, text
+        print(f"\nCHAOS kills={len(kills)} jobs={CHAOS_JOBS} "
+              f"steps={CHAOS_JOBS * (CHAOS_STEPS + 1)} "
+              f"executions={len(executions)} interrupted={interrupted} "
+              f"seed={seed}")
+        assert len(kills) == CHAOS_KILLS, (
+            f"the jobs finished after only {len(kills)} kills")
+    finally:
+        _chaos_reap(procs)
+        queue.close()
+
+
+# 2. SIGSTOP: a stale worker's outcome is refused ---------------------------
+
+
+@pytest.mark.skipif(not CHAOS_LINUX, reason="needs Linux (/proc, SIGSTOP)")
+def test_chaos_sigstop_stale_worker_outcome_is_refused(tmp_path):
+    db = _chaos_setup(tmp_path)
+    procs = []
+    queue = liteq.Queue(db)
+    try:
+        (job_id,) = _chaos_producer(
+            tmp_path, db, "out.append(chaostasks.slow(5, []).delay().id)")
+        job = queue.get(job_id)
+        a = _chaos_worker(tmp_path, db, procs, "a")
+
+        # Freeze A inside a step: after its start line, before its end
+        # line, and not while it holds the write lock (a frozen writer
+        # would block every process, which no lease can help).
+        target = None
+        deadline = time.monotonic() + CHAOS_DEADLINE
+        while target is None:
+            assert time.monotonic() < deadline, "A never ran a step"
+            ex = _chaos_open(tmp_path, a.pid)
+            if ex is None:
+                time.sleep(0.01)
+                continue
+            a.send_signal(signal.SIGSTOP)
+            _chaos_wait(lambda: _chaos_stopped(a.pid), "A to stop")
+            still = _chaos_executions(tmp_path)[ex["job"], ex["token"]]
+            if still["end"] is None and not _chaos_write_locked(db):
+                target = still
+                break
+            a.send_signal(signal.SIGCONT)  # missed: try the next step
+            _chaos_wait(lambda: _chaos_executions(tmp_path)[
+                ex["job"], ex["token"]]["end"], "A to end that step")
+        s = target["step"]
+
+        b = _chaos_worker(tmp_path, db, procs, "b")
+        # B presumes A dead once the lease runs out, runs step s, commits.
+        _chaos_wait(lambda: job.steps >= s, f"B to commit step {s}",
+                    alive=[b])
+        b_runs = [ex for ex in _chaos_executions(tmp_path).values()
+                  if ex["pid"] == b.pid and ex["step"] == s]
+        assert len(b_runs) == 1 and b_runs[0]["end"] is not None, b_runs
+        assert _chaos_executions(tmp_path)[
+            target["job"], target["token"]]["end"] is None, "A ran on"
+
+        a.send_signal(signal.SIGCONT)
+        result = _chaos_result(queue, job_id, [a, b])
+        assert job.steps == 6, job.to_dict()
+        pids = result["pids"]
+        assert len(pids) == 6, result
+        assert pids[:s - 1] == [a.pid] * (s - 1), (s, result, a.pid)
+        assert pids[s - 1] == b.pid, (
+            f"step {s} was recorded from {pids[s - 1]}, not from B "
+            f"({b.pid}); A is {a.pid}")
+        assert set(pids) <= {a.pid, b.pid}, result
+
+        # A finished its stale execution, logged "lease lost" and went on.
+        _chaos_wait(lambda: _chaos_executions(tmp_path)[
+            target["job"], target["token"]]["end"], "A to end its step")
+        _chaos_wait(lambda: [line for line in _chaos_stderr(a).splitlines()
+                             if "WARNING" in line and "lease lost" in line],
+                    "A to log 'lease lost' at WARNING")
+        assert a.poll() is None, _chaos_stderr(a)
+        assert _chaos_exit(b, signal.SIGTERM, "worker B") == 0
+        (later,) = _chaos_producer(
+            tmp_path, db, "out.append(chaostasks.quick(21, 1).delay().id)")
+        assert _chaos_result(queue, later, [a]) == 42
+        assert _chaos_exit(a, signal.SIGTERM, "worker A") == 0
+        for proc in (a, b):
+            assert "Traceback" not in _chaos_stderr(proc)
+    finally:
+        _chaos_reap(procs)
+        queue.close()
+
+
+# 3. SIGTERM finishes the step; a second signal exits at once --------------
+
+
+def test_chaos_graceful_shutdown_then_second_signal(tmp_path):
+    db = _chaos_setup(tmp_path)
+    procs = []
+    queue = liteq.Queue(db)
+    try:
+        # SIGTERM during a 2 s step: the step ends, exit status 0.
+        (first,) = _chaos_producer(
+            tmp_path, db, "out.append(chaostasks.nap(2.0, 0.0).delay().id)")
+        w1 = _chaos_worker(tmp_path, db, procs, "w1")
+        ex = _chaos_wait(lambda: _chaos_open(tmp_path, w1.pid),
+                         "the 2 s step to start")
+        assert _chaos_exit(w1, signal.SIGTERM, "worker after SIGTERM") == 0
+        end = _chaos_executions(tmp_path)[ex["job"], ex["token"]]["end"]
+        assert end is not None, "SIGTERM interrupted the running step"
+        job = queue.get(first)
+        assert job.status == "done", job.to_dict()
+        assert job.result(timeout=1) == {"attempt": 1, "pid": w1.pid}
+        assert "Traceback" not in _chaos_stderr(w1)
+
+        # SIGINT twice during a 10 s step: exit 130 at once, step unfinished.
+        (second,) = _chaos_producer(
+            tmp_path, db, "out.append(chaostasks.nap(10.0, 0.0).delay().id)")
+        w2 = _chaos_worker(tmp_path, db, procs, "w2")
+        ex = _chaos_wait(lambda: _chaos_open(tmp_path, w2.pid),
+                         "the 10 s step to start")
+        w2.send_signal(signal.SIGINT)
+        # The second signal must come after the first was handled (equal
+        # pending signals merge): wait for the worker to say so.
+        _chaos_wait(lambda: "signal 2" in _chaos_stderr(w2),
+                    "the worker to log that it handled the first SIGINT")
+        assert _chaos_exit(w2, signal.SIGINT, "worker after 2nd SIGINT") \
+            == 128 + signal.SIGINT
+        assert _chaos_executions(tmp_path)[
+            ex["job"], ex["token"]]["end"] is None, "the step had finished"
+        job = queue.get(second)
+        assert job.status == "running", job.to_dict()
+        assert job.steps == 0
+
+        # The step runs again once its lease has expired.
+        w3 = _chaos_worker(tmp_path, db, procs, "w3")
+        result = _chaos_result(queue, second, [w3])
+        assert result["attempt"] == 2 and result["pid"] != w2.pid, result
+        assert job.steps == 1
+    finally:
+        _chaos_reap(procs)
+        queue.close()
+
+
+# 4. No "database is locked" -----------------------------------------------
+
+
+def test_chaos_no_database_is_locked(tmp_path):
+    db = _chaos_setup(tmp_path)
+    procs = []
+    queue = liteq.Queue(db)
+    body = (
+        "base = {base}\n"
+        "for chunk in range(12):\n"
+        "    values = [base + chunk * 25 + i for i in range(25)]\n"
+        "    if chunk % 2:\n"
+        "        with liteq.default_queue().batch():\n"
+        "            jobs = [chaostasks.quick(v, v % 3).delay()"
+        " for v in values]\n"
+        "    else:\n"
+        "        jobs = [chaostasks.quick(v, v % 3).delay()"
+        " for v in values]\n"
+        "    out.extend([job.id, v] for job, v in zip(jobs, values))\n")
+    try:
+        # The file exists (the race of first opens is the next test's);
+        # then all five processes start at once.
+        queue.counts()
+        workers = [_chaos_worker(tmp_path, db, procs, f"w{i}")
+                   for i in range(3)]
+        producers = [_chaos_producer(tmp_path, db, body.format(base=base),
+                                     procs)
+                     for base in (0, 100000)]
+        pairs = []
+        for proc in producers:
+            try:
+                out, err = proc.communicate(timeout=CHAOS_DEADLINE)
+            except subprocess.TimeoutExpired:
+                raise AssertionError("a producer hung") from None
+            assert proc.returncode == 0 and err == b"", err.decode()
+            pairs += json.loads(out)
+        assert len(pairs) == 600 and len({i for i, _ in pairs}) == 600
+        _chaos_wait(lambda: queue.counts()["done"] == 600,
+                    "600 jobs to be done", alive=workers)
+        assert queue.counts() == {"pending": 0, "running": 0, "done": 600,
+                                  "failed": 0, "cancelled": 0}
+        for job_id, value in pairs:
+            job = queue.get(job_id)
+            assert job.result(timeout=1) == value * 2
+            assert job.steps == value % 3 + 1
+        for proc in workers:
+            assert proc.poll() is None, _chaos_stderr(proc)[-3000:]
+            assert _chaos_exit(proc, signal.SIGTERM, "worker") == 0
+            text = _chaos_stderr(proc)
+            for word in ("locked", "Traceback", "Busy"):
+                assert word not in text, text
+    finally:
+        _chaos_reap(procs)
+        queue.close()
+
+
+# 4b. Many processes opening a brand-new file at the same moment ----------
+
+def test_chaos_concurrent_first_open_of_a_new_file(tmp_path):
+    _chaos_setup(tmp_path)
+    procs = []
+    try:
+        for round_ in range(5):
+            db = tmp_path / f"fresh{round_}.db"
+            env = _chaos_env()
+            env["LITEQ_DB"] = str(db)
+            start = time.time() + 1.0  # after every interpreter is up
+            openers = []
+            for _ in range(6):
+                openers.append(subprocess.Popen(
+                    [sys.executable, "-c", CHAOS_OPENER, repr(start)],
+                    cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+            procs += openers
+            for proc in openers:
+                try:
+                    out, err = proc.communicate(timeout=CHAOS_DEADLINE)
+                except subprocess.TimeoutExpired:
+                    raise AssertionError("an opener hung") from None
+                assert proc.returncode == 0 and err == b"", (
+                    f"round {round_}: a process opening a new file at the "
+                    f"same moment as others failed:\n{err.decode()}")
+            with liteq.Queue(db) as queue:
+                assert queue.counts()["pending"] == 6
+    finally:
+        _chaos_reap(procs)
+
+
+# 5. A stored name no worker registered runs nothing ------------------------
+
+
+def test_chaos_unknown_task_fails_the_job_and_worker_goes_on(tmp_path):
+    db = _chaos_setup(tmp_path)
+    procs = []
+    queue = liteq.Queue(db)
+    marker = tmp_path / "pwned"
+    try:
+        queue.counts()  # create the file (first opens race: test 4b)
+        worker = _chaos_worker(tmp_path, db, procs, "w")
+        (rogue,) = _chaos_producer(tmp_path, db, (
+            "import chaosrogue\n"
+            f"out.append(chaosrogue.rogue('touch {marker}').delay().id)"))
+        job = queue.get(rogue)
+        with pytest.raises(liteq.TaskFailed) as failed:
+            _chaos_result(queue, rogue, [worker])
+        assert ("unknown task 'os:system': not registered in this worker"
+                in failed.value.error), failed.value.error
+        assert job.status == "failed"
+        assert not marker.exists()
+        (normal,) = _chaos_producer(
+            tmp_path, db, "out.append(chaostasks.quick(5, 2).delay().id)")
+        assert _chaos_result(queue, normal, [worker]) == 10
+        assert worker.poll() is None, _chaos_stderr(worker)
+        assert _chaos_exit(worker, signal.SIGTERM, "worker") == 0
+        assert not marker.exists()
+    finally:
+        _chaos_reap(procs)
+        queue.close()
+
+
+# 6. The database file deleted or replaced under a running worker -----------
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_chaos_database_deleted_under_worker_exits_1(tmp_path, how):
+    db = _chaos_setup(tmp_path)
+    procs = []
+    queue = liteq.Queue(db)
+    try:
+        queue.counts()  # create the file (first opens race: test 4b)
+        worker = _chaos_worker(tmp_path, db, procs, "w")
+        (job_id,) = _chaos_producer(
+            tmp_path, db, "out.append(chaostasks.quick(1, 0).delay().id)")
+        assert _chaos_result(queue, job_id, [worker]) == 2
+        queue.close()
+        if how == "deleted":
+            os.remove(db)
+        else:
+            other = tmp_path / "other" / "chaos.db"
+            other.parent.mkdir()
+            fresh = liteq.Queue(other)
+            fresh.counts()  # a fresh, valid liteq file
+            fresh.close()
+            os.replace(other, db)
+        status = _chaos_exit(worker, None, "worker on a vanished file")
+        text = _chaos_stderr(worker)
+        assert status == 1, text
+        assert "Traceback" not in text, text
+        last = text.strip().splitlines()[-1]
+        assert str(db) in last and how in last, text
+    finally:
+        _chaos_reap(procs)
+        queue.close()
+
+
+# ---------------------------------------------------------------------------
+# 7-8. Command line, HTTP status resource and dashboard
+# ---------------------------------------------------------------------------
+# Operations: the command line, the HTTP API and the dashboard.
+#
+# The commands and the server run as real subprocesses (``python -m liteq``)
+# against a database filled here, with one job held mid-run by a worker
+# thread of this process, so every status is on show.
+
+
+_OPS_ROOT = os.path.dirname(os.path.abspath(liteq.__file__))
+_OPS_DEADLINE = 60.0  # seconds: generous, only slow machines get near it
+_OPS_CHROMIUM = "/usr/bin/chromium"
+
+
+# Tasks of the test database.  Names are explicit so the tests do not
+# depend on the name of this module.
+
+def _ops_add(a, b):
+    return a + b
+
+
+def _ops_fail(reason):
+    raise RuntimeError(reason)
+
+
+def _ops_echo(text):
+    return text
+
+
+def _ops_walk(n, total, gate):
+    # Step 3 waits until the file `gate` exists, so a test can look at a
+    # job that is running with some progress for as long as it needs.
+    if n == total - 2:
+        deadline = time.monotonic() + _OPS_DEADLINE
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.005)
+    return liteq.Task("ops-walk", [n - 1, total, gate]) if n else "walked"
+
+
+def _ops_walk_percent(n, total, gate):
+    return 100 * (total - n) / total
+
+
+def _ops_register(queue):
+    return {
+        "add": queue.task(_ops_add, name="ops-add", queue="ops-work",
+                          description="add {0} and {1}"),
+        "fail": queue.task(_ops_fail, name="ops-fail", queue="ops-work",
+                           description="fail with {0!r}"),
+        "echo": queue.task(_ops_echo, name="ops-echo", queue="ops-wait",
+                           description="{0}"),
+        "walk": queue.task(_ops_walk, name="ops-walk", queue="ops-live",
+                           description="walk {1} steps",
+                           percent=_ops_walk_percent),
+    }
+
+
+def _ops_wait(condition, what, timeout=_OPS_DEADLINE):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def _ops_world(tmp_path):
+    """A database with jobs in every status; yields (path, ids, gate).
+
+    ids: done (2 + 3), failed ("boom"), pending (walk at 25%), cancelled,
+    running (walk of 5, held in step 3 at 40% by a worker thread until
+    the file `gate` exists).
+    """
+    db, gate = str(tmp_path / "ops.db"), str(tmp_path / "gate")
+    queue = liteq.Queue(db)
+    tasks = _ops_register(queue)
+    worker = liteq.Worker(queue, queues=["ops-work", "ops-live"])
+    worker.start()
+    try:
+        jobs = {"done": tasks["add"].delay(2, 3),
+                "failed": tasks["fail"].delay("boom")}
+        assert jobs["done"].result(timeout=_OPS_DEADLINE) == 5
+        with pytest.raises(liteq.TaskFailed):
+            jobs["failed"].result(timeout=_OPS_DEADLINE)
+        jobs["pending"] = tasks["walk"].apply_async((3, 4, gate),
+                                                    queue="ops-wait")
+        jobs["cancelled"] = tasks["add"].apply_async((1, 1),
+                                                     queue="ops-wait")
+        jobs["cancelled"].cancel()
+        jobs["running"] = running = tasks["walk"].delay(5, 5, gate)
+        _ops_wait(lambda: running.steps == 2 and running.worker is not None,
+                  "the walk to reach its gate")
+        yield db, {key: job.id for key, job in jobs.items()}, gate
+    finally:
+        with open(gate, "w"):
+            pass
+        worker.stop(timeout=_OPS_DEADLINE)
+        queue.close()
+
+
+def _ops_env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [_OPS_ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
+    env.pop("LITEQ_DB", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _ops_cli(cwd, *args):
+    return subprocess.run(
+        [sys.executable, "-m", "liteq", *args], cwd=str(cwd),
+        env=_ops_env(), capture_output=True, text=True,
+        timeout=_OPS_DEADLINE)
+
+
+def _ops_popen(cwd, *args, **options):
+    options.setdefault("stdout", subprocess.PIPE)
+    options.setdefault("stderr", subprocess.PIPE)
+    # Unbuffered pipes: readline() takes no more than one line, so a
+    # select() on the pipe afterwards sees every line still to come.
+    return subprocess.Popen(
+        [sys.executable, "-m", "liteq", *args], cwd=str(cwd),
+        env=_ops_env(), bufsize=0, **options)
+
+
+def _ops_readline(stream, what):
+    """One line from a subprocess pipe, waiting at most the deadline."""
+    ready, _, _ = select.select([stream], [], [], _OPS_DEADLINE)
+    assert ready, f"timed out waiting for {what}"
+    return stream.readline().decode()
+
+
+def _ops_stop(process):
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(_OPS_DEADLINE)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    for stream in (process.stdout, process.stderr):
+        if stream is not None:
+            stream.close()
+
+
+@contextlib.contextmanager
+def _ops_serve(cwd, db, *extra):
+    """Run `serve` on a free loopback port; yield (host, port, process)."""
+    process = _ops_popen(cwd, "serve", "--db", db, "--port", "0", *extra)
+    try:
+        line = _ops_readline(process.stdout, "serve to start")
+        match = re.search(r"http://(\S+):(\d+)/", line)
+        assert match, f"serve printed {line!r}, not its address"
+        yield match[1], int(match[2]), process
+    finally:
+        _ops_stop(process)
+
+
+def _ops_request(port, method, path, host=None, headers=None):
+    connection = http.client.HTTPConnection("127.0.0.1", port,
+                                            timeout=_OPS_DEADLINE)
+    try:
+        connection.putrequest(method, path, skip_host=host is not None)
+        if host is not None:
+            connection.putheader("Host", host)
+        for name, value in (headers or {}).items():
+            connection.putheader(name, value)
+        connection.endheaders()
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
+
+
+def _ops_json(port, path):
+    status, headers, body = _ops_request(port, "GET", path)
+    assert headers["Content-Type"] == "application/json"
+    assert headers["Cache-Control"] == "no-store"
+    return status, json.loads(body)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+def test_status_prints_counts_per_queue_as_an_aligned_table(tmp_path):
+    with _ops_world(tmp_path) as (db, ids, gate):
+        out = _ops_cli(tmp_path, "status", "--db", db)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split() == ["QUEUE", "PENDING", "RUNNING", "DONE",
+                                "FAILED", "CANCELLED", "TOTAL"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:]}
+    assert rows == {"ops-live": ["0", "1", "0", "0", "0", "1"],
+                    "ops-wait": ["1", "0", "0", "0", "1", "2"],
+                    "ops-work": ["0", "0", "1", "1", "0", "2"]}
+    # Aligned: every right-aligned count ends in the column of its title.
+    ends = [m.end() for m in re.finditer(r"\S+", lines[0])]
+    for line in lines[1:]:
+        assert [m.end() for m in re.finditer(r"\S+", line)][1:] == ends[1:]
+
+
+def test_status_json_maps_queue_names_to_counts_of_every_status(tmp_path):
+    with _ops_world(tmp_path) as (db, ids, gate):
+        out = _ops_cli(tmp_path, "status", "--json", "--db", db)
+    assert out.returncode == 0, out.stderr
+    zero = dict.fromkeys(ALL_STATUSES, 0)
+    assert json.loads(out.stdout) == {
+        "ops-live": {**zero, "running": 1},
+        "ops-wait": {**zero, "pending": 1, "cancelled": 1},
+        "ops-work": {**zero, "done": 1, "failed": 1}}
+
+
+def test_list_prints_jobs_newest_first_with_progress(tmp_path):
+    with _ops_world(tmp_path) as (db, ids, gate):
+        out = _ops_cli(tmp_path, "list", "--db", db)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split() == ["ID", "STATUS", "PROGRESS", "STEPS",
+                                "QUEUE", "TASK", "DESCRIPTION", "UPDATED"]
+    first = [line.split()[:5] for line in lines[1:]]
+    assert first == [
+        [str(ids["running"]), "running", "40%", "2", "ops-live"],
+        [str(ids["cancelled"]), "cancelled", "-", "0", "ops-wait"],
+        [str(ids["pending"]), "pending", "25%", "0", "ops-wait"],
+        [str(ids["failed"]), "failed", "-", "0", "ops-work"],
+        [str(ids["done"]), "done", "100%", "1", "ops-work"]]
+    assert "walk 5 steps" in lines[1] and "add 2 and 3" in lines[-1]
+    assert len({line.index(" ops-") for line in lines[1:]}) == 1
+
+
+def test_list_filters_and_prints_to_dict_objects_as_json(tmp_path):
+    with _ops_world(tmp_path) as (db, ids, gate):
+        out = _ops_cli(tmp_path, "list", "--json", "--db", db)
+        by_status = _ops_cli(tmp_path, "list", "--json", "--status",
+                             "failed", "--db", db)
+        by_queue = _ops_cli(tmp_path, "list", "--json", "--queue",
+                            "ops-wait", "--limit", "1", "--db", db)
+        by_name = _ops_cli(tmp_path, "list", "--json", "--name", "ops-walk",
+                           "--db", db)
+        with liteq.Queue(db) as queue:
+            expected = [job.to_dict() for job in queue.jobs()]
+    jobs = json.loads(out.stdout)
+    assert [job["id"] for job in jobs] == [job["id"] for job in expected]
+    assert set(jobs[0]) == set(expected[0]) >= {
+        "id", "name", "current", "description", "queue", "priority",
+        "key", "status", "percent", "steps", "attempts", "error", "eta",
+        "created_at", "started_at", "updated_at", "finished_at", "worker",
+        "result", "args", "kwargs"}
+    done = next(job for job in jobs if job["id"] == ids["done"])
+    assert done == next(job for job in expected if job["id"] == ids["done"])
+    assert [j["id"] for j in json.loads(by_status.stdout)] == [ids["failed"]]
+    assert [j["id"] for j in json.loads(by_queue.stdout)] == [
+        ids["cancelled"]]
+    assert [j["id"] for j in json.loads(by_name.stdout)] == [
+        ids["running"], ids["pending"]]
+
+
+def test_list_says_so_when_no_job_matches(tmp_path):
+    with _ops_world(tmp_path) as (db, ids, gate):
+        out = _ops_cli(tmp_path, "list", "--queue", "nothing", "--db", db)
+        as_json = _ops_cli(tmp_path, "list", "--json", "--queue", "nothing",
+                           "--db", db)
+    assert (out.returncode, out.stdout) == (0, "no jobs\n")
+    assert json.loads(as_json.stdout) == []
+
+
+def test_show_prints_every_field_and_the_error_of_a_failed_job(tmp_path):
+    with _ops_world(tmp_path) as (db, ids, gate):
+        out = _ops_cli(tmp_path, "show", str(ids["failed"]), "--db", db)
+    assert out.returncode == 0, out.stderr
+    fields = dict(re.findall(r"^(\w+) +(.*)$", out.stdout, re.M))
+    assert fields["id"] == str(ids["failed"])
+    assert fields["status"] == "failed"
+    assert fields["description"] == "fail with 'boom'"
+    assert fields["args"] == '["boom"]' and fields["key"] == "-"
+    for name in ("name", "current", "queue", "priority", "percent", "steps",
+                 "attempts", "worker", "eta", "created_at", "started_at",
+                 "updated_at", "finished_at", "kwargs", "result"):
+        assert name in fields
+    error = out.stdout.split("\nerror:\n", 1)[1]
+    assert "Traceback" in error and "RuntimeError: boom" in error
+
+
+def test_show_json_prints_the_jobs_to_dict(tmp_path):
+    with _ops_world(tmp_path) as (db, ids, gate):
+        out = _ops_cli(tmp_path, "show", str(ids["done"]), "--json",
+                       "--db", db)
+        with liteq.Queue(db) as queue:
+            expected = queue.get(ids["done"]).to_dict()
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == expected
+    assert expected["result"] == 5 and expected["percent"] == 100
+
+
+def test_show_follow_prints_a_line_per_change_and_exits_0_when_done(
+        tmp_path):
+    with _ops_world(tmp_path) as (db, ids, gate):
+        follow = _ops_popen(tmp_path, "show", str(ids["running"]),
+                            "--follow", "--db", db)
+        try:
+            first = _ops_readline(follow.stdout, "the first progress line")
+            with open(gate, "w"):
+                pass
+            rest, err = follow.communicate(timeout=_OPS_DEADLINE)
+        finally:
+            _ops_stop(follow)
+    assert follow.returncode == 0, err
+    lines = [first.rstrip("\n")] + rest.decode().splitlines()
+    assert re.match(rf"job {ids['running']} \S+ +40%  steps 2  \d+:\d\d  "
+                    rf"running$", lines[0]), lines
+    assert re.search(r" 100%  steps 6  \d+:\d\d  done$", lines[-1]), lines
+    changes = [re.sub(r"\d+:\d\d", "", line) for line in lines]
+    assert len(set(changes)) == len(changes), lines  # only changes
+    assert "\x1b" not in "".join(lines) and "\r" not in "".join(lines)
+
+
+def test_show_follow_exits_1_for_failed_or_cancelled_jobs(tmp_path):
+    with _ops_world(tmp_path) as (db, ids, gate):
+        failed = _ops_cli(tmp_path, "show", str(ids["failed"]), "--follow",
+                          "--db", db)
+        cancelled = _ops_cli(tmp_path, "show", str(ids["cancelled"]),
+                             "--follow", "--db", db)
+        as_json = _ops_cli(tmp_path, "show", str(ids["failed"]),
+                           "--follow", "--json", "--db", db)
+    assert failed.returncode == 1, failed.stderr
+    assert failed.stdout.splitlines()[0].endswith("failed")
+    assert failed.stdout.splitlines()[1] == "error: RuntimeError: boom"
+    assert cancelled.returncode == 1
+    assert cancelled.stdout.strip().endswith("cancelled")
+    assert as_json.returncode == 1
+    assert json.loads(as_json.stdout)["status"] == "failed"
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pty")
+def test_show_follow_redraws_in_place_on_a_terminal(tmp_path):
+    with _ops_world(tmp_path) as (db, ids, gate):
+        master, slave = os.openpty()
+        follow = _ops_popen(tmp_path, "show", str(ids["running"]),
+                            "--follow", "--db", db, stdout=slave)
+        os.close(slave)
+        output = b""
+        try:
+            while b"40%" not in output:
+                output += _ops_read_pty(master)
+            with open(gate, "w"):
+                pass
+            while True:
+                chunk = _ops_read_pty(master)
+                if not chunk:
+                    break
+                output += chunk
+            follow.wait(_OPS_DEADLINE)
+        finally:
+            os.close(master)
+            _ops_stop(follow)
+    assert follow.returncode == 0
+    text = output.decode()
+    assert "\x1b[1F" in text and "\x1b[K" in text  # up one line, redraw
+    assert re.search(r" 100%  steps 6  \d+:\d\d  done\x1b\[K", text)
+
+
+def _ops_read_pty(fd):
+    ready, _, _ = select.select([fd], [], [], _OPS_DEADLINE)
+    assert ready, "timed out reading the terminal"
+    try:
+        return os.read(fd, 65536)
+    except OSError:  # EIO: the other side closed
+        return b""
+
+
+def test_cancel_cancels_and_exits_1_when_the_job_had_finished(tmp_path):
+    with _ops_world(tmp_path) as (db, ids, gate):
+        pending = _ops_cli(tmp_path, "cancel", str(ids["pending"]), "--db",
+                           db)
+        again = _ops_cli(tmp_path, "cancel", str(ids["pending"]), "--db", db)
+        done = _ops_cli(tmp_path, "cancel", str(ids["done"]), "--db", db)
+        running = _ops_cli(tmp_path, "cancel", str(ids["running"]), "--db",
+                           db)
+        with liteq.Queue(db) as queue:
+            status = {key: queue.get(ids[key]).status
+                      for key in ("pending", "done")}
+            requested = queue.get(ids["running"]).status
+    assert (pending.returncode, pending.stdout) == (
+        0, f"job {ids['pending']} cancelled\n")
+    assert status == {"pending": "cancelled", "done": "done"}
+    assert again.returncode == 1 and "cancelled" in again.stderr
+    assert done.returncode == 1
+    assert done.stderr == (f"liteq: job {ids['done']} has already finished "
+                           f"(done): not cancelled\n")
+    assert running.returncode == 0 and "cancel requested" in running.stdout
+    assert requested == "running"  # its executing step is not interrupted
+
+
+def test_retry_command_sends_a_failed_job_back_to_pending(tmp_path):
+    with _ops_world(tmp_path) as (db, ids, gate):
+        out = _ops_cli(tmp_path, "retry", str(ids["failed"]), "--db", db)
+        twice = _ops_cli(tmp_path, "retry", str(ids["failed"]), "--db", db)
+        with liteq.Queue(db) as queue:
+            job = queue.get(ids["failed"])
+            status, attempts = job.status, job.attempts
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"job {ids['failed']} is pending again")
+    assert (status, attempts) == ("pending", 0)
+    assert twice.returncode == 2
+    assert twice.stderr.count("\n") == 1 and "only failed or" in twice.stderr
+
+
+def test_purge_deletes_finished_jobs_older_than_a_duration(tmp_path):
+    with _ops_world(tmp_path) as (db, ids, gate):
+        week = _ops_cli(tmp_path, "purge", "--older-than", "7d", "--db", db)
+        now = _ops_cli(tmp_path, "purge", "--older-than", "0s", "--db", db)
+        with liteq.Queue(db) as queue:
+            left = sorted(job.id for job in queue.jobs())
+    assert (week.returncode, week.stdout) == (
+        0, "purged 0 jobs finished more than 7d ago\n")
+    assert (now.returncode, now.stdout) == (
+        0, "purged 3 jobs finished more than 0s ago\n")
+    assert left == sorted([ids["pending"], ids["running"]])
+
+
+@pytest.mark.parametrize("command", [
+    ["status"], ["status", "--json"], ["list"], ["show", "1"],
+    ["show", "1", "--follow"], ["cancel", "1"], ["retry", "1"],
+    ["purge", "--older-than", "1d"], ["serve", "--port", "0"]])
+def test_commands_on_a_missing_database_exit_2_and_create_nothing(
+        tmp_path, command):
+    out = _ops_cli(tmp_path, *command, "--db", "missing.db")
+    path = tmp_path / "missing.db"
+    assert out.returncode == 2
+    assert out.stdout == ""
+    assert out.stderr.count("\n") == 1 and str(path) in out.stderr
+    assert out.stderr.startswith("liteq: error: no database at ")
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_default_database_comes_from_liteq_db_and_is_not_created(
+        tmp_path):
+    env = dict(_ops_env(), LITEQ_DB=str(tmp_path / "env.db"))
+    out = subprocess.run([sys.executable, "-m", "liteq", "status"],
+                         cwd=str(tmp_path), env=env, capture_output=True,
+                         text=True, timeout=_OPS_DEADLINE)
+    default = _ops_cli(tmp_path, "list")
+    assert out.returncode == 2 and "env.db" in out.stderr
+    assert default.returncode == 2 and "liteq.db" in default.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_unknown_or_malformed_job_ids_exit_2_with_one_line(tmp_path):
+    with _ops_world(tmp_path) as (db, ids, gate):
+        outs = {text: _ops_cli(tmp_path, command, text, "--db", db)
+                for command, text in [("show", "999"), ("cancel", "abc"),
+                                      ("retry", "0"),
+                                      ("show", "9" * 30)]}
+    for text, out in outs.items():
+        assert out.returncode == 2, text
+        assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert outs["999"].stderr == f"liteq: error: no job 999 in {db}\n"
+    assert "positive integer, got 'abc'" in outs["abc"].stderr
+    assert "positive integer, got '0'" in outs["0"].stderr
+    assert "no job 999999" in outs["9" * 30].stderr
+
+
+@pytest.mark.parametrize("duration", ["3x", "-1d", "7 days", ""])
+def test_purge_with_a_bad_duration_exits_2_with_one_line(tmp_path,
+                                                         duration):
+    with _ops_world(tmp_path) as (db, ids, gate):
+        out = _ops_cli(tmp_path, "purge", f"--older-than={duration}",
+                       "--db", db)
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1
+    assert out.stderr.startswith(f"liteq: error: bad duration {duration!r}")
+
+
+def test_run_exits_2_when_a_module_fails_to_import(tmp_path):
+    (tmp_path / "broken_tasks.py").write_text("raise RuntimeError('oops')\n")
+    broken = _ops_cli(tmp_path, "run", "broken_tasks", "--db", "w.db")
+    missing = _ops_cli(tmp_path, "run", "no_such_tasks", "--db", "w.db")
+    assert broken.returncode == 2
+    assert broken.stderr.splitlines()[-1] == (
+        "liteq: error: cannot import broken_tasks: RuntimeError: oops")
+    assert "Traceback" not in broken.stderr
+    assert missing.returncode == 2
+    assert missing.stderr.splitlines()[-1].startswith(
+        "liteq: error: cannot import no_such_tasks: ModuleNotFoundError")
+
+
+def test_run_works_jobs_logs_one_line_each_and_stops_on_sigint(tmp_path):
+    (tmp_path / "ops_tasks.py").write_text(
+        "from liteq import task\n\n"
+        "@task\n"
+        "def double(x):\n"
+        "    return 2 * x\n")
+    worker = _ops_popen(tmp_path, "run", "ops_tasks", "--db", "w.db")
+    try:
+        line = _ops_readline(worker.stderr, "the worker's first log line")
+        assert "INFO liteq: worker" in line and "serving default" in line
+        delay = subprocess.run(
+            [sys.executable, "-c",
+             "import ops_tasks; print(ops_tasks.double.delay(21).id)"],
+            cwd=str(tmp_path), env=dict(_ops_env(), LITEQ_DB="w.db"),
+            capture_output=True, text=True, timeout=_OPS_DEADLINE)
+        job_id = int(delay.stdout)
+        with liteq.Queue(str(tmp_path / "w.db")) as queue:
+            assert queue.get(job_id).result(timeout=_OPS_DEADLINE) == 42
+        worker.send_signal(signal.SIGINT)
+        out, err = worker.communicate(timeout=_OPS_DEADLINE)
+    finally:
+        _ops_stop(worker)
+    assert worker.returncode == 0
+    log = line + err.decode()
+    assert f"liteq: job {job_id} started: ops_tasks:double" in log
+    assert f"liteq: job {job_id} done" in log
+    assert "stopped" in log.splitlines()[-1]
+
+
+def test_demo_runs_its_jobs_to_the_end(tmp_path):
+    out = _ops_cli(tmp_path, "demo", "--db", "demo.db")
+    assert out.returncode == 0, out.stderr
+    assert "result 'liftoff'" in out.stdout
+    assert out.stdout.count(" done: result") == 3
+
+
+def test_every_subcommand_has_help_and_a_db_option(capsys):
+    commands = ["run", "demo", "status", "list", "show", "cancel", "retry",
+                "purge", "serve"]
+    for command in commands:
+        with pytest.raises(SystemExit) as exit_:
+            liteq.main([command, "--help"])
+        assert exit_.value.code == 0
+        text = capsys.readouterr().out
+        assert "--db PATH" in text, command
+        assert ("--json" in text) == (command in ("status", "list",
+                                                   "show")), command
+    with pytest.raises(SystemExit):
+        liteq.main(["--help"])
+    text = capsys.readouterr().out
+    assert all(command in text for command in commands)
+
+
+def test_main_reports_user_errors_in_process(tmp_path, capsys):
+    code = liteq.main(["show", "1", "--db", str(tmp_path / "none.db")])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"liteq: error: no database at {tmp_path / 'none.db'} (pass --db "
+        f"or set LITEQ_DB; run and demo create one)\n")
+    assert not (tmp_path / "none.db").exists()
+
+
+def test_human_output_never_prints_control_characters_from_jobs(tmp_path):
+    db = str(tmp_path / "ops.db")
+    with liteq.Queue(db) as queue:
+        job = _ops_register(queue)["echo"].delay("\x1b[2Jevil\nline\x07")
+    listed = _ops_cli(tmp_path, "list", "--db", db)
+    shown = _ops_cli(tmp_path, "show", str(job.id), "--db", db)
+    as_json = _ops_cli(tmp_path, "show", str(job.id), "--json", "--db", db)
+    assert listed.returncode == shown.returncode == 0
+    assert "\x1b" not in listed.stdout + shown.stdout
+    assert "?[2Jevil line?" in listed.stdout
+    assert "description  ?[2Jevil line?\n" in shown.stdout
+    assert json.loads(as_json.stdout)["description"] == (
+        "\x1b[2Jevil\nline\x07")
+
+
+# ---------------------------------------------------------------------------
+# HTTP
+# ---------------------------------------------------------------------------
+
+def test_location_header_names_the_jobs_status_resource(tmp_path):
+    with liteq.Queue(str(tmp_path / "ops.db")) as queue:
+        job = _ops_register(queue)["add"].delay(1, 2)
+        assert liteq.location_header(job) == (
+            "Taskqueue-Location", f"/tasks/{job.id}")
+        assert liteq.location_header(job, prefix="/jobs/api/tasks/") == (
+            "Taskqueue-Location", f"/jobs/api/tasks/{job.id}")
+    assert liteq.location_header(7) == ("Taskqueue-Location", "/tasks/7")
+    with pytest.raises(TypeError):
+        liteq.location_header("7")
+
+
+def test_http_lists_tasks_as_json_with_filters(tmp_path):
+    with _ops_world(tmp_path) as (db, ids, gate), \
+            _ops_serve(tmp_path, db) as (host, port, server):
+        assert host == "127.0.0.1"
+        status, jobs = _ops_json(port, "/tasks")
+        _, slash = _ops_json(port, "/tasks/")
+        _, failed = _ops_json(port, "/tasks?status=failed")
+        _, waiting = _ops_json(port, "/tasks?queue=ops-wait&limit=1")
+        _, walks = _ops_json(port, "/tasks?name=ops-walk&status=")
+        _, none = _ops_json(port, "/tasks?limit=0")
+        with liteq.Queue(db) as queue:
+            expected = queue.get(ids["done"]).to_dict()
+    assert status == 200
+    assert [job["id"] for job in jobs] == sorted(ids.values(), reverse=True)
+    assert jobs == slash
+    assert next(job for job in jobs if job["id"] == ids["done"]) == expected
+    assert [job["id"] for job in failed] == [ids["failed"]]
+    assert [job["id"] for job in waiting] == [ids["cancelled"]]
+    assert [job["id"] for job in walks] == [ids["running"], ids["pending"]]
+    assert none == []
+
+
+def test_http_serves_one_task_and_json_errors(tmp_path):
+    with _ops_world(tmp_path) as (db, ids, gate), \
+            _ops_serve(tmp_path, db) as (host, port, server):
+        found = _ops_json(port, f"/tasks/{ids['running']}")
+        answers = {path: _ops_json(port, path) for path in (
+            "/tasks/999", "/tasks/" + "9" * 25, "/tasks/abc", "/tasks/-1",
+            "/tasks/0", "/tasks?limit=x", "/tasks?limit=-1",
+            "/tasks?limit=100000", "/tasks?status=lost", "/nowhere")}
+    assert found[0] == 200
+    assert found[1]["status"] == "running" and found[1]["percent"] == 40
+    assert found[1]["steps"] == 2 and found[1]["worker"]
+    codes = {path: code for path, (code, _) in answers.items()}
+    assert codes == {
+        "/tasks/999": 404, "/tasks/" + "9" * 25: 404, "/tasks/abc": 400,
+        "/tasks/-1": 400, "/tasks/0": 400, "/tasks?limit=x": 400,
+        "/tasks?limit=-1": 400, "/tasks?limit=100000": 400,
+        "/tasks?status=lost": 400, "/nowhere": 404}
+    for _, body in answers.values():
+        assert list(body) == ["error"] and body["error"]
+    assert answers["/tasks/999"][1]["error"].startswith("no job 999")
+
+
+def test_http_counts_jobs_per_queue_and_status(tmp_path):
+    with _ops_world(tmp_path) as (db, ids, gate), \
+            _ops_serve(tmp_path, db) as (host, port, server):
+        status, counts = _ops_json(port, "/counts")
+    zero = dict.fromkeys(ALL_STATUSES, 0)
+    assert status == 200
+    assert counts == {"ops-live": {**zero, "running": 1},
+                      "ops-wait": {**zero, "pending": 1, "cancelled": 1},
+                      "ops-work": {**zero, "done": 1, "failed": 1}}
+
+
+def test_http_refuses_every_method_but_get_and_head_with_405(tmp_path):
+    with _ops_world(tmp_path) as (db, ids, gate), \
+            _ops_serve(tmp_path, db) as (host, port, server):
+        answers = [_ops_request(port, method, path, headers={
+            "Content-Length": "0"})
+            for method in ("POST", "PUT", "DELETE", "PATCH", "OPTIONS")
+            for path in ("/", "/tasks", f"/tasks/{ids['pending']}")]
+        with liteq.Queue(db) as queue:
+            status = queue.get(ids["pending"]).status
+    for code, headers, body in answers:
+        assert code == 405
+        assert headers["Allow"] == "GET, HEAD"
+        assert headers["Content-Type"] == "application/json"
+        assert headers["Cache-Control"] == "no-store"
+        assert "read-only" in json.loads(body)["error"]
+    assert status == "pending"
+
+
+def test_http_head_sends_the_headers_of_get_without_a_body(tmp_path):
+    with _ops_world(tmp_path) as (db, ids, gate), \
+            _ops_serve(tmp_path, db) as (host, port, server):
+        get = _ops_request(port, "GET", "/tasks")
+        head = _ops_request(port, "HEAD", "/tasks")
+        page = _ops_request(port, "HEAD", "/")
+    assert head[0] == 200 and head[2] == b""
+    assert head[1]["Content-Length"] == str(len(get[2]))
+    assert head[1]["Content-Type"] == "application/json"
+    assert page[0] == 200 and page[2] == b""
+    assert page[1]["Content-Type"] == "text/html; charset=utf-8"
+
+
+def test_http_on_loopback_refuses_requests_for_other_host_names(tmp_path):
+    with _ops_world(tmp_path) as (db, ids, gate), \
+            _ops_serve(tmp_path, db) as (host, port, server):
+        codes = {name: _ops_request(port, "GET", "/tasks", host=name)[0]
+                 for name in ("localhost", f"localhost:{port}", "127.0.0.1",
+                              f"127.0.0.1:{port}", "[::1]", f"[::1]:{port}",
+                              "LOCALHOST", "evil.example",
+                              f"evil.example:{port}", "localhost.evil.example",
+                              "127.0.0.1.nip.io", "")}
+        status, headers, body = _ops_request(port, "GET", "/",
+                                             host="rebind.example")
+    allowed = {"localhost", f"localhost:{port}", "127.0.0.1",
+               f"127.0.0.1:{port}", "[::1]", f"[::1]:{port}", "LOCALHOST"}
+    assert {name for name, code in codes.items() if code == 200} == allowed
+    assert codes["evil.example"] == 403
+    assert codes["localhost.evil.example"] == 403
+    assert codes[""] == 400
+    assert status == 403 and b"<html" not in body
+    assert headers["Content-Type"] == "application/json"
+    assert headers["Cache-Control"] == "no-store"
+
+
+def test_serve_warns_that_the_api_is_unauthenticated_off_loopback(
+        tmp_path):
+    with _ops_world(tmp_path) as (db, ids, gate), _ops_serve(
+            tmp_path, db, "--host", "0.0.0.0") as (host, port, server):
+        warning = _ops_readline(server.stderr, "the warning")
+        code, _, _ = _ops_request(port, "GET", "/tasks",
+                                  host="queue.internal.example")
+    assert "WARNING" in warning and "unauthenticated" in warning
+    assert code == 200
+
+
+def test_serve_logs_requests_to_the_liteq_logger_only_at_debug(tmp_path):
+    with _ops_world(tmp_path) as (db, ids, gate):
+        with _ops_serve(tmp_path, db) as (host, port, quiet):
+            assert _ops_request(port, "GET", "/tasks")[0] == 200
+            quiet.send_signal(signal.SIGTERM)
+            _, quiet_err = quiet.communicate(timeout=_OPS_DEADLINE)
+        with _ops_serve(tmp_path, db, "--log-level", "DEBUG") as (
+                host, port, chatty):
+            assert _ops_request(port, "GET", "/tasks?limit=1")[0] == 200
+            line = ""
+            while "/tasks?limit=1" not in line:
+                line = _ops_readline(chatty.stderr, "the request log line")
+    assert quiet.returncode == 0  # SIGTERM stops it cleanly
+    assert b"GET" not in quiet_err
+    assert " DEBUG liteq: http: " in line
+    assert '"GET /tasks?limit=1 HTTP/1.1" 200' in line
+
+
+def test_serve_serves_a_slow_client_and_others_at_once(tmp_path):
+    with _ops_world(tmp_path) as (db, ids, gate), \
+            _ops_serve(tmp_path, db) as (host, port, server):
+        with socket.create_connection(("127.0.0.1", port)) as slow:
+            slow.sendall(b"GET /tasks HTTP/1.1\r\nHost: loc")  # and stalls
+            code, _, _ = _ops_request(port, "GET", "/tasks")
+    assert code == 200
+
+
+def _ops_environ(path, script_name="", method="GET", query=""):
+    environ = {"REQUEST_METHOD": method, "PATH_INFO": path,
+               "SCRIPT_NAME": script_name, "QUERY_STRING": query}
+    wsgiref.util.setup_testing_defaults(environ)
+    return environ
+
+
+def _ops_call(app, environ):
+    answer = {}
+
+    def start_response(status, headers):
+        answer["status"], answer["headers"] = status, dict(headers)
+
+    body = b"".join(app(environ, start_response))
+    return answer["status"], answer["headers"], body
+
+
+def test_wsgi_app_mounts_under_a_prefix(tmp_path):
+    db = str(tmp_path / "ops.db")
+    with liteq.Queue(db) as queue:
+        job = _ops_register(queue)["add"].delay(1, 2)
+        app = liteq.wsgi_app(queue)
+        listed = _ops_call(app, _ops_environ("/tasks", "/ops/jobs"))
+        one = _ops_call(app, _ops_environ(f"/tasks/{job.id}", "/ops/jobs"))
+        page = _ops_call(app, _ops_environ("/", "/ops/jobs"))
+        bare = _ops_call(app, _ops_environ("", "/ops/jobs/"))
+    assert listed[0] == "200 OK"
+    assert [item["id"] for item in json.loads(listed[2])] == [job.id]
+    assert json.loads(one[2]) == job.to_dict()
+    for status, _, body in (page, bare):
+        assert status == "200 OK"
+        assert b'<meta name="liteq-base" content="/ops/jobs/">' in body
+
+
+def test_wsgi_app_escapes_the_mount_point_into_the_page(tmp_path):
+    with liteq.Queue(str(tmp_path / "ops.db")) as queue:
+        page = _ops_call(liteq.wsgi_app(queue),
+                         _ops_environ("/", '/x"><script>alert(1)</script>'))
+    assert b"<script>alert" not in page[2]
+    assert b'content="/x&quot;&gt;&lt;script&gt;' in page[2]
+
+
+def test_wsgi_app_never_creates_a_missing_database(tmp_path):
+    queue = liteq.Queue(str(tmp_path / "gone.db"))
+    status, headers, body = _ops_call(liteq.wsgi_app(queue),
+                                      _ops_environ("/tasks"))
+    assert status == "503 Service Unavailable"
+    assert "missing" in json.loads(body)["error"]
+    assert str(tmp_path) not in body.decode()  # no paths to clients
+    assert os.listdir(tmp_path) == []
+
+
+def test_wsgi_app_uses_the_default_queue_when_given_none(tmp_path,
+                                                         monkeypatch):
+    db = str(tmp_path / "default.db")
+    with liteq.Queue(db) as queue:
+        job = _ops_register(queue)["add"].delay(4, 4)
+    app = liteq.wsgi_app()
+    monkeypatch.setattr(liteq, "default_queue", lambda: liteq.Queue(db))
+    status, headers, body = _ops_call(app, _ops_environ(f"/tasks/{job.id}"))
+    assert status == "200 OK" and json.loads(body)["args"] == [4, 4]
+    with pytest.raises(TypeError):
+        liteq.wsgi_app("liteq.db")
+
+
+def test_dashboard_is_one_self_contained_page(tmp_path):
+    with _ops_world(tmp_path) as (db, ids, gate), \
+            _ops_serve(tmp_path, db) as (host, port, server):
+        status, headers, body = _ops_request(port, "GET", "/")
+    page = body.decode()
+    assert status == 200
+    assert headers["Content-Type"] == "text/html; charset=utf-8"
+    assert headers["Cache-Control"] == "no-store"
+    csp = headers["Content-Security-Policy"]
+    assert "default-src 'none'" in csp and "connect-src 'self'" in csp
+    assert "unsafe-inline" not in csp
+    assert not re.search(r"(src|href)=\"(https?:)?//", page)
+    assert "@import" not in page and "url(" not in page
+    assert "innerHTML" not in page and "textContent" in page
+    assert page.count("<script>") == 1 and page.count("<style>") == 1
+
+
+# ---------------------------------------------------------------------------
+# Dashboard in a real browser
+# ---------------------------------------------------------------------------
+
+class _OpsTags(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags = set()
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.add(tag)
+
+
+def _ops_tags(page):
+    parser = _OpsTags()
+    parser.feed(page)
+    return parser.tags
+
+
+def _ops_chromium(url, *options):
+    profile = tempfile.mkdtemp(prefix="liteq-chromium-")
+    try:
+        out = subprocess.run(
+            [_OPS_CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+             "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", "--disable-dev-shm-usage",
+             f"--user-data-dir={profile}", "--virtual-time-budget=5000",
+             *options, url],
+            capture_output=True, text=True, timeout=120)
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+    return out.stdout, f"exit {out.returncode}: {out.stderr[-2000:]}"
+
+
+@pytest.mark.skipif(not os.path.exists(_OPS_CHROMIUM),
+                    reason=f"no browser at {_OPS_CHROMIUM} (Debian: "
+                           f"apt-get install chromium; .ci/run does)")
+def test_dashboard_renders_jobs_and_progress_in_a_real_browser(tmp_path):
+    with _ops_world(tmp_path) as (db, ids, gate):
+        with liteq.Queue(db) as queue:
+            evil = _ops_register(queue)["echo"].delay(
+                "<img src=x onerror=alert(1)> & co")
+        with _ops_serve(tmp_path, db) as (host, port, server):
+            dom, log = _ops_chromium(f"http://127.0.0.1:{port}/"
+                                     f"#job-{ids['failed']}", "--dump-dom")
+    assert "<tr data-id=" in dom, log
+    rows = dict(re.findall(r'<tr data-id="(\d+)" data-status="(\w+)"', dom))
+    assert rows == {str(ids[key]): key for key in ids} | {
+        str(evil.id): "pending"}
+    row = {key: re.search(rf'<tr data-id="{ids[key]}".*?</tr>', dom,
+                          re.S)[0] for key in ids}
+    assert 'class="pct">40%<' in row["running"]
+    assert 'class="pct">25%<' in row["pending"]
+    assert 'class="pct">100%<' in row["done"]
+    assert 'status done">done<' in row["done"]
+    assert "walk 5 steps" in row["running"] and "ops-walk" in row["running"]
+    assert "RuntimeError: boom" in row["failed"]  # the error's last line
+    assert "&lt;img src=x onerror=alert(1)&gt; &amp; co" in dom
+    assert "img" not in _ops_tags(dom)  # job text never became markup
+    counts = dict(re.findall(
+        r'data-status="(\w+)"><b>(\d+)</b><span>\w+</span>', dom))
+    assert counts == {"all": "6", "pending": "2", "running": "1",
+                      "done": "1", "failed": "1", "cancelled": "1"}
+    detail = dom.split('id="detail"', 1)[1]
+    assert f"Job {ids['failed']}" in detail
+    assert "Traceback (most recent call last)" in detail
+    assert "RuntimeError: boom" in detail
+    assert 'class="ok"' in dom  # the page reached the API
+
+
+def test_durable_queue_uses_synchronous_full(tmp_path):
+    # Power loss cannot be staged here; the setting that decides it can.
+    for durable, expected in ((False, 1), (True, 2)):  # NORMAL, FULL
+        queue = liteq.Queue(tmp_path / f"durable-{durable}.db",
+                            durable=durable)
+        try:
+            conn = queue._store.connection()
+            assert conn.execute("PRAGMA synchronous").fetchone()[0] == \
+                expected
+        finally:
+            queue.close()
