@@ -2352,6 +2352,7 @@ class _Heartbeat:
         self._condition = threading.Condition(threading.Lock())
         self._running: dict[int, tuple[_Claimed, float, float]] = {}
         self._wake_at = math.inf  # when the thread next wakes (monotonic)
+        self._period: float | None = None  # lease / 3 of the last step
         self._thread: threading.Thread | None = None
         self._stop = False
 
@@ -2372,6 +2373,7 @@ class _Heartbeat:
         now = time.monotonic()
         with self._condition:
             self._running[claimed.id] = (claimed, lease, now)
+            self._period = lease / 3
             if now + lease / 3 < self._wake_at:
                 self._condition.notify_all()
 
@@ -2390,7 +2392,11 @@ class _Heartbeat:
                 waits = [at + lease / 3 - now
                          for _, lease, at in self._running.values()]
                 if not due:
-                    timeout = min(waits, default=None)
+                    # Between short steps nothing runs: tick at the last
+                    # period rather than sleep for good, or every add()
+                    # would have to wake this thread.
+                    timeout = min(waits, default=self._period)
+                    self._period = None  # a second idle period: sleep
                     self._wake_at = math.inf if timeout is None else (
                         now + timeout)
                     self._condition.wait(timeout)
