@@ -673,13 +673,6 @@ _SQL_LOSE = """
      WHERE id = :id
 """
 
-_SQL_FAIL_NOW = """
-    UPDATE liteq_jobs
-       SET status = 'failed', error = :error, worker = NULL, timer = NULL,
-           ready = NULL, finished_at = :now, updated_at = :now
-     WHERE id = :id
-"""
-
 _SQL_CANCEL = """
     UPDATE liteq_jobs
        SET cancel = 1, updated_at = :now,
