@@ -4349,3 +4349,41 @@ def test_durable_queue_uses_synchronous_full(tmp_path):
                 expected
         finally:
             queue.close()
+
+
+def raise_with_surrogate(text):
+    raise ValueError(f"bad {text}")
+
+
+def test_lone_surrogates_in_description_and_error_are_stored_escaped(q):
+    task_ = q.task(raise_with_surrogate, description="about {0}")
+    job = task_.delay("a\ud800b")
+    assert job.description == "about a\\ud800b"
+    assert liteq.Worker(q).run_once()
+    assert job.status == "failed"
+    assert job.error.strip().splitlines()[-1] == \
+        "ValueError: bad a\\ud800b"
+
+
+def test_names_with_lone_surrogates_raise_value_error(q):
+    with pytest.raises(ValueError, match="surrogates"):
+        q.task(raise_with_surrogate, name="bad\udc80name")
+    task_ = q.task(raise_with_surrogate)
+    with pytest.raises(ValueError, match="surrogates"):
+        task_.apply_async(("x",), key="k\ud800")
+    assert q.counts()["pending"] == 0
+
+
+def test_connections_of_threads_that_ended_are_closed(q):
+    task_ = q.task(raise_with_surrogate)
+    threads = [threading.Thread(target=task_.delay, args=("x",))
+               for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    import gc
+    gc.collect()
+    assert q.counts()["pending"] == 20
+    # This thread's connection stays; the 20 threads' ones are gone.
+    assert len(q._store._connections) == 1
