@@ -2179,8 +2179,8 @@ class Worker:
         if outcome is not None:
             self._log_outcome(outcome, *result)
             self._signal.notify()
-        if claimed is not None and claimed.attempt > 1 or (
-                claimed is not None and claimed.step == 1):
+        if claimed is not None and (claimed.attempt > 1
+                                    or claimed.step == 1):
             logger.info("job %d started: %s (step %d, attempt %d)",
                         claimed.id, claimed.current, claimed.step,
                         claimed.attempt)
