@@ -1437,15 +1437,16 @@ def deserialize_task(value: Any) -> Task:
 
 
 class _Signal:
-    """Wake-ups within this process for one database file.
+    """Wake-ups within this process for one database file and one kind.
 
-    Producers bump ``generation`` and notify after each commit; idle
-    workers and ``Job.result()`` wait on the condition.  A waiter reads the
-    generation before it looks at the database and sleeps only if nothing
-    happened since, so no wake-up is lost between the look and the wait.
+    Kind "work": a job became ready (idle workers wait on it); kind
+    "finished": a job finished (``Job.result()`` waits on it).  Notifiers
+    bump ``generation`` after each commit.  A waiter reads the generation
+    before it looks at the database and sleeps only if nothing happened
+    since, so no wake-up is lost between the look and the wait.
     """
 
-    _by_path: dict[str, _Signal] = {}
+    _by_path: dict[tuple[str, str], _Signal] = {}
     _registry_lock = threading.Lock()
 
     def __init__(self) -> None:
@@ -1454,11 +1455,11 @@ class _Signal:
         self.waiting = 0  # threads in wait(); changed under the condition
 
     @classmethod
-    def of(cls, path: str) -> _Signal:
-        found = cls._by_path.get(path)
+    def of(cls, path: str, kind: str = "work") -> _Signal:
+        found = cls._by_path.get((path, kind))
         if found is None:
             with cls._registry_lock:
-                found = cls._by_path.setdefault(path, cls())
+                found = cls._by_path.setdefault((path, kind), cls())
         return found
 
     def notify(self) -> None:
@@ -1535,7 +1536,7 @@ class Job:
         if timeout is not None:
             _check_number("timeout", timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
-        signal_ = _Signal.of(self._q.path)
+        signal_ = _Signal.of(self._q.path, "finished")
         while True:
             generation = signal_.generation
             row = self._row()
@@ -1566,7 +1567,7 @@ class Job:
             return True
 
         cancelled = store.write(body)
-        _Signal.of(self._q.path).notify()
+        _Signal.of(self._q.path, "finished").notify()
         return cancelled
 
     def retry(self) -> Job:
@@ -1978,10 +1979,12 @@ class Worker:
         self.fatal: str | None = None
         self._store = self.queue._store
         self._signal = _Signal.of(self.queue.path)
+        self._finished = _Signal.of(self.queue.path, "finished")
         # Set by stop(): no new claims; idle threads wake at once.
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._probe_at = 0.0  # store-clock time of the next timer probe
+        self._lost = False  # whether the last cycle failed a lost job
         self._lifecycle = threading.Lock()  # serialises start() and stop()
         # Set while at least one thread is idle: the watcher only listens
         # for other processes' commits then (our own would wake it).
@@ -2175,10 +2178,18 @@ class Worker:
                 conn, _SQL_NEXT_TIMER).fetchone()[0]
             return claimed, due
 
+        self._lost = False  # set by _wake_due when it ends a job
         claimed, due = self._store.write(body)
         if outcome is not None:
             self._log_outcome(outcome, *result)
-            self._signal.notify()
+            row = result[0] if result else None
+            status = row[0] if isinstance(row, tuple) else None
+            if status in _FINISHED:
+                self._finished.notify()
+            elif row is not None:  # in line again: another thread may run it
+                self._signal.notify()
+        if self._lost:
+            self._finished.notify()
         if claimed is not None and (claimed.attempt > 1
                                     or claimed.step == 1):
             logger.info("job %d started: %s (step %d, attempt %d)",
@@ -2199,6 +2210,7 @@ class Worker:
                     params["error"] = (f"worker lost {lost + 1} times while "
                                        f"running {current}")
                     _execute(conn, _SQL_LOSE, params)
+                    self._lost = True
                     continue
             params["ready"] = _next_ready(conn)
             _execute(conn, _SQL_MAKE_READY, params)
