@@ -1452,6 +1452,7 @@ class _Signal:
     def __init__(self) -> None:
         self.condition = threading.Condition(threading.Lock())
         self.generation = 0
+        self.local = 0  # notifications by this process's own commits
         self.waiting = 0  # threads in wait(); changed under the condition
 
     @classmethod
@@ -1462,10 +1463,11 @@ class _Signal:
                 found = cls._by_path.setdefault((path, kind), cls())
         return found
 
-    def notify(self) -> None:
+    def notify(self, local: bool = True) -> None:
         # Only increments, so a waiter never mistakes a new generation for
         # the one it read.  A waiter counts itself before it compares, so
         # either it sees the new generation or this sees it waiting.
+        self.local += local
         self.generation += 1
         if self.waiting:
             with self.condition:
@@ -2084,12 +2086,17 @@ class Worker:
         outcome = None
         failures = 0
         idle = False
+        seen_local = self._signal.local
         while True:
-            generation = self._signal.generation
+            generation, local = self._signal.generation, self._signal.local
             claim = not self._stopping.is_set()
-            if idle and claim and not self._work_in_sight():
+            # Woken by another process's commit: look before locking.  A
+            # commit of this process that made work needs no look.
+            if (idle and claim and local == seen_local
+                    and not self._work_in_sight()):
                 self._idle_wait(generation, _IDLE_MAX)
                 continue
+            seen_local = local
             try:
                 claimed, due = self._cycle(outcome, claim)
             except SchemaError as exc:
@@ -2485,7 +2492,7 @@ class _Watcher:
                 seen = self._data_version()
                 changed, version = seen != version, seen
             if changed:
-                worker._signal.notify()
+                worker._signal.notify(local=False)
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + 1.0
@@ -2507,10 +2514,10 @@ class _Watcher:
         write, finds it.
         """
         signal_ = self._worker._signal
-        signal_.notify()
+        signal_.notify(local=False)
         while self._inotify is not None and self._inotify.wait(0.002):
-            signal_.notify()
-        signal_.notify()
+            signal_.notify(local=False)
+        signal_.notify(local=False)
 
     def _data_version(self) -> int | None:
         with contextlib.suppress(Error):
