@@ -159,8 +159,7 @@ class TaskFailed(Error):
     """The job failed; ``error`` holds the traceback text."""
 
     def __init__(self, job_id: int, error: str) -> None:
-        lines = (error or "").strip().splitlines()
-        super().__init__(lines[-1] if lines else "task failed")
+        super().__init__(_error_line(error) or "task failed")
         self.job_id = job_id
         self.error = error
 
@@ -192,6 +191,12 @@ class SchemaError(Error):
 # ---------------------------------------------------------------------------
 # 4. Utilities: clock, durations, JSON codec
 # ---------------------------------------------------------------------------
+
+
+def _error_line(error: str | None) -> str:
+    """The last line of a traceback text: what went wrong."""
+    lines = (error or "").strip().splitlines()
+    return lines[-1] if lines else ""
 
 _SURROGATE = re.compile("[\ud800-\udfff]")  # not storable as UTF-8
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
@@ -628,14 +633,10 @@ _SQL_DONE = """
      WHERE id = :id AND token = :token AND worker IS NOT NULL
 """
 
-_SQL_FINISH = """
+_SQL_FAIL = """
     UPDATE liteq_jobs
-       SET status = CASE WHEN :status = 'failed' AND cancel
-                         THEN 'cancelled' ELSE :status END,
-           result = :result, error = :error,
-           percent = CASE WHEN :status = 'done' THEN 100.0 ELSE percent END,
-           steps = steps + (:status = 'done'),
-           worker = NULL, timer = NULL, ready = NULL,
+       SET status = CASE WHEN cancel THEN 'cancelled' ELSE 'failed' END,
+           error = :error, worker = NULL, timer = NULL, ready = NULL,
            finished_at = :now, updated_at = :now
      WHERE id = :id AND token = :token AND worker IS NOT NULL
  RETURNING status
@@ -1607,13 +1608,11 @@ for _column in ("name", "current", "description", "queue", "priority",
                 "key", "status", "percent", "steps", "attempts", "error",
                 "worker"):
     setattr(Job, _column, _job_field(_column))
-for _column in ("eta", "created_at", "started_at", "updated_at",
-                "finished_at"):
-    setattr(Job, _column, _job_field(_column, _utc))
-del _column
-
 _TIME_COLUMNS = ("eta", "created_at", "started_at", "updated_at",
                  "finished_at")
+for _column in _TIME_COLUMNS:
+    setattr(Job, _column, _job_field(_column, _utc))
+del _column
 
 
 def _row_dict(row: tuple) -> dict:
@@ -1950,11 +1949,6 @@ class _Outcome:
         self.retries, self.delay = retries, delay
 
 
-def _error_line(error: str) -> str:
-    lines = error.strip().splitlines()
-    return lines[-1] if lines else error
-
-
 class Worker:
     """Run stored jobs in background threads of this process.
 
@@ -2266,8 +2260,8 @@ class Worker:
             row = (_DONE,) if _execute(conn, _SQL_DONE,
                                       params).rowcount else None
         elif kind == "fail":
-            params.update(status=_FAILED, result=None, error=outcome.error)
-            row = _execute(conn, _SQL_FINISH, params).fetchone()
+            params["error"] = outcome.error
+            row = _execute(conn, _SQL_FAIL, params).fetchone()
         elif kind == "retry":
             params.update(error=outcome.error, retries=outcome.retries,
                           delay=outcome.delay, ready=_next_ready(conn))
