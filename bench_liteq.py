@@ -1179,7 +1179,7 @@ def write_json(path: str, info: dict, bench: Bench,
 HELD = "(write lock held: BEGIN IMMEDIATE started to COMMIT returned)"
 
 
-class TimedConnection(sqlite3.Connection):
+class TimedConnection(liteq._Connection):
     """A connection that times each ``execute`` by statement text.
 
     It also times each write transaction as a whole, from the start of
@@ -1223,7 +1223,8 @@ def sql_timer(threads: Callable[[str], bool]) -> Iterator[dict]:
     real_connect = sqlite3.connect
 
     def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
-        return real_connect(*args, factory=TimedConnection, **kwargs)
+        kwargs["factory"] = TimedConnection  # liteq passes its own
+        return real_connect(*args, **kwargs)
 
     sqlite3.connect = connect
     TimedConnection.probe = (threads, found)

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import collections
 import contextlib
 import ctypes
 import datetime as _dt
@@ -131,6 +132,13 @@ _PURGE_CHUNK = 500  # rows deleted per purge transaction
 _RESULT_POLL = 0.05  # seconds between checks of another process's job
 _IDLE_MAX = 1.0  # seconds an idle worker sleeps without any signal
 _PROBE = 0.05  # seconds between looks for due timers while busy
+# Claiming ahead and deferred writes (see Worker, "The loop of each thread")
+_FAST = 0.002  # seconds: a step shorter than this is short
+_STREAK = 8  # short steps in a row before a thread defers writes
+_BATCH_MAX = 32  # steps claimed at once, and outcomes written at once
+_GROUP_AGE = 0.005  # seconds an outcome may wait to be written
+_RESCUE = 0.05  # seconds before a long deferred step is shown running
+_TOKEN_BITS = 20  # a claim's block of fencing tokens (see _SQL_CLAIM)
 _HOST_PID = f"{socket.gethostname()}:{os.getpid()}"
 
 _TASK_DEFAULTS = {
@@ -577,93 +585,122 @@ _SQL_MAKE_READY = """
      WHERE id = :id
 """
 
-_SQL_PEEK_READY = """
-    SELECT id, priority, ready, current FROM liteq_jobs
+# A worker claims steps in small batches, in line order.  Claiming takes a
+# job out of line, gives it a fresh token and a lease (``timer``), and
+# changes nothing an observer sees: the job stays as it was (pending, say)
+# until its step starts.  A held step is one whose row still carries the
+# claim's token, out of line and unfinished; every later write of the
+# claimer is guarded by that, so a worker that lost its lease changes
+# nothing.
+_SQL_LINE = """
+    SELECT id, priority, ready FROM liteq_jobs
      WHERE queue = ? AND ready IS NOT NULL
-     ORDER BY priority DESC, ready LIMIT 1
+     ORDER BY priority DESC, ready LIMIT ?
 """
 
-# Claiming starts the step: the job is 'running' from here on.
-_CLAIM = """
+# Each claim takes a fresh block of _TOKEN_BLOCK tokens; the steps a
+# worker continues in place (below) count up inside it, so a step that
+# runs before its claim is written still has a token no other claim holds.
+_SQL_CLAIM = f"""
     UPDATE liteq_jobs
-       SET status = 'running', attempts = attempts + 1, token = token + 1,
-           worker = :worker, ready = NULL, timer = :now + :lease,
-           max_lost = :max_lost, started_at = coalesce(started_at, :now),
-           updated_at = :now
-     WHERE id = {}
- RETURNING id, current, call, token, attempts, steps, failures
+       SET token = ((token >> {_TOKEN_BITS}) + 1) << {_TOKEN_BITS},
+           ready = NULL, timer = ? + ?, max_lost = ?
+     WHERE id IN ({{}})
+ RETURNING id, current, call, token, attempts, steps, failures, priority
 """
-
-_SQL_CLAIM = _CLAIM.format("""(SELECT id FROM liteq_jobs
-                  WHERE queue = :queue AND ready IS NOT NULL
-                  ORDER BY priority DESC, ready LIMIT 1)""")
-
-_SQL_CLAIM_ID = _CLAIM.format(":id")
 
 _SQL_ADJUST_CLAIM = """
     UPDATE liteq_jobs SET timer = :now + :lease, max_lost = :max_lost
      WHERE id = :id
 """
 
-_SQL_SET_LEASE = """
-    UPDATE liteq_jobs SET timer = :until
-     WHERE id = :id AND token = :token AND worker IS NOT NULL
+_HELD = "id = :id AND token = :token AND ready IS NULL " \
+        "AND finished_at IS NULL"
+
+_SQL_HIGHER_READY = """
+    SELECT 1 FROM liteq_jobs
+     WHERE queue = ? AND ready IS NOT NULL AND priority >= ? LIMIT 1
 """
 
-# Outcomes of a step.  Each is guarded by the claim's token: a worker that
-# lost its lease changes nothing.  A cancel request turns a continuation or
-# an error into 'cancelled', but a final result still counts as done.
-_SQL_CONTINUE = """
+# The step starts: from here on observers see it run.
+_SQL_START = f"""
+    UPDATE liteq_jobs
+       SET status = 'running', attempts = :attempt, worker = :worker,
+           started_at = coalesce(started_at, :started), updated_at = :now
+     WHERE {_HELD}
+"""
+
+_SQL_SET_LEASE = f"UPDATE liteq_jobs SET timer = :until WHERE {_HELD}"
+
+# Outcomes of a step.  A step that ran without its start being written
+# (see Worker._may_defer) records its start with its outcome, hence the
+# attempt and started_at in each.  A cancel request turns a continuation
+# or an error into 'cancelled', but a final result still counts as done.
+_OUTCOME = """
+           started_at = coalesce(started_at, :started), worker = NULL,
+           updated_at = :now"""
+
+_CONTINUE = f"""
     UPDATE liteq_jobs
        SET call = :call, current = :current, percent = :percent,
-           steps = steps + 1, attempts = 0, failures = 0, lost = 0,
-           worker = NULL, timer = NULL, eta = :now, updated_at = :now,
-           ready = CASE WHEN cancel THEN NULL ELSE :ready END,
-           status = CASE WHEN cancel THEN 'cancelled' ELSE status END,
-           finished_at = CASE WHEN cancel THEN :now END
-     WHERE id = :id AND token = :token AND worker IS NOT NULL
+           steps = steps + :n, attempts = 0, failures = 0, lost = 0,
+           eta = :now, {_OUTCOME},
+           status = CASE WHEN cancel THEN 'cancelled' ELSE 'running' END,
+           finished_at = CASE WHEN cancel THEN :now END,
+           {{}}
+     WHERE {_HELD}
  RETURNING status
 """
 
-_SQL_DONE = """
+# Back in line, behind every ready job of equal or higher priority.
+_SQL_CONTINUE = _CONTINUE.format(
+    "ready = CASE WHEN cancel THEN NULL ELSE :ready END, timer = NULL")
+
+# When no such job waits, the worker claims the job again at once, as its
+# next claim would have: a fresh token, the same lease.  ``n`` steps that
+# continued so, one after another, are written as one.
+_SQL_CONTINUE_HERE = _CONTINUE.format(  # the token: see _SQL_CLAIM
+    "token = token + :n, timer = CASE WHEN cancel THEN NULL ELSE timer END")
+
+_SQL_DONE = f"""
     UPDATE liteq_jobs
        SET status = 'done', result = :result, percent = 100.0,
-           steps = steps + 1, worker = NULL, timer = NULL,
-           finished_at = :now, updated_at = :now
-     WHERE id = :id AND token = :token AND worker IS NOT NULL
+           steps = steps + 1, attempts = :attempt, timer = NULL,
+           finished_at = :now, {_OUTCOME}
+     WHERE {_HELD}
 """
 
-_SQL_FAIL = """
+_SQL_FAIL = f"""
     UPDATE liteq_jobs
        SET status = CASE WHEN cancel THEN 'cancelled' ELSE 'failed' END,
-           error = :error, worker = NULL, timer = NULL, ready = NULL,
-           finished_at = :now, updated_at = :now
-     WHERE id = :id AND token = :token AND worker IS NOT NULL
+           error = :error, attempts = :attempt, timer = NULL,
+           finished_at = :now, {_OUTCOME}
+     WHERE {_HELD}
  RETURNING status
 """
 
-_SQL_FAIL_STEP = """
+_SQL_FAIL_STEP = f"""
     UPDATE liteq_jobs
        SET status = CASE WHEN cancel THEN 'cancelled'
-                         WHEN failures < :retries THEN status
+                         WHEN failures < :retries THEN 'running'
                          ELSE 'failed' END,
-           failures = failures + 1, error = :error,
-           worker = NULL, updated_at = :now,
+           failures = failures + 1, error = :error, attempts = :attempt,
            eta = :now + :delay,
            timer = CASE WHEN NOT cancel AND failures < :retries AND :delay > 0
                         THEN :now + :delay END,
            ready = CASE WHEN NOT cancel AND failures < :retries AND :delay <= 0
                         THEN :ready END,
            finished_at = CASE WHEN cancel OR failures >= :retries
-                              THEN :now END
-     WHERE id = :id AND token = :token AND worker IS NOT NULL
+                              THEN :now END, {_OUTCOME}
+     WHERE {_HELD}
  RETURNING status, failures
 """
 
-_SQL_RELEASE = """
-    UPDATE liteq_jobs
-       SET worker = NULL, timer = NULL, ready = :ready, updated_at = :now
-     WHERE id = :id AND token = :token AND worker IS NOT NULL
+# A claimed step goes back in line unrun (at its old place when it had
+# not started), or after a KeyboardInterrupt in the task.
+_SQL_RELEASE = f"""
+    UPDATE liteq_jobs SET worker = NULL, timer = NULL, ready = :ready
+     WHERE {_HELD}
 """
 
 _SQL_LOSE = """
@@ -1919,26 +1956,60 @@ def configure(path: str | os.PathLike, **options: Any) -> Queue:
 
 
 class _Claimed:
-    """A claimed step: what the worker needs to run it and record it."""
+    """A claimed step: what the worker needs to run it and record it.
+
+    ``started`` is the store-clock time the step began (None before);
+    ``shown`` whether its start is written, so observers see it run;
+    ``renewed`` the monotonic time its lease was last written.
+    """
 
     __slots__ = ("id", "current", "call", "token", "attempt", "step",
-                 "failures")
+                 "failures", "priority", "ready", "limits", "lease",
+                 "renewed", "started", "shown", "began", "confirmed",
+                 "after")
 
-    def __init__(self, row: tuple) -> None:
-        (self.id, self.current, self.call, self.token, self.attempt,
-         steps, self.failures) = row
-        self.step = steps + 1
+    def __init__(self, row: tuple, ready: int | None,
+                 limits: tuple[float, int]) -> None:
+        (self.id, self.current, self.call, self.token, attempts, steps,
+         self.failures, self.priority) = row
+        self.attempt, self.step = attempts + 1, steps + 1
+        self.ready, self.limits, self.lease = ready, limits, limits[0]
+        self.renewed = time.monotonic()
+        self.started: float | None = None
+        self.shown = False
+        self.began = 0.0  # monotonic start, for the rescue of long steps
+        self.confirmed = True  # False until the claim is written
+        self.after: _Outcome | None = None  # the outcome that claimed it
+
+    def refused(self) -> bool:
+        """Whether the outcome that claimed this step was refused: then
+        its token may be another worker's, and nothing may be written."""
+        return self.after is not None and self.after.ok is False
+
+    def follow(self, outcome: _Outcome) -> _Claimed:
+        """The next step of this job, claimed again at once.
+
+        The claim is written with this step's outcome; until then the
+        lease is renewed under this step's token.
+        """
+        nxt = _Claimed((self.id, outcome.current, outcome.text,
+                        self.token + 1, 0, self.step, 0, self.priority),
+                       None, self.limits)
+        nxt.renewed, nxt.confirmed, nxt.after = self.renewed, False, outcome
+        outcome.follow = nxt
+        return nxt
 
 
 class _Outcome:
     """The end of a step, to be recorded under the claim's token.
 
-    kind: 'continue' (text is the next call), 'done' (text is the result),
+    kind: 'continue' (text is the next call), 'continue_here' (the same,
+    and this worker runs the next step), 'done' (text is the result),
     'retry' (a retryable error), 'fail' (a final error), or 'release'.
     """
 
     __slots__ = ("claimed", "kind", "text", "current", "percent", "error",
-                 "retries", "delay")
+                 "retries", "delay", "ended", "follow", "ok")
 
     def __init__(self, claimed: _Claimed, kind: str, text: str | None = None,
                  current: str | None = None, percent: float | None = None,
@@ -1947,6 +2018,47 @@ class _Outcome:
         self.claimed, self.kind, self.text = claimed, kind, text
         self.current, self.percent, self.error = current, percent, error
         self.retries, self.delay = retries, delay
+        self.ended = time.monotonic()
+        self.follow: _Claimed | None = None  # see _Claimed.follow
+        self.ok: bool | None = None  # whether it was written
+
+
+class _Lane:
+    """What one worker thread holds: steps claimed ahead, the step it runs,
+    and outcomes not yet written.
+
+    ``lock`` guards the fields against the heartbeat, which renews every
+    held lease and rescues a deferred step that runs long; ``writing`` is
+    held while either writes this lane's outcomes, so they land in order.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.writing = threading.Lock()
+        self.ahead: collections.deque[_Claimed] = collections.deque()
+        self.pending: list[_Outcome] = []
+        self.running: _Claimed | None = None
+        self.streak = 0  # short steps in a row
+        self.solo = False  # run_once(): one step, nothing kept
+        # When the line was last seen clear down to a priority: (monotonic
+        # time, work signal generation, priority); see _may_continue_here.
+        self.clear: tuple[float, int, int] = (-math.inf, 0, 0)
+
+    def held(self) -> list[_Claimed]:
+        """Every step whose lease this thread keeps (call under lock)."""
+        held = list(self.ahead)
+        held += [o.claimed for o in self.pending]
+        if self.running is not None:
+            held.append(self.running)
+        return [claimed for claimed in held if claimed.confirmed]
+
+    def take(self) -> tuple[list[_Outcome], list[_Claimed]]:
+        """Hand over the outcomes to write and the steps to release."""
+        with self.lock:
+            pending, self.pending = self.pending, []
+            ahead = list(self.ahead)
+            self.ahead.clear()
+        return pending, ahead
 
 
 class Worker:
@@ -1985,8 +2097,9 @@ class Worker:
         # Set while at least one thread is idle: the watcher only listens
         # for other processes' commits then (our own would wake it).
         self._someone_idle = threading.Event()
-        self._idle_lock = threading.Lock()
+        self._idle_lock = threading.Lock()  # also guards _lanes
         self._idle = 0
+        self._lanes: list[_Lane] = []  # one per running thread
         self._heartbeat = _Heartbeat(self)
         self._watcher = _Watcher(self)
 
@@ -2067,32 +2180,62 @@ class Worker:
         self._request_stop()
 
     # The loop of each thread -----------------------------------------------
+    #
+    # A thread claims steps in line order, up to _BATCH_MAX at a time once
+    # its steps have proven short, and writes each step's start before
+    # running it.  After _STREAK short steps in a row it defers: it runs
+    # claimed steps back to back and writes their starts and outcomes
+    # together, at most _GROUP_AGE seconds later, with its next claim.  A
+    # deferred step that runs past _RESCUE seconds is rescued by the
+    # heartbeat: the outcomes before it are written, its start shown, and
+    # the steps claimed behind it go back to their places in line.
 
     def run_once(self) -> bool:
         """Claim and run one step in this thread; True if one ran."""
-        claimed, _ = self._cycle(None, claim=True)
+        lane = _Lane()
+        lane.solo = True
+        claimed, _ = self._cycle(lane, None, claim=True)
         if claimed is None:
             return False
-        self._cycle(self._execute(claimed), claim=False)
+        self._run_step(lane, claimed)
+        self._cycle(lane, None, claim=False)
         return True
 
     def _run_thread(self) -> None:
-        outcome = None
+        lane = _Lane()
+        with self._idle_lock:
+            self._lanes.append(lane)
+        try:
+            self._serve(lane)
+        finally:
+            with self._idle_lock:
+                self._lanes.remove(lane)
+
+    def _serve(self, lane: _Lane) -> None:
         failures = 0
         idle = False
         seen_local = self._signal.local
+        step: _Claimed | None = None  # claimed ahead, to start next
         while True:
             generation, local = self._signal.generation, self._signal.local
-            claim = not self._stopping.is_set()
+            stopping = self._stopping.is_set()
+            if step is None and not stopping and lane.ahead:
+                with lane.lock:
+                    step = lane.ahead.popleft() if lane.ahead else None
+            if step is not None and not stopping and self._may_defer(lane):
+                self._run_step(lane, step)
+                step = None
+                continue
+            claim = step is None and not stopping
             # Woken by another process's commit: look before locking.  A
             # commit of this process that made work needs no look.
-            if (idle and claim and local == seen_local
+            if (idle and claim and not lane.pending and local == seen_local
                     and not self._work_in_sight()):
                 self._idle_wait(generation, _IDLE_MAX)
                 continue
             seen_local = local
             try:
-                claimed, due = self._cycle(outcome, claim)
+                claimed, due = self._cycle(lane, step, claim)
             except SchemaError as exc:
                 self._die(str(exc))
                 return
@@ -2104,25 +2247,95 @@ class Worker:
                 continue
             except Exception:  # a bug of ours: keep the thread alive
                 failures += 1
-                logger.exception("worker error; the step's outcome is "
-                                 "dropped and it will run again")
-                outcome = None
+                logger.exception("worker error; the steps' outcomes are "
+                                 "dropped and they will run again")
+                with lane.lock:
+                    lane.pending = []
+                step = None
                 time.sleep(min(0.05 * 2 ** min(failures, 6), 2.0))
                 continue
-            failures, outcome, idle = 0, None, False
+            failures, step, idle = 0, None, False
             if claimed is not None:
-                outcome = self._execute(claimed)
-                if outcome.kind == "release":  # KeyboardInterrupt in a task
-                    logger.warning("job %d: KeyboardInterrupt in %s: step "
-                                   "released, worker stopping", claimed.id,
-                                   claimed.current)
-                    self._request_stop()
-            elif not claim:
+                self._run_step(lane, claimed)
+            elif lane.ahead:
+                continue  # a batch to run deferred
+            elif stopping:
                 return
             else:
+                lane.streak = 0
                 pause = _IDLE_MAX if due is None else due - time.time()
                 self._idle_wait(generation, min(max(pause, 0.0), _IDLE_MAX))
                 idle = pause >= _IDLE_MAX  # else a timer is due: claim
+
+    def _may_defer(self, lane: _Lane) -> bool:
+        """Whether to run the next step without writing its start first."""
+        if lane.streak < _STREAK:
+            return False
+        pending = lane.pending
+        return not pending or (
+            len(pending) < _BATCH_MAX
+            and time.monotonic() - pending[0].ended < _GROUP_AGE)
+
+    def _run_step(self, lane: _Lane, claimed: _Claimed) -> None:
+        """Run a claimed step; keep its outcome for the lane's next write."""
+        if claimed.started is None:
+            claimed.started = self._store.clock()
+        claimed.began = time.monotonic()
+        if (claimed.attempt > 1 or claimed.step == 1) and logger.isEnabledFor(
+                logging.INFO):
+            logger.info("job %d started: %s (step %d, attempt %d)",
+                        claimed.id, claimed.current, claimed.step,
+                        claimed.attempt)
+        with lane.lock:
+            lane.running = claimed
+        outcome = self._execute(claimed)
+        follow = None
+        if outcome.kind == "continue" and self._may_continue_here(
+                lane, claimed, outcome):
+            outcome.kind = "continue_here"
+            follow = claimed.follow(outcome)
+        with lane.lock:
+            lane.running = None
+            lane.pending.append(outcome)
+            if follow is not None:
+                lane.ahead.appendleft(follow)
+        if outcome.ended - claimed.began < _FAST:
+            lane.streak += 1
+            if lane.streak == _STREAK:
+                self._heartbeat.poke(_RESCUE)
+        else:
+            lane.streak = 0
+        if outcome.kind == "release":  # KeyboardInterrupt in a task
+            logger.warning("job %d: KeyboardInterrupt in %s: step released, "
+                           "worker stopping", claimed.id, claimed.current)
+            self._request_stop()
+
+    def _may_continue_here(self, lane: _Lane, claimed: _Claimed,
+                           outcome: _Outcome) -> bool:
+        """Whether the job's next step would be this thread's next claim."""
+        fn = _REGISTRY.get(outcome.current)
+        if (lane.solo or self._stopping.is_set() or fn is None
+                or (fn.lease, fn.max_lost) != claimed.limits
+                or (claimed.token + 1) >> _TOKEN_BITS
+                != claimed.token >> _TOKEN_BITS
+                or any(c.priority >= claimed.priority for c in lane.ahead)):
+            return False
+        # The line was clear a moment ago, and nothing of this process has
+        # joined it since: a job another process delays overtakes at most
+        # _GROUP_AGE seconds of steps later.
+        now, generation = time.monotonic(), self._signal.generation
+        if (now - lane.clear[0] < _GROUP_AGE and generation == lane.clear[1]
+                and claimed.priority >= lane.clear[2]):
+            return True
+        try:
+            if any(self._store.read(_SQL_HIGHER_READY,
+                                    (name, claimed.priority))
+                   for name in self.queues):
+                return False
+        except Error:
+            return False
+        lane.clear = (now, generation, claimed.priority)
+        return True
 
     def _work_in_sight(self) -> bool:
         """Whether a claim could find work, read without the write lock.
@@ -2151,55 +2364,172 @@ class Worker:
                 if not self._idle:
                     self._someone_idle.clear()
 
-    def _cycle(self, outcome: _Outcome | None,
+    def _cycle(self, lane: _Lane, step: _Claimed | None,
                claim: bool) -> tuple[_Claimed | None, float | None]:
-        """Record an outcome and claim the next step, in one transaction."""
-        result: list = []
+        """Write the lane's outcomes, then start ``step`` or claim more.
 
-        def body(conn: sqlite3.Connection) -> tuple:
-            result.clear()
-            now = self._store.clock()
-            if outcome is not None:
-                result.append(self._record(conn, outcome, now))
-            if not claim:
-                return None, None
-            # While busy, look for due timers every _PROBE seconds; when
-            # nothing is ready, always look before going idle.
-            probed = now >= self._probe_at
-            if probed:
-                self._wake_due(conn, now)
-            claimed = self._claim(conn, now)
-            if claimed is None and not probed:
-                self._wake_due(conn, now)
-                probed = True
-                claimed = self._claim(conn, now)
-            if probed:
-                self._probe_at = now + _PROBE
-            due = None if claimed else _execute(
-                conn, _SQL_NEXT_TIMER).fetchone()[0]
-            return claimed, due
+        One transaction.  Returns the step to run now, its start written,
+        or None and when the next timer is due.  Claimed steps that will
+        run deferred go to ``lane.ahead``.  When the worker stops, the
+        steps claimed ahead go back in line.
+        """
+        with lane.writing:
+            with lane.lock:
+                outcomes, lane.pending = lane.pending, []
+                release: list[_Claimed] = []
+                if self._stopping.is_set():
+                    release, lane.ahead = list(lane.ahead), \
+                        collections.deque()
+            self._lost = False  # set by _wake_due when it ends a job
+            try:
+                rows, started, batch, due = self._store.write(
+                    lambda conn: self._write_cycle(conn, lane, outcomes,
+                                                   release, step, claim))
+            except BaseException:
+                with lane.lock:  # nothing was written: keep it all
+                    lane.pending[:0] = outcomes
+                    lane.ahead.extendleft(reversed(release))
+                raise
+        if batch:
+            with lane.lock:
+                lane.ahead.extend(batch)
+        held = batch + [started] if started else batch
+        if held:
+            self._heartbeat.poke(min(c.lease for c in held) / 3, period=True)
+        self._after_write(outcomes, rows, release)
+        if step is not None and started is None:
+            logger.warning("job %d: claim lost before step %d of %s started",
+                           step.id, step.step, step.current)
+        return started, due
 
-        self._lost = False  # set by _wake_due when it ends a job
-        claimed, due = self._store.write(body)
-        if outcome is not None:
-            self._log_outcome(outcome, *result)
-            row = result[0] if result else None
+    def _write_cycle(self, conn: sqlite3.Connection, lane: _Lane,
+                     outcomes: list[_Outcome], release: list[_Claimed],
+                     step: _Claimed | None, claim: bool) -> tuple:
+        now = self._store.clock()
+        rows = self._write_outcomes(conn, outcomes, release, now)
+        started = step if step and self._start(conn, step, now) else None
+        batch: list[_Claimed] = []
+        due = None
+        if claim:
+            batch, due = self._claim_in(conn, now,
+                                        1 if lane.streak < _STREAK or
+                                        lane.solo else _BATCH_MAX)
+            if batch and not self._may_defer(lane) and self._start(
+                    conn, batch[0], now):
+                started = batch.pop(0)
+        return rows, started, batch, due
+
+    def _write_outcomes(self, conn: sqlite3.Connection,
+                        outcomes: list[_Outcome], release: list[_Claimed],
+                        now: float) -> list:
+        rows: list = []
+        while len(rows) < len(outcomes):
+            first = outcomes[len(rows)]
+            run = [first]  # steps of one job that continued here
+            while (run[-1].kind == "continue_here"
+                   and len(rows) + len(run) < len(outcomes)
+                   and outcomes[len(rows) + len(run)].claimed
+                   is run[-1].follow):
+                run.append(outcomes[len(rows) + len(run)])
+            if run[-1].kind != "continue_here":
+                run = run[:-1] or run  # its end is written on its own
+            row = self._record(conn, run[-1], now, first, len(run))
+            for outcome in run:
+                outcome.ok = row is not None
+                rows.append(row)
+        for claimed in release:
+            ready = claimed.ready
+            if ready is None:  # a next step kept here: back to the end
+                ready = _next_ready(conn)
+            _execute(conn, _SQL_RELEASE, {"id": claimed.id, "ready": ready,
+                                          "token": claimed.token})
+        return rows
+
+    def _after_write(self, outcomes: list[_Outcome], rows: list,
+                     release: list[_Claimed]) -> None:
+        """Log the outcomes just written and wake who waits for them."""
+        finished, in_line = self._lost, bool(release)
+        for outcome, row in zip(outcomes, rows):
+            if outcome.follow is not None and row is not None:
+                outcome.follow.confirmed = True
+            self._log_outcome(outcome, row)
             status = row[0] if isinstance(row, tuple) else None
             if status in _FINISHED:
-                self._finished.notify()
-            elif row is not None:  # in line again: another thread may run it
-                self._signal.notify()
-        if self._lost:
+                finished = True
+            elif row is not None and outcome.kind != "continue_here":
+                in_line = True  # another thread may run it
+        if finished:
             self._finished.notify()
-        if claimed is not None and (claimed.attempt > 1
-                                    or claimed.step == 1):
-            logger.info("job %d started: %s (step %d, attempt %d)",
-                        claimed.id, claimed.current, claimed.step,
-                        claimed.attempt)
-        return claimed, due
+        if in_line:
+            self._signal.notify()
+
+    def _rescue(self, lane: _Lane) -> None:
+        """Show a deferred step that runs long; free what waits behind it.
+
+        Called by the heartbeat: the outcomes before the step are written,
+        its start too, and the steps claimed after it go back in line.
+        """
+        with lane.writing:
+            with lane.lock:
+                step = lane.running
+                if step is None or step.shown:
+                    return
+                step.shown = True
+                lane.streak = 0
+                outcomes, lane.pending = lane.pending, []
+                release, lane.ahead = list(lane.ahead), collections.deque()
+
+            def body(conn: sqlite3.Connection) -> list:
+                now = self._store.clock()
+                rows = self._write_outcomes(conn, outcomes, release, now)
+                self._start(conn, step, now)
+                return rows
+
+            try:
+                rows = self._store.write(body)
+            except Error as exc:
+                logger.error("cannot record steps in %s: %s; they will run "
+                             "again", self._store.path, exc)
+                return
+        self._after_write(outcomes, rows, release)
+
+    def _start(self, conn: sqlite3.Connection, claimed: _Claimed,
+               now: float) -> bool:
+        """Write that a claimed step starts; False if the claim was lost."""
+        if claimed.started is None:
+            claimed.started = now
+        claimed.shown = True
+        return not claimed.refused() and bool(_execute(conn, _SQL_START, {
+            "id": claimed.id, "token": claimed.token, "now": now,
+            "attempt": claimed.attempt, "worker": _HOST_PID,
+            "started": claimed.started}).rowcount)
+
+    def _claim_in(self, conn: sqlite3.Connection, now: float,
+                  limit: int) -> tuple[list[_Claimed], float | None]:
+        """Claim up to ``limit`` ready steps, putting due timers in line."""
+        # While busy, look for due timers every _PROBE seconds; when
+        # nothing is ready, always look before going idle.
+        probed = now >= self._probe_at
+        if probed:
+            self._wake_due(conn, now)
+        batch = self._claim(conn, now, limit)
+        if not batch and not probed:
+            self._wake_due(conn, now)
+            probed = True
+            batch = self._claim(conn, now, limit)
+        if probed:
+            self._probe_at = now + _PROBE
+        due = None if batch else _execute(
+            conn, _SQL_NEXT_TIMER).fetchone()[0]
+        return batch, due
 
     def _wake_due(self, conn: sqlite3.Connection, now: float) -> None:
-        """Put due jobs in line; release steps whose lease expired."""
+        """Put due jobs in line; release steps whose lease expired.
+
+        A step counts as lost only if its start was written: a claim that
+        lapsed before that (or a deferred step, see _may_defer) ran nothing
+        anyone saw.
+        """
         for job_id, current, worker, lost, max_lost, cancel in _execute(
                 conn, _SQL_SELECT_DUE, (now,)).fetchall():
             params = {"id": job_id, "now": now, "lost": 0}
@@ -2216,45 +2546,55 @@ class Worker:
             params["ready"] = _next_ready(conn)
             _execute(conn, _SQL_MAKE_READY, params)
 
-    def _claim(self, conn: sqlite3.Connection,
-               now: float) -> _Claimed | None:
-        """Start the first ready step of our queue names, by the order."""
-        params = {"now": now, "worker": _HOST_PID,
-                  "lease": _TASK_DEFAULTS["lease"],
-                  "max_lost": _TASK_DEFAULTS["max_lost"]}
+    def _claim(self, conn: sqlite3.Connection, now: float,
+               limit: int) -> list[_Claimed]:
+        """Claim the first ``limit`` ready steps of our queue names."""
         if len(self.queues) == 1:
-            params["queue"] = self.queues[0]
-            row = _execute(conn, _SQL_CLAIM, params).fetchone()
+            line = _execute(conn, _SQL_LINE,
+                            (self.queues[0], limit)).fetchall()
         else:  # the index orders one queue name at a time: merge here
-            peeks = [_execute(conn, _SQL_PEEK_READY, (name,)).fetchone()
-                     for name in self.queues]
-            peeks = [p for p in peeks if p is not None]
-            if not peeks:
-                return None
-            params["id"] = min(peeks, key=lambda p: (-p[1], p[2]))[0]
-            row = _execute(conn, _SQL_CLAIM_ID, params).fetchone()
-        if row is None:
-            return None
-        claimed = _Claimed(row)
-        fn = _REGISTRY.get(claimed.current)
-        if fn is not None and (fn.lease, fn.max_lost) != (
-                params["lease"], params["max_lost"]):
-            _execute(conn, _SQL_ADJUST_CLAIM, {
-                "id": claimed.id, "now": now, "lease": fn.lease,
-                "max_lost": fn.max_lost})
-        return claimed
+            line = sorted((row for name in self.queues for row in _execute(
+                conn, _SQL_LINE, (name, limit)).fetchall()),
+                key=lambda row: (-row[1], row[2]))[:limit]
+        if not line:
+            return []
+        lease, max_lost = _TASK_DEFAULTS["lease"], _TASK_DEFAULTS["max_lost"]
+        sql = _SQL_CLAIM.format(",".join("?" * len(line)))
+        rows = {row[0]: row for row in _execute(
+            conn, sql, (now, lease, max_lost, *(r[0] for r in line)))}
+        batch = []
+        for job_id, _, ready in line:
+            row = rows[job_id]
+            fn = _REGISTRY.get(row[1])
+            limits = (fn.lease, fn.max_lost) if fn else (lease, max_lost)
+            if limits != (lease, max_lost):
+                _execute(conn, _SQL_ADJUST_CLAIM, {
+                    "id": job_id, "now": now, "lease": limits[0],
+                    "max_lost": limits[1]})
+            batch.append(_Claimed(row, ready, limits))
+        return batch
 
     def _record(self, conn: sqlite3.Connection, outcome: _Outcome,
-                now: float) -> Any:
-        claimed = outcome.claimed
-        params = {"id": claimed.id, "token": claimed.token, "now": now}
+                now: float, first: _Outcome, n: int) -> Any:
+        """Write an outcome; None if refused.  With n > 1, ``first`` to
+        ``outcome`` are n steps of one job that continued here."""
+        claimed = first.claimed
+        if claimed.refused():
+            return None
+        params = {"id": claimed.id, "token": claimed.token, "now": now,
+                  "attempt": claimed.attempt, "started": claimed.started,
+                  "n": n}
         if outcome.error is not None:
             outcome.error = _storable_text(outcome.error)
         kind = outcome.kind
-        if kind == "continue":
+        if kind in ("continue", "continue_here"):
             params.update(call=outcome.text, current=outcome.current,
-                          percent=outcome.percent, ready=_next_ready(conn))
-            row = _execute(conn, _SQL_CONTINUE, params).fetchone()
+                          percent=outcome.percent)
+            if kind == "continue":
+                params["ready"] = _next_ready(conn)
+                row = _execute(conn, _SQL_CONTINUE, params).fetchone()
+            else:
+                row = _execute(conn, _SQL_CONTINUE_HERE, params).fetchone()
         elif kind == "done":
             params["result"] = outcome.text
             row = (_DONE,) if _execute(conn, _SQL_DONE,
@@ -2310,7 +2650,6 @@ class Worker:
             return _Outcome(claimed, "fail", error=str(exc))
         _CURRENT.job = _CurrentJob(self.queue, claimed.id, claimed.step,
                                    claimed.attempt, claimed.token)
-        self._heartbeat.add(claimed, fn.lease)
         try:
             value = fn.__wrapped__(*args, **kwargs)
         except KeyboardInterrupt:
@@ -2318,7 +2657,6 @@ class Worker:
         except BaseException:  # SystemExit too: it fails this step only
             return self._failure(claimed, fn, traceback.format_exc())
         finally:
-            self._heartbeat.remove(claimed)
             _CURRENT.job = None
         return self._success(claimed, call, value)
 
@@ -2350,15 +2688,16 @@ class Worker:
 
 
 class _Heartbeat:
-    """Renews the leases of a Worker's running steps every lease / 3."""
+    """Renews the leases a Worker's threads hold, every lease / 3, and
+    rescues their deferred steps that run long (see Worker._rescue)."""
 
     def __init__(self, worker: Worker) -> None:
         self._worker = worker
-        # Guards _running; notified when a step starts or on stop.
+        # Notified by poke() and on stop.
         self._condition = threading.Condition(threading.Lock())
-        self._running: dict[int, tuple[_Claimed, float, float]] = {}
         self._wake_at = math.inf  # when the thread next wakes (monotonic)
-        self._period: float | None = None  # lease / 3 of the last step
+        self._period = _TASK_DEFAULTS["lease"] / 3  # shortest seen
+        self._again = False  # poked while awake: look again at once
         self._thread: threading.Thread | None = None
         self._stop = False
 
@@ -2375,62 +2714,95 @@ class _Heartbeat:
         if self._thread is not None:
             self._thread.join()
 
-    def add(self, claimed: _Claimed, lease: float) -> None:
-        now = time.monotonic()
-        with self._condition:
-            self._running[claimed.id] = (claimed, lease, now)
-            self._period = lease / 3
-            if now + lease / 3 < self._wake_at:
-                self._condition.notify_all()
+    def poke(self, within: float, period: bool = False) -> None:
+        """Make sure the thread looks again within ``within`` seconds.
 
-    def remove(self, claimed: _Claimed) -> None:
-        with self._condition:
-            self._running.pop(claimed.id, None)
+        With ``period``, ``within`` is a renewal period of steps now held.
+        """
+        wake_at = self._wake_at
+        if (wake_at == -math.inf or time.monotonic() + within < wake_at
+                or (period and within < self._period)):
+            with self._condition:
+                if period:
+                    self._period = min(self._period, within)
+                self._again = True
+                self._condition.notify_all()
 
     def _run(self) -> None:
         while True:
+            now = time.monotonic()
+            wake = self._beat(now)
             with self._condition:
                 if self._stop:
                     return
-                now = time.monotonic()
-                due = [(c, lease) for c, lease, at in self._running.values()
-                       if now - at >= lease / 3]
-                waits = [at + lease / 3 - now
-                         for _, lease, at in self._running.values()]
-                if not due:
-                    # Between short steps nothing runs: tick at the last
-                    # period rather than sleep for good, or every add()
-                    # would have to wake this thread.
-                    timeout = min(waits, default=self._period)
-                    self._period = None  # a second idle period: sleep
-                    self._wake_at = math.inf if timeout is None else (
-                        now + timeout)
-                    self._condition.wait(timeout)
-                    self._wake_at = -math.inf  # awake: add() need not wake
-                    continue
-                for claimed, lease in due:
-                    self._running[claimed.id] = (claimed, lease, now)
-            self._renew(due)
+                # Between steps nothing may be held: look again after the
+                # shortest period seen rather than sleep for good, so a
+                # claim need not wake this thread.
+                wake = min(wake, now + self._period)
+                if not self._again:
+                    self._wake_at = wake
+                    self._condition.wait(max(0.0, wake - time.monotonic()))
+                self._again = False
+                self._wake_at = -math.inf  # awake: poke() sets _again
 
-    def _renew(self, due: list) -> None:
+    def _beat(self, now: float) -> float:
+        """Renew what is due and rescue long deferred steps; next wake."""
+        due: list[_Claimed] = []
+        rescue: list[_Lane] = []
+        wake = math.inf
+        with self._worker._idle_lock:
+            lanes = list(self._worker._lanes)
+        for lane in lanes:
+            with lane.lock:
+                for claimed in lane.held():
+                    at = claimed.renewed + claimed.lease / 3
+                    if at <= now:
+                        due.append(claimed)
+                        at = now + claimed.lease / 3
+                    wake = min(wake, at)
+                step = lane.running
+                if step is not None and not step.shown:
+                    if now - step.began >= _RESCUE:
+                        rescue.append(lane)
+                    else:
+                        wake = min(wake, step.began + _RESCUE)
+                if lane.streak >= _STREAK:
+                    wake = min(wake, now + _RESCUE)
+        if due:
+            self._renew(due, now)
+        for lane in rescue:
+            self._worker._rescue(lane)
+        return wake
+
+    def _renew(self, due: list[_Claimed], now: float) -> None:
         store = self._worker._store
 
         def body(conn: sqlite3.Connection) -> list:
-            now = store.clock()
+            until = store.clock()
             return [_execute(conn, _SQL_SET_LEASE, {
-                "id": c.id, "token": c.token, "until": now + lease}).rowcount
-                for c, lease in due]
+                "id": c.id, "token": c.token,
+                "until": until + c.lease}).rowcount for c in due]
 
         try:
             renewed = store.write(body)
         except Error as exc:
             logger.error("cannot renew leases in %s: %s", store.path, exc)
             return
-        for (claimed, _), ok in zip(due, renewed):
-            if not ok:
+        for claimed, ok in zip(due, renewed):
+            claimed.renewed = now
+            if not ok and self._still_held(claimed):
                 logger.warning("job %d: lease lost while running %s (step "
                                "%d)", claimed.id, claimed.current,
                                claimed.step)
+
+    def _still_held(self, claimed: _Claimed) -> bool:
+        with self._worker._idle_lock:
+            lanes = list(self._worker._lanes)
+        for lane in lanes:
+            with lane.lock:
+                if any(c is claimed for c in lane.held()):
+                    return True
+        return False
 
 
 class _Watcher:

@@ -2748,12 +2748,13 @@ def test_worker_keep_rejects_a_bad_duration(q):
         liteq.Worker(q, keep="seven days")
 
 
-def test_claim_query_uses_the_ready_index(q):
+@pytest.mark.parametrize("sql", ["_SQL_LINE", "_SQL_HIGHER_READY"])
+def test_claim_queries_use_the_ready_index(q, sql):
     q.counts()
     conn = sqlite3.connect(q.path)
     try:
-        plan = conn.execute("EXPLAIN QUERY PLAN " + liteq._SQL_PEEK_READY,
-                            ("default",)).fetchall()
+        plan = conn.execute("EXPLAIN QUERY PLAN " + getattr(liteq, sql),
+                            ("default", 5)).fetchall()
     finally:
         conn.close()
     details = " ".join(row[-1] for row in plan)
