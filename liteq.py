@@ -726,6 +726,12 @@ _SQL_SELECT_STATUS = "SELECT status, key, cancel FROM liteq_jobs WHERE id = ?"
 
 _SQL_SELECT_CANCEL = "SELECT cancel FROM liteq_jobs WHERE id = ?"
 
+# Steps claimed ahead that must not run: cancelled (or finished) since.
+_SQL_SELECT_GONE = """
+    SELECT id FROM liteq_jobs
+     WHERE id IN ({}) AND (cancel OR finished_at IS NOT NULL)
+"""
+
 _SQL_RETRY = """
     UPDATE liteq_jobs
        SET status = CASE WHEN steps > 0 THEN 'running' ELSE 'pending' END,
@@ -2043,6 +2049,7 @@ class _Lane:
         # When the line was last seen clear down to a priority: (monotonic
         # time, work signal generation, priority); see _may_continue_here.
         self.clear: tuple[float, int, int] = (-math.inf, 0, 0)
+        self.version: int | None = None  # data_version at the last look
 
     def held(self) -> list[_Claimed]:
         """Every step whose lease this thread keeps (call under lock)."""
@@ -2223,7 +2230,8 @@ class Worker:
                 with lane.lock:
                     step = lane.ahead.popleft() if lane.ahead else None
             if step is not None and not stopping and self._may_defer(lane):
-                self._run_step(lane, step)
+                if self._still_wanted(lane, step):
+                    self._run_step(lane, step)
                 step = None
                 continue
             claim = step is None and not stopping
@@ -2269,12 +2277,41 @@ class Worker:
 
     def _may_defer(self, lane: _Lane) -> bool:
         """Whether to run the next step without writing its start first."""
-        if lane.streak < _STREAK:
+        if lane.solo or lane.streak < _STREAK:
             return False
         pending = lane.pending
         return not pending or (
             len(pending) < _BATCH_MAX
             and time.monotonic() - pending[0].ended < _GROUP_AGE)
+
+    def _still_wanted(self, lane: _Lane, step: _Claimed) -> bool:
+        """Whether a step claimed ahead may run: not cancelled since.
+
+        Looks only when another connection has committed since the last
+        look (``PRAGMA data_version``), and then for every step ahead.
+        """
+        conn = self._store.connection()
+        try:
+            version = conn.execute("PRAGMA data_version").fetchone()[0]
+        except sqlite3.Error:
+            version = None
+        if version is not None and version == lane.version:
+            return True
+        ids = [step.id, *(claimed.id for claimed in lane.ahead)]
+        try:
+            gone = {row[0] for row in self._store.read(
+                _SQL_SELECT_GONE.format(",".join("?" * len(ids))), ids)}
+        except Error:
+            return True  # the write that follows meets the error
+        lane.version = version
+        if gone:
+            with lane.lock:
+                lane.ahead = collections.deque(
+                    c for c in lane.ahead if c.id not in gone)
+            for job_id in sorted(gone):
+                logger.info("job %d cancelled before its step started",
+                            job_id)
+        return step.id not in gone
 
     def _run_step(self, lane: _Lane, claimed: _Claimed) -> None:
         """Run a claimed step; keep its outcome for the lane's next write."""
@@ -2398,8 +2435,9 @@ class Worker:
             self._heartbeat.poke(min(c.lease for c in held) / 3, period=True)
         self._after_write(outcomes, rows, release)
         if step is not None and started is None:
-            logger.warning("job %d: claim lost before step %d of %s started",
-                           step.id, step.step, step.current)
+            logger.info("job %d: cancelled or taken back before step %d of "
+                        "%s started; not run", step.id, step.step,
+                        step.current)
         return started, due
 
     def _write_cycle(self, conn: sqlite3.Connection, lane: _Lane,
@@ -2411,9 +2449,8 @@ class Worker:
         batch: list[_Claimed] = []
         due = None
         if claim:
-            batch, due = self._claim_in(conn, now,
-                                        1 if lane.streak < _STREAK or
-                                        lane.solo else _BATCH_MAX)
+            batch, due = self._claim_in(
+                conn, now, _BATCH_MAX if self._may_defer(lane) else 1)
             if batch and not self._may_defer(lane) and self._start(
                     conn, batch[0], now):
                 started = batch.pop(0)
