@@ -75,7 +75,7 @@ import traceback
 import urllib.parse
 import weakref
 import wsgiref.simple_server
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 __version__ = "0.1.0"
 
@@ -270,7 +270,7 @@ def _check_name(what: str, value: Any) -> str:
 
 def _storable_text(text: str) -> str:
     """Text for a TEXT column: surrogates (invalid UTF-8) escaped."""
-    if _SURROGATE.search(text):
+    if not text.isascii() and _SURROGATE.search(text):
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text
 
@@ -404,13 +404,37 @@ _ESCAPED_PAIR = re.compile(
     r"(\\u[dD][89abAB][0-9a-fA-F]{2})(?=\\u[dD][c-fC-F][0-9a-fA-F]{2})")
 
 
-_JSON_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"),
-                               allow_nan=False).encode
+def _json_encoder() -> Callable[[Any], str]:
+    """Compact JSON text; values come from _to_json, so no checks.
+
+    JSONEncoder.encode builds its C encoder anew on every call, which
+    costs more than encoding a small call; this builds it once.
+    """
+    base = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"),
+                            allow_nan=False)
+    plain = base.encode
+    try:
+        c_encoder = json.encoder.c_make_encoder(  # type: ignore
+            None, base.default, json.encoder.encode_basestring, None, ":",
+            ",", False, False, False)
+
+        def encode(value: Any) -> str:
+            return "".join(c_encoder(value, 0))
+
+        sample = {"a": [1, 2.5, None, True, "\u00e9"], "b": {}}
+        if encode(sample) == plain(sample):
+            return encode
+    except (AttributeError, TypeError, ValueError):
+        pass  # no C accelerator, or another signature
+    return plain
+
+
+_JSON_ENCODE = _json_encoder()
 
 
 def _dumps(value: Any) -> str:
     text = _JSON_ENCODE(value)
-    if _SURROGATE.search(text):
+    if not text.isascii() and _SURROGATE.search(text):
         text = _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
     return text
 
@@ -447,9 +471,29 @@ def _top_depth(value: Any) -> int:
     return 0 if isinstance(value, Task) else 1
 
 
+def _plain(values: Iterable) -> bool:
+    """Whether every value is a str, None, bool, short int or finite
+    float: JSON as it stands, with nothing to tag or check further."""
+    for value in values:
+        kind = type(value)
+        if kind is float:
+            if not math.isfinite(value):
+                return False
+        elif not (kind is str or value is None or kind is bool
+                  or (kind is int and value.bit_length() < 14000)):
+            return False
+    return True
+
+
 def _encode(value: Any, path: str, limit: int) -> str:
     try:
-        text = _dumps(_to_json(value, _top_depth(value)))
+        if (type(value) is Task and not value._then and _plain(value.args)
+                and _plain(value.kwargs.values())):
+            # The common call, without the walk _to_json makes.
+            text = _dumps({_TAG_TASK: value.name, "args": list(value.args),
+                           "kwargs": value.kwargs})
+        else:
+            text = _dumps(_to_json(value, _top_depth(value)))
     except _Unstorable as exc:
         raise exc.at(path) from None
     size = len(text) if len(text) * 4 <= limit else len(text.encode())
@@ -463,9 +507,13 @@ def _encode(value: Any, path: str, limit: int) -> str:
 # 5. Storage: SQL, schema, connections, transactions
 # ---------------------------------------------------------------------------
 
-# One row per job.  A waiting job has ``ready`` (its place in line) or, when
-# it waits for a time, ``timer`` (its eta).  A job whose step executes has
-# ``worker`` and ``timer`` (its lease expiry) and a fresh ``token``.
+# One row per job.  A waiting job has ``ready`` (its place in line) or,
+# when it waits for a time, ``timer`` (its eta).  A claimed job has a
+# fresh ``token`` and its lease expiry in ``timer``; once its step's start
+# is written, ``worker`` too.  The status CHECK is written with OR, not
+# IN: SQLite builds an IN list anew for every statement run, about 3 us
+# per insert or update here.  (Files made before keep the IN form; both
+# mean the same.)
 _SCHEMA = (
     """
     CREATE TABLE liteq_jobs (
@@ -477,8 +525,9 @@ _SCHEMA = (
         queue       TEXT    NOT NULL,
         priority    INTEGER NOT NULL,
         key         TEXT,
-        status      TEXT    NOT NULL CHECK (status IN
-                    ('pending', 'running', 'done', 'failed', 'cancelled')),
+        status      TEXT    NOT NULL CHECK (status = 'pending'
+                    OR status = 'running' OR status = 'done'
+                    OR status = 'failed' OR status = 'cancelled'),
         percent     REAL,
         steps       INTEGER NOT NULL DEFAULT 0,
         attempts    INTEGER NOT NULL DEFAULT 0,
@@ -527,16 +576,29 @@ _SQL_NEXT_READY = """
  RETURNING seq
 """
 
-_SQL_INSERT_JOB = """
+# Parameters by number, from a _NewJob: positional binding is faster.
+_INSERT_JOB = """
     INSERT INTO liteq_jobs (name, current, call, description, queue,
                             priority, key, status, percent, eta, ready,
                             timer, created_at, updated_at)
-    VALUES (:name, :name, :call, :description, :queue, :priority, :key,
-            'pending', :percent, :eta,
-            CASE WHEN :due THEN 1 + coalesce((SELECT seq FROM sqlite_sequence
-                                  WHERE name = 'liteq_jobs'), 0) END,
-            CASE WHEN :due THEN NULL ELSE :eta END, :now, :now)
+    {} ?1, ?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?8,
+            CASE WHEN ?9 THEN 1 + coalesce((SELECT seq FROM sqlite_sequence
+                                 WHERE name = 'liteq_jobs'), 0) END,
+            CASE WHEN ?9 THEN NULL ELSE ?8 END, ?10, ?10{}
 """
+
+#: A job to insert, in the order of _INSERT_JOB's parameters; ``due``
+#: says whether it goes in line at once (else it waits for ``eta``).
+_NewJob = collections.namedtuple(
+    "_NewJob", "name call description queue priority key percent eta due now")
+
+_SQL_INSERT_JOB = _INSERT_JOB.format("VALUES (", ")")
+
+# The same, as a transaction of its own: it inserts nothing unless the
+# schema is the one this liteq knows (see _Store.insert).
+_SQL_INSERT_CHECKED = _INSERT_JOB.format("SELECT", f"""
+     WHERE (SELECT user_version FROM pragma_user_version)
+           = {_SCHEMA_VERSION}""")
 
 # One statement, so one snapshot: another opener may be creating the schema.
 _SQL_HEADER = """
@@ -922,6 +984,23 @@ class _Store:
 
         return self._retry(attempt)
 
+    def insert(self, sql: str, params: Any) -> int:
+        """Run one schema-checked INSERT as its own transaction; its id.
+
+        One statement commits by itself (autocommit), so a plain
+        ``.delay()`` needs no BEGIN, COMMIT or separate version check.
+        """
+        conn = self.connection()
+
+        def attempt() -> int:
+            cursor = _execute(conn, sql, params)
+            if cursor.rowcount != 1:  # another liteq changed the schema
+                self._check_header(conn)
+                raise SchemaError(f"{self.path}: the job was not stored")
+            return cursor.lastrowid
+
+        return self._retry(attempt)
+
     def read(self, sql: str, params: Any = ()) -> list:
         """Run one query outside any transaction and return its rows."""
         conn = self.connection()
@@ -992,6 +1071,13 @@ class Task:
         self.kwargs = dict(kwargs or {})
         # Chain frames to resume, innermost first, when this call finishes.
         self._then = tuple(_then)
+
+    @classmethod
+    def _made(cls, name: str, args: list, kwargs: dict) -> Task:
+        """A Task of a registered name: no checks, nothing copied."""
+        task = cls.__new__(cls)
+        task.name, task.args, task.kwargs, task._then = name, args, kwargs, ()
+        return task
 
     # Identity and form ----------------------------------------------------
 
@@ -1160,7 +1246,7 @@ class TaskFunction:
                 self._signature.bind(*args, **kwargs)
             except TypeError as exc:
                 raise TypeError(f"{self.__name__}(): {exc}") from None
-        return Task(self._stored_name(), args, kwargs)
+        return Task._made(self._stored_name(), list(args), kwargs)
 
     def _fits(self, args: Sequence, kwargs: dict) -> bool:
         """A quick yes for positional calls of plain signatures."""
@@ -1844,16 +1930,19 @@ class Queue:
             job = Job(self, None)
             items.append((row, job))
             return job
-        job_id = self._store.write(lambda conn: _insert(conn, row))
+        if key is None:
+            job_id = self._store.insert(_SQL_INSERT_CHECKED, row)
+        else:
+            job_id = self._store.write(lambda conn: _insert(conn, row))
         _Signal.of(self.path).notify()
         return Job(self, job_id)
 
     def _job_row(self, call: Task, countdown: Any, eta: Any, priority: Any,
-                 queue: Any, key: Any) -> dict:
+                 queue: Any, key: Any) -> _NewJob:
         """Validate a call and its options into the row to insert."""
-        fn = _options_function(call)
-        text = _encode(call, "", self.max_payload)
         own = call.function
+        fn = own if own.name != _CHAIN_NAME else _options_function(call)
+        text = _encode(call, "", self.max_payload)
         if own.percent is not None or own.description is not None:
             # They see the arguments as a worker will, decoded from JSON.
             call = Task._from_json(_parse(text))
@@ -1865,20 +1954,20 @@ class Queue:
             _check_name("queue", queue)
         if key is not None:
             _check_name("key", key)
-        return {
-            "name": call.name, "call": text,
-            "description": _storable_text(call.function._description(
-                call.args, call.kwargs)),
-            "queue": fn.queue if queue is None else queue,
-            "priority": fn.priority if priority is None else priority,
-            "key": key, "percent": call.percent(), "eta": start,
-            "due": start <= now, "now": now}
+        return _NewJob(
+            call.name, text,
+            _storable_text(own._description(call.args, call.kwargs)),
+            fn.queue if queue is None else queue,
+            fn.priority if priority is None else priority,
+            key, call.percent() if call._then else own._percent_of(
+                call.args, call.kwargs), start, start <= now, now)
 
 
-def _insert_many(conn: sqlite3.Connection, rows: list[dict]) -> list[int]:
+def _insert_many(conn: sqlite3.Connection,
+                 rows: list[_NewJob]) -> list[int]:
     """Insert rows in order; runs without a key go in one executemany."""
     ids: list[int] = []
-    for keyed, run in itertools.groupby(rows, lambda r: r["key"] is not None):
+    for keyed, run in itertools.groupby(rows, lambda r: r.key is not None):
         run = list(run)
         if keyed:
             ids += [_insert(conn, row) for row in run]
@@ -1890,9 +1979,9 @@ def _insert_many(conn: sqlite3.Connection, rows: list[dict]) -> list[int]:
     return ids
 
 
-def _insert(conn: sqlite3.Connection, row: dict) -> int:
-    if row["key"] is not None:
-        found = _execute(conn, _SQL_SELECT_ACTIVE_KEY, (row["key"],))
+def _insert(conn: sqlite3.Connection, row: _NewJob) -> int:
+    if row.key is not None:
+        found = _execute(conn, _SQL_SELECT_ACTIVE_KEY, (row.key,))
         existing = found.fetchone()
         if existing:
             return existing[0]
