@@ -77,6 +77,11 @@ import weakref
 import wsgiref.simple_server
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+try:
+    import fcntl
+except ImportError:  # not on Windows: every worker claims at once there
+    fcntl = None  # type: ignore[assignment]
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -136,9 +141,15 @@ _PROBE = 0.05  # seconds between looks for due timers while busy
 _FAST = 0.002  # seconds: a step shorter than this is short
 _STREAK = 8  # short steps in a row before a thread defers writes
 _BATCH_MAX = 32  # steps claimed at once, and outcomes written at once
-_GROUP_AGE = 0.005  # seconds an outcome may wait to be written
+_GROUP_AGE = 0.01  # seconds an outcome may wait to be written
 _RESCUE = 0.05  # seconds before a long deferred step is shown running
 _TOKEN_BITS = 20  # a claim's block of fencing tokens (see _SQL_CLAIM)
+# Several workers on one file (see _Gate): a follower takes a job that
+# waited _FOLLOW_WAIT seconds for the lead, or when _FOLLOW_LOAD wait.
+_FOLLOW_WAIT, _FOLLOW_LOAD = 0.02, 64
+# Another process's commits wake idle threads at once, then, while they
+# go on, every _WAKE_GAP seconds, doubling up to _WAKE_GAP_MAX.
+_WAKE_GAP, _WAKE_GAP_MAX = 0.001, 0.032
 _HOST_PID = f"{socket.gethostname()}:{os.getpid()}"
 
 _TASK_DEFAULTS = {
@@ -638,6 +649,14 @@ _SQL_ANY_READY = """
 """
 
 _SQL_ANY_DUE = "SELECT 1 FROM liteq_jobs WHERE timer <= ? LIMIT 1"
+
+# A worker that does not lead looks at the head of the line: how many wait
+# (up to a bound) and since when.
+_SQL_LINE_LOAD = """
+    SELECT count(*), min(eta) FROM (
+        SELECT eta FROM liteq_jobs WHERE queue = ? AND ready IS NOT NULL
+         ORDER BY priority DESC, ready LIMIT ?)
+"""
 
 _SQL_NEXT_TIMER = "SELECT min(timer) FROM liteq_jobs WHERE timer IS NOT NULL"
 
@@ -2026,6 +2045,8 @@ def _after_fork_in_child() -> None:
     _DEFAULT_LOCK = threading.Lock()
     _Signal._by_path = {}
     _Signal._registry_lock = threading.Lock()
+    for gate in list(_Gate.opened):  # the parent's lead is not the child's
+        gate.forget()
 
 
 if hasattr(os, "register_at_fork"):
@@ -2197,6 +2218,7 @@ class Worker:
         self._idle = 0
         self._lanes: list[_Lane] = []  # one per running thread
         self._heartbeat = _Heartbeat(self)
+        self._gate = _Gate(self.queue.path)
         self._watcher = _Watcher(self)
 
     def __repr__(self) -> str:
@@ -2247,6 +2269,7 @@ class Worker:
             if finished and self._threads:
                 self._heartbeat.stop()
                 self._watcher.stop()
+                self._gate.close()
                 self._threads = []
                 self._stopping.clear()  # it may be started again
         return finished
@@ -2324,10 +2347,19 @@ class Worker:
                 step = None
                 continue
             claim = step is None and not stopping
+            hold = None  # seconds a follower leaves the line to the lead
+            if claim and not lane.solo and not self._gate.take():
+                hold = self._follower_hold()
+                claim = hold is None
+                if not claim and not lane.pending:
+                    self._idle_wait(generation, hold)
+                    idle = True
+                    continue
             # Woken by another process's commit: look before locking.  A
             # commit of this process that made work needs no look.
-            if (idle and claim and not lane.pending and local == seen_local
-                    and not self._work_in_sight()):
+            looked = idle and claim and not lane.pending and (
+                local == seen_local)
+            if looked and not self._work_in_sight():
                 self._idle_wait(generation, _IDLE_MAX)
                 continue
             seen_local = local
@@ -2359,10 +2391,17 @@ class Worker:
             elif stopping:
                 return
             else:
-                lane.streak = 0
                 pause = _IDLE_MAX if due is None else due - time.time()
+                if hold is not None:
+                    pause = min(pause, hold)
                 self._idle_wait(generation, min(max(pause, 0.0), _IDLE_MAX))
                 idle = pause >= _IDLE_MAX  # else a timer is due: claim
+
+    def _may_step_aside(self) -> None:
+        """Before a step that may be long: if no thread of this worker is
+        left to claim, let another worker lead (see _Gate)."""
+        if not self._idle:
+            self._gate.give()
 
     def _may_defer(self, lane: _Lane) -> bool:
         """Whether to run the next step without writing its start first."""
@@ -2414,6 +2453,10 @@ class Worker:
                         claimed.attempt)
         with lane.lock:
             lane.running = claimed
+        if claimed.shown:
+            self._may_step_aside()
+        else:  # the heartbeat shows it if it runs long
+            self._heartbeat.poke(_RESCUE)
         outcome = self._execute(claimed)
         follow = None
         if outcome.kind == "continue" and self._may_continue_here(
@@ -2425,12 +2468,8 @@ class Worker:
             lane.pending.append(outcome)
             if follow is not None:
                 lane.ahead.appendleft(follow)
-        if outcome.ended - claimed.began < _FAST:
-            lane.streak += 1
-            if lane.streak == _STREAK:
-                self._heartbeat.poke(_RESCUE)
-        else:
-            lane.streak = 0
+        lane.streak = lane.streak + 1 if (
+            outcome.ended - claimed.began < _FAST) else 0
         if outcome.kind == "release":  # KeyboardInterrupt in a task
             logger.warning("job %d: KeyboardInterrupt in %s: step released, "
                            "worker stopping", claimed.id, claimed.current)
@@ -2477,6 +2516,24 @@ class Worker:
                                          (self._store.clock(),)))
         except Error:
             return True  # let the claim meet the error and report it
+
+    def _follower_hold(self) -> float | None:
+        """For a worker that does not lead: None if the line needs it
+        now (_FOLLOW_LOAD jobs wait, or one has waited _FOLLOW_WAIT),
+        else how long to leave it to the lead."""
+        now, hold = self._store.clock(), _IDLE_MAX
+        try:
+            loads = [self._store.read(_SQL_LINE_LOAD, (name, _FOLLOW_LOAD))[0]
+                     for name in self.queues]
+        except Error:
+            return None  # let the claim meet the error and report it
+        for count, since in loads:
+            if count >= _FOLLOW_LOAD or (
+                    count and now - since >= _FOLLOW_WAIT):
+                return None
+            if count:
+                hold = min(hold, _FOLLOW_WAIT - (now - since))
+        return max(hold, 0.001)
 
     def _idle_wait(self, generation: int, timeout: float) -> None:
         with self._idle_lock:
@@ -2538,8 +2595,8 @@ class Worker:
         batch: list[_Claimed] = []
         due = None
         if claim:
-            batch, due = self._claim_in(
-                conn, now, _BATCH_MAX if self._may_defer(lane) else 1)
+            limit = _BATCH_MAX if self._may_defer(lane) else 1
+            batch, due = self._claim_in(conn, now, limit)
             if batch and not self._may_defer(lane) and self._start(
                     conn, batch[0], now):
                 started = batch.pop(0)
@@ -2617,6 +2674,7 @@ class Worker:
                 logger.error("cannot record steps in %s: %s; they will run "
                              "again", self._store.path, exc)
                 return
+        self._may_step_aside()
         self._after_write(outcomes, rows, release)
 
     def _start(self, conn: sqlite3.Connection, claimed: _Claimed,
@@ -2813,6 +2871,64 @@ class Worker:
                         follow.percent())
 
 
+class _Gate:
+    """Which of the workers on one file leads: a lock on ``<db>-lead``.
+
+    The lead claims work as soon as it sees it; the others follow: they
+    claim only when the line waits on them (see Worker._follower_hold),
+    so four workers on a load one can carry write no more than one.  A
+    lead gives the gate up when all its threads run long steps.  The
+    kernel drops the lock of a process that dies.  Where flock is
+    missing, or the file cannot be made, every worker leads.
+    """
+
+    opened: weakref.WeakSet = weakref.WeakSet()
+
+    def __init__(self, path: str) -> None:
+        self._path = path + "-lead"
+        self._fd: int | None = None
+        self._lock = threading.Lock()
+        self.held = False
+        _Gate.opened.add(self)
+
+    def take(self) -> bool:
+        """Lead if nobody else does; True if this worker leads."""
+        if self.held or fcntl is None:
+            return True
+        with self._lock:
+            try:
+                if self._fd is None:
+                    self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT
+                                       | getattr(os, "O_CLOEXEC", 0), 0o644)
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            except OSError:
+                return True  # no way to agree on a lead: lead
+            self.held = True
+            return True
+
+    def give(self) -> None:
+        with self._lock:
+            if self.held and self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            self.held = False
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)  # drops the lock too
+            self._fd, self.held = None, False
+
+    def forget(self) -> None:
+        """In a forked child: close the descriptor without unlocking,
+        which would unlock it for the parent too."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+        self._fd, self.held, self._lock = None, False, threading.Lock()
+
+
 class _Heartbeat:
     """Renews the leases a Worker's threads hold, every lease / 3, and
     rescues their deferred steps that run long (see Worker._rescue)."""
@@ -2892,8 +3008,6 @@ class _Heartbeat:
                         rescue.append(lane)
                     else:
                         wake = min(wake, step.began + _RESCUE)
-                if lane.streak >= _STREAK:
-                    wake = min(wake, now + _RESCUE)
         if due:
             self._renew(due, now)
         for lane in rescue:
@@ -3002,13 +3116,20 @@ class _Watcher:
 
         A commit's last write to the WAL comes a moment before SQLite
         publishes it in the shared-memory index, so a thread woken by that
-        write can look too early; the second wake-up, 2 ms after the last
+        write can look too early; the last wake-up, a gap after the last
         write, finds it.
         """
         signal_ = self._worker._signal
         signal_.notify(local=False)
-        while self._inotify is not None and self._inotify.wait(0.002):
+        # While writes go on, wake the threads once per gap, a gap that
+        # grows: other processes may commit thousands of times a second;
+        # waking for each would spend the CPU they need, and work that
+        # gathers is claimed in fewer, larger batches.
+        gap = _WAKE_GAP
+        while not self._stop.wait(gap) and (
+                self._inotify is not None and self._inotify.wait(0)):
             signal_.notify(local=False)
+            gap = min(gap * 2, _WAKE_GAP_MAX)
         signal_.notify(local=False)
 
     def _data_version(self) -> int | None:
