@@ -137,6 +137,11 @@ def tick(label, n):
     return T.tick(label, n - 1) if n > 1 else label
 
 
+def whose_thread(label):
+    LOG.append((label, threading.get_ident()))
+    return label
+
+
 def count_tokens(n):
     """Note (step, token) and continue n more times."""
     job = liteq.current_job()
@@ -283,6 +288,7 @@ TASK_FUNCTIONS = [
     exit_task, interrupt_once, gated, stuck, introspect, spawn_then_fail,
     stage_one, stage_two, flaky_steps, counted_step, big_result, set_result,
     hijack, chain_returner, whoami, spawn_chain_child, count_tokens,
+    whose_thread,
 ]
 
 CLAMP = {"nan": math.nan, "inf": math.inf, "str": "50"}
@@ -2640,6 +2646,73 @@ def test_a_job_cancelled_while_claimed_ahead_never_runs(
     assert held.result(timeout=5) == "finished anyway"
     assert LOG == ["after"]
     assert victim.status == "cancelled" and victim.started_at is None
+
+
+# Several workers on one file: one leads ---------------------------------------
+
+
+@pytest.fixture
+def patient_followers(monkeypatch):
+    """Followers never take work the lead could take."""
+    monkeypatch.setattr(liteq, "_FOLLOW_WAIT", 3600.0)
+    monkeypatch.setattr(liteq, "_FOLLOW_LOAD", 10**9)
+
+
+def test_a_follower_leaves_the_work_to_the_lead(
+        q, patient_followers, deferring):
+    # Deferred steps are known short: the lead keeps the gate through them.
+    lead = liteq.Worker(q).start()
+    follower = liteq.Worker(q)
+    try:
+        wait_until(lambda: lead._gate.held, what="the first worker to lead")
+        follower.start()
+        jobs = [T.whose_thread.delay(f"j{i}") for i in range(20)]
+        assert [job.result(timeout=30) for job in jobs] == [
+            f"j{i}" for i in range(20)]
+    finally:
+        assert follower.stop(timeout=30) and lead.stop(timeout=30)
+    # Every job ran in one thread: the lead's.
+    assert len({ident for _, ident in LOG}) == 1, LOG
+
+
+def test_a_lead_in_a_long_step_hands_over_to_a_follower(
+        q, patient_followers):
+    held = T.gated.delay("finish")
+    lead = liteq.Worker(q).start()
+    follower = liteq.Worker(q)
+    try:
+        GATE.wait_entered()  # a step whose start was written: maybe long
+        wait_until(lambda: not lead._gate.held, what="the lead to step aside")
+        follower.start()
+        assert T.add.delay(2, 3).result(timeout=30) == 5
+        assert follower._gate.held
+        assert held.status == "running"
+    finally:
+        GATE.go.set()
+        assert lead.stop(timeout=30) and follower.stop(timeout=30)
+    assert held.result(timeout=5) == "finished anyway"
+
+
+def test_a_follower_helps_once_work_has_waited(q, monkeypatch):
+    monkeypatch.setattr(liteq, "_FOLLOW_LOAD", 10**9)
+    monkeypatch.setattr(liteq, "_FOLLOW_WAIT", 0.2)
+    monkeypatch.setattr(liteq, "_RESCUE", 3600.0)
+    monkeypatch.setattr(liteq, "_FAST", 3600.0)
+    monkeypatch.setattr(liteq, "_STREAK", 0)
+    # The lead runs a deferred step that blocks: it keeps the gate.
+    held = T.gated.delay("finish")
+    lead = liteq.Worker(q).start()
+    follower = liteq.Worker(q)
+    try:
+        GATE.wait_entered()
+        follower.start()
+        assert lead._gate.held and not follower._gate.held
+        job = T.add.delay(1, 1)
+        assert job.result(timeout=30) == 2  # after it waited 0.2 s
+        assert job.started_at - job.created_at >= dt.timedelta(seconds=0.2)
+    finally:
+        GATE.go.set()
+        assert lead.stop(timeout=30) and follower.stop(timeout=30)
 
 
 # ---------------------------------------------------------------------------
