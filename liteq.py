@@ -145,11 +145,12 @@ _GROUP_AGE = 0.01  # seconds an outcome may wait to be written
 _RESCUE = 0.05  # seconds before a long deferred step is shown running
 _TOKEN_BITS = 20  # a claim's block of fencing tokens (see _SQL_CLAIM)
 # Several workers on one file (see _Gate): a follower takes a job that
-# waited _FOLLOW_WAIT seconds for the lead, or when _FOLLOW_LOAD wait.
-_FOLLOW_WAIT, _FOLLOW_LOAD = 0.02, 64
-# Another process's commits wake idle threads at once, then, while they
-# go on, every _WAKE_GAP seconds, doubling up to _WAKE_GAP_MAX.
-_WAKE_GAP, _WAKE_GAP_MAX = 0.001, 0.032
+# waited _FOLLOW_WAIT seconds for the lead, or when _FOLLOW_LOAD wait; it
+# looks, and tries to lead, every _FOLLOW_LOOK seconds.
+_FOLLOW_WAIT, _FOLLOW_LOAD, _FOLLOW_LOOK = 0.5, 1000, 0.02
+# Another process's commits wake idle threads at once, then, while they go
+# on, every _WAKE_GAP seconds.
+_WAKE_GAP = 0.001
 _HOST_PID = f"{socket.gethostname()}:{os.getpid()}"
 
 _TASK_DEFAULTS = {
@@ -2081,8 +2082,8 @@ class _Claimed:
 
     __slots__ = ("id", "current", "call", "token", "attempt", "step",
                  "failures", "priority", "ready", "limits", "lease",
-                 "renewed", "started", "shown", "began", "confirmed",
-                 "after")
+                 "renewed", "started", "shown", "began", "long",
+                 "confirmed", "after")
 
     def __init__(self, row: tuple, ready: int | None,
                  limits: tuple[float, int]) -> None:
@@ -2094,6 +2095,7 @@ class _Claimed:
         self.started: float | None = None
         self.shown = False
         self.began = 0.0  # monotonic start, for the rescue of long steps
+        self.long = False  # whether the heartbeat saw it run long
         self.confirmed = True  # False until the claim is written
         self.after: _Outcome | None = None  # the outcome that claimed it
 
@@ -2352,8 +2354,8 @@ class Worker:
                 hold = self._follower_hold()
                 claim = hold is None
                 if not claim and not lane.pending:
-                    self._idle_wait(generation, hold)
-                    idle = True
+                    # Commits wake the lead, not us: look again later.
+                    self._stopping.wait(hold)
                     continue
             # Woken by another process's commit: look before locking.  A
             # commit of this process that made work needs no look.
@@ -2396,12 +2398,6 @@ class Worker:
                     pause = min(pause, hold)
                 self._idle_wait(generation, min(max(pause, 0.0), _IDLE_MAX))
                 idle = pause >= _IDLE_MAX  # else a timer is due: claim
-
-    def _may_step_aside(self) -> None:
-        """Before a step that may be long: if no thread of this worker is
-        left to claim, let another worker lead (see _Gate)."""
-        if not self._idle:
-            self._gate.give()
 
     def _may_defer(self, lane: _Lane) -> bool:
         """Whether to run the next step without writing its start first."""
@@ -2453,10 +2449,8 @@ class Worker:
                         claimed.attempt)
         with lane.lock:
             lane.running = claimed
-        if claimed.shown:
-            self._may_step_aside()
-        else:  # the heartbeat shows it if it runs long
-            self._heartbeat.poke(_RESCUE)
+        # The heartbeat looks at a step that runs past _RESCUE seconds.
+        self._heartbeat.poke(_RESCUE)
         outcome = self._execute(claimed)
         follow = None
         if outcome.kind == "continue" and self._may_continue_here(
@@ -2520,14 +2514,19 @@ class Worker:
     def _follower_hold(self) -> float | None:
         """For a worker that does not lead: None if the line needs it
         now (_FOLLOW_LOAD jobs wait, or one has waited _FOLLOW_WAIT),
-        else how long to leave it to the lead."""
-        now, hold = self._store.clock(), _IDLE_MAX
+        else how long to leave it to the lead before looking again."""
+        now, hold = self._store.clock(), _FOLLOW_LOOK
         try:
             loads = [self._store.read(_SQL_LINE_LOAD, (name, _FOLLOW_LOAD))[0]
                      for name in self.queues]
+            # A due timer (an eta, or the lease of a frozen lead) counts
+            # as a job that waits since then.
+            loads.append((1, self._store.read(_SQL_NEXT_TIMER)[0][0]))
         except Error:
             return None  # let the claim meet the error and report it
         for count, since in loads:
+            if since is None or since > now:
+                continue
             if count >= _FOLLOW_LOAD or (
                     count and now - since >= _FOLLOW_WAIT):
                 return None
@@ -2597,6 +2596,9 @@ class Worker:
         if claim:
             limit = _BATCH_MAX if self._may_defer(lane) else 1
             batch, due = self._claim_in(conn, now, limit)
+            if len(batch) > 1:  # as of this claim, nothing was cancelled
+                lane.version = conn.execute(
+                    "PRAGMA data_version").fetchone()[0]
             if batch and not self._may_defer(lane) and self._start(
                     conn, batch[0], now):
                 started = batch.pop(0)
@@ -2646,11 +2648,22 @@ class Worker:
         if in_line:
             self._signal.notify()
 
+    def _long_step(self, lane: _Lane, step: _Claimed) -> None:
+        """Called by the heartbeat for a step that runs past _RESCUE.
+
+        If it runs deferred, it is shown (see _rescue).  If no thread of
+        this worker is left to claim, another worker may lead (_Gate).
+        """
+        if not step.shown:
+            self._rescue(lane)
+        if not self._idle:
+            self._gate.give()
+
     def _rescue(self, lane: _Lane) -> None:
         """Show a deferred step that runs long; free what waits behind it.
 
-        Called by the heartbeat: the outcomes before the step are written,
-        its start too, and the steps claimed after it go back in line.
+        The outcomes before the step are written, its start too, and the
+        steps claimed after it go back in line.
         """
         with lane.writing:
             with lane.lock:
@@ -2674,7 +2687,6 @@ class Worker:
                 logger.error("cannot record steps in %s: %s; they will run "
                              "again", self._store.path, exc)
                 return
-        self._may_step_aside()
         self._after_write(outcomes, rows, release)
 
     def _start(self, conn: sqlite3.Connection, claimed: _Claimed,
@@ -2990,7 +3002,7 @@ class _Heartbeat:
     def _beat(self, now: float) -> float:
         """Renew what is due and rescue long deferred steps; next wake."""
         due: list[_Claimed] = []
-        rescue: list[_Lane] = []
+        long: list[tuple[_Lane, _Claimed]] = []
         wake = math.inf
         with self._worker._idle_lock:
             lanes = list(self._worker._lanes)
@@ -3003,15 +3015,16 @@ class _Heartbeat:
                         at = now + claimed.lease / 3
                     wake = min(wake, at)
                 step = lane.running
-                if step is not None and not step.shown:
+                if step is not None and not step.long:
                     if now - step.began >= _RESCUE:
-                        rescue.append(lane)
+                        step.long = True
+                        long.append((lane, step))
                     else:
                         wake = min(wake, step.began + _RESCUE)
         if due:
             self._renew(due, now)
-        for lane in rescue:
-            self._worker._rescue(lane)
+        for lane, step in long:
+            self._worker._long_step(lane, step)
         return wake
 
     def _renew(self, due: list[_Claimed], now: float) -> None:
@@ -3116,20 +3129,17 @@ class _Watcher:
 
         A commit's last write to the WAL comes a moment before SQLite
         publishes it in the shared-memory index, so a thread woken by that
-        write can look too early; the last wake-up, a gap after the last
-        write, finds it.
+        write can look too early; the last wake-up, _WAKE_GAP after the
+        last write, finds it.
         """
         signal_ = self._worker._signal
         signal_.notify(local=False)
-        # While writes go on, wake the threads once per gap, a gap that
-        # grows: other processes may commit thousands of times a second;
-        # waking for each would spend the CPU they need, and work that
-        # gathers is claimed in fewer, larger batches.
-        gap = _WAKE_GAP
-        while not self._stop.wait(gap) and (
+        # While writes go on, wake the threads once per _WAKE_GAP: other
+        # processes may commit thousands of times a second, and waking
+        # for each would spend the CPU they need.
+        while not self._stop.wait(_WAKE_GAP) and (
                 self._inotify is not None and self._inotify.wait(0)):
             signal_.notify(local=False)
-            gap = min(gap * 2, _WAKE_GAP_MAX)
         signal_.notify(local=False)
 
     def _data_version(self) -> int | None:
