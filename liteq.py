@@ -144,6 +144,7 @@ _BATCH_MAX = 32  # steps claimed at once, and outcomes written at once
 _GROUP_AGE = 0.01  # seconds an outcome may wait to be written
 _RESCUE = 0.05  # seconds before a long deferred step is shown running
 _TOKEN_BITS = 20  # a claim's block of fencing tokens (see _SQL_CLAIM)
+_CANCEL_LOOK = 0.002  # seconds between looks for cancelled steps ahead
 # Several workers on one file (see _Gate): a follower takes a job that
 # waited _FOLLOW_WAIT seconds for the lead, or when _FOLLOW_LOAD wait; it
 # looks, and tries to lead, every _FOLLOW_LOOK seconds.
@@ -2161,7 +2162,7 @@ class _Lane:
         # When the line was last seen clear down to a priority: (monotonic
         # time, work signal generation, priority); see _may_continue_here.
         self.clear: tuple[float, int, int] = (-math.inf, 0, 0)
-        self.version: int | None = None  # data_version at the last look
+        self.looked = -math.inf  # when steps ahead were last checked
 
     def held(self) -> list[_Claimed]:
         """Every step whose lease this thread keeps (call under lock)."""
@@ -2411,15 +2412,11 @@ class Worker:
     def _still_wanted(self, lane: _Lane, step: _Claimed) -> bool:
         """Whether a step claimed ahead may run: not cancelled since.
 
-        Looks only when another connection has committed since the last
-        look (``PRAGMA data_version``), and then for every step ahead.
+        A read costs more than a short step, so it looks at most every
+        _CANCEL_LOOK seconds, and then at every step ahead.
         """
-        conn = self._store.connection()
-        try:
-            version = conn.execute("PRAGMA data_version").fetchone()[0]
-        except sqlite3.Error:
-            version = None
-        if version is not None and version == lane.version:
+        now = time.monotonic()
+        if now - lane.looked < _CANCEL_LOOK:
             return True
         ids = [step.id, *(claimed.id for claimed in lane.ahead)]
         try:
@@ -2427,7 +2424,7 @@ class Worker:
                 _SQL_SELECT_GONE.format(",".join("?" * len(ids))), ids)}
         except Error:
             return True  # the write that follows meets the error
-        lane.version = version
+        lane.looked = now
         if gone:
             with lane.lock:
                 lane.ahead = collections.deque(
@@ -2597,8 +2594,7 @@ class Worker:
             limit = _BATCH_MAX if self._may_defer(lane) else 1
             batch, due = self._claim_in(conn, now, limit)
             if len(batch) > 1:  # as of this claim, nothing was cancelled
-                lane.version = conn.execute(
-                    "PRAGMA data_version").fetchone()[0]
+                lane.looked = time.monotonic()
             if batch and not self._may_defer(lane) and self._start(
                     conn, batch[0], now):
                 started = batch.pop(0)
@@ -3021,6 +3017,10 @@ class _Heartbeat:
                         long.append((lane, step))
                     else:
                         wake = min(wake, step.began + _RESCUE)
+                if step is not None or lane.ahead or lane.pending:
+                    # Busy: look again soon, so that each step need not
+                    # wake this thread (see poke).
+                    wake = min(wake, now + _RESCUE)
         if due:
             self._renew(due, now)
         for lane, step in long:
