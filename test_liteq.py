@@ -2633,6 +2633,9 @@ def test_stop_puts_the_jobs_claimed_ahead_back_in_line_unstarted(
 def test_a_job_cancelled_while_claimed_ahead_never_runs(
         q, deferring, monkeypatch):
     monkeypatch.setattr(liteq, "_RESCUE", 3600.0)
+    # Workers look for such cancels every _CANCEL_LOOK seconds: here, at
+    # every step, so that the test does not depend on its own speed.
+    monkeypatch.setattr(liteq, "_CANCEL_LOOK", 0.0)
     held = T.gated.delay("finish")
     victim = T.record.delay("victim")
     after = T.record.delay("after")
