@@ -129,7 +129,8 @@ ROUNDS = 3  # best of, for the in-process measurements
 LATENCY_SAMPLES = (200, 50)  # (full, quick)
 CPU_SECONDS = (10.0, 2.0)
 SCALE_ROWS = (1_000_000, 20_000)
-MULTI_SECONDS = (30.0, 5.0)
+MULTI_SECONDS = (30.0, 5.0)  # for each of one and four workers
+MULTI_ROUNDS = (3, 1)  # the seconds are split into alternating rounds
 RAW_MULTI_SECONDS = (30.0, 1.5)
 MULTI_WORKERS, MULTI_PRODUCERS = 4, 2
 POLL = 0.02  # seconds between checks of a child's progress
@@ -954,14 +955,21 @@ class Bench:
     def section_multi(self) -> None:
         # The same producers with one worker: does adding workers add
         # throughput, or does lock contention eat it?
-        alone = self.multi_liteq(self.pick(MULTI_SECONDS), 1)
-        self.children.reap()
-        alone = alone()
-        finish = self.multi_liteq(self.pick(MULTI_SECONDS))
+        # Rounds alternate one worker and four, so that a slow spell of
+        # this shared machine weighs on both.
+        rounds = self.pick(MULTI_ROUNDS)
+        seconds = self.pick(MULTI_SECONDS) / rounds
+        alone_runs, ours_runs = [], []
+        for r in range(rounds):
+            for count, runs in ((1, alone_runs), (MULTI_WORKERS, ours_runs)):
+                finish = self.multi_liteq(seconds, count, f"-{r + 1}")
+                self.children.reap()
+                runs.append(finish())
+        alone, ours = merge_outcomes(alone_runs), merge_outcomes(ours_runs)
         raw = self.multi_raw(self.pick(RAW_MULTI_SECONDS))
-        self.children.reap()  # meanwhile the liteq workers stopped
-        ours = finish()
-        self.details["multi"] = {"liteq": ours, "raw": raw}
+        self.details["multi"] = {"liteq": ours, "raw": raw,
+                                 "liteq_rounds": ours_runs,
+                                 "one_worker_rounds": alone_runs}
         for line in ours["problems"][:10]:
             print(f"    {line}")
         who = f"{MULTI_WORKERS} workers + {MULTI_PRODUCERS} producers"
@@ -985,15 +993,15 @@ class Bench:
                      ours["enqueue"],
                      raw["enqueue"], "jobs/s", base_label="raw, same"))
 
-    def multi_liteq(self, seconds: float,
-                    count: int = MULTI_WORKERS) -> Callable[[], dict]:
+    def multi_liteq(self, seconds: float, count: int = MULTI_WORKERS,
+                    tag: str = "") -> Callable[[], dict]:
         """Run ``count`` workers and the producers; return what reads
         their outcome.
 
         The workers are stopped but not waited for: call the result
         once they have exited (after reap()).
         """
-        path = self.db(f"multi{count}")
+        path = self.db(f"multi{count}{tag}")
         with open_queue(path):
             pass
         workers = [self.children.worker(f"multi{count}-worker{i + 1}", path)
@@ -1064,7 +1072,8 @@ class Bench:
     def run_producers(self, label: str, entry: str, path: str,
                       seconds: float, workers: list) -> list[dict]:
         """Run the producers after the workers' start-up; their reports."""
-        start_at = time.time() + 0.7  # python + liteq start in ~0.3 s
+        settle(workers)
+        start_at = time.time() + 0.5  # the producers' own start-up
         producers = [self.children.bench(
             f"{label}{i + 1}", entry, path, str(seconds), str(start_at),
             stdout=subprocess.PIPE) for i in range(MULTI_PRODUCERS)]
@@ -1081,6 +1090,36 @@ class Bench:
                                  f"status {proc.returncode}"
                                  f"{stderr_tail(proc)}")
         return reports
+
+
+def settle(procs: list[subprocess.Popen], timeout: float = 30.0) -> None:
+    """Wait until ``procs`` stop using CPU: started up and idle, so that
+    their start-up does not eat into a measurement."""
+    deadline = time.monotonic() + timeout
+    last, quiet = None, 0
+    while quiet < 3 and time.monotonic() < deadline:
+        ticks = [cpu_ticks(proc.pid) for proc in procs]
+        quiet = quiet + 1 if ticks == last else 0
+        last = ticks
+        time.sleep(0.1)
+
+
+def merge_outcomes(runs: list[dict]) -> dict:
+    """One outcome of several multi_outcome() rounds: rates over their
+    total time, counts summed."""
+    seconds = sum(r["seconds"] for r in runs)
+    merged = {"seconds": seconds, "problems": [], "worker_lines": [],
+              "producer_errors": collections.Counter()}
+    for key in ("drain", "enqueue"):
+        merged[key] = sum(r[key] * r["seconds"] for r in runs) / seconds
+    for key in ("errors", "error_lines", "failed"):
+        merged[key] = sum(r[key] for r in runs)
+    for r in runs:
+        merged["problems"] += r["problems"]
+        merged["worker_lines"] += r["worker_lines"]
+        merged["producer_errors"].update(r["producer_errors"])
+    merged["producer_errors"] = dict(merged["producer_errors"])
+    return merged
 
 
 def idle_cpu(proc: subprocess.Popen, seconds: float) -> float | None:

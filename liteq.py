@@ -148,7 +148,7 @@ _CANCEL_LOOK = 0.002  # seconds between looks for cancelled steps ahead
 # Several workers on one file (see _Gate): a follower takes a job that
 # waited _FOLLOW_WAIT seconds for the lead, or when _FOLLOW_LOAD wait; it
 # looks, and tries to lead, every _FOLLOW_LOOK seconds.
-_FOLLOW_WAIT, _FOLLOW_LOAD, _FOLLOW_LOOK = 0.5, 1000, 0.02
+_FOLLOW_WAIT, _FOLLOW_LOAD, _FOLLOW_LOOK = 0.5, 1000, 0.05
 # Another process's commits wake idle threads at once, then, while they go
 # on, every _WAKE_GAP seconds.
 _WAKE_GAP = 0.001
