@@ -2069,7 +2069,7 @@ def configure(path: str | os.PathLike, **options: Any) -> Queue:
     return queue
 
 # ---------------------------------------------------------------------------
-# 8. Worker: threads, leases, heartbeats, wake-ups
+# 8. Worker: claiming, running and recording steps
 # ---------------------------------------------------------------------------
 
 
@@ -2303,14 +2303,16 @@ class Worker:
 
     # The loop of each thread -----------------------------------------------
     #
-    # A thread claims steps in line order, up to _BATCH_MAX at a time once
-    # its steps have proven short, and writes each step's start before
-    # running it.  After _STREAK short steps in a row it defers: it runs
-    # claimed steps back to back and writes their starts and outcomes
-    # together, at most _GROUP_AGE seconds later, with its next claim.  A
-    # deferred step that runs past _RESCUE seconds is rescued by the
-    # heartbeat: the outcomes before it are written, its start shown, and
-    # the steps claimed behind it go back to their places in line.
+    # A thread claims steps in line order, one at a time, and writes each
+    # step's start before running it and its outcome with the next claim.
+    # After _STREAK steps in a row shorter than _FAST it defers: it claims
+    # up to _BATCH_MAX steps, runs them back to back and writes their
+    # starts and outcomes together, at most _GROUP_AGE seconds later, with
+    # its next claim.  A step that runs past _RESCUE seconds is seen by the
+    # heartbeat: if deferred, the outcomes before it are written, its start
+    # shown, and the steps claimed behind it go back to their places in
+    # line.  Of several workers on one file, only the lead claims at once
+    # (see _Gate); a thread of another worker claims only when work waits.
 
     def run_once(self) -> bool:
         """Claim and run one step in this thread; True if one ran."""
@@ -2879,6 +2881,11 @@ class Worker:
                         follow.percent())
 
 
+# ---------------------------------------------------------------------------
+# 9. Worker helpers: the lead, heartbeats, wake-ups
+# ---------------------------------------------------------------------------
+
+
 class _Gate:
     """Which of the workers on one file leads: a lock on ``<db>-lead``.
 
@@ -3215,7 +3222,7 @@ class _Inotify:
             os.close(fd)
 
 # ---------------------------------------------------------------------------
-# 9. HTTP: status resource and dashboard
+# 10. HTTP: status resource and dashboard
 # ---------------------------------------------------------------------------
 
 _JSON_TYPE = "application/json"
@@ -3891,7 +3898,7 @@ _DASHBOARD_CSP = (
 
 
 # ---------------------------------------------------------------------------
-# 10. Command line
+# 11. Command line
 # ---------------------------------------------------------------------------
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -4513,7 +4520,7 @@ def _loopback_only(app: Callable, bound: str) -> Callable:
 
 
 # ---------------------------------------------------------------------------
-# 11. python -m liteq
+# 12. python -m liteq
 # ---------------------------------------------------------------------------
 
 if __name__ == "__main__":
