@@ -36,12 +36,12 @@ The measurements (N is ``--n``: 20000, or 1000 with ``--quick``; a worker
 drains 20,000 jobs in about a second, long enough for the machine's noise
 to average out):
 
-1. enqueue: 3 rounds of N ``.delay()`` calls, one commit each, into one
-   fresh file, versus 3 rounds of N single-INSERT ``BEGIN IMMEDIATE``
+1. enqueue: 5 rounds of N ``.delay()`` calls, one commit each, into one
+   fresh file, versus 5 rounds of N single-INSERT ``BEGIN IMMEDIATE``
    transactions; the best round counts.  Rounds alternate between liteq
    and raw, so a slow moment of the machine hits both.
 2. batch enqueue: N ``.delay()`` calls in one ``with queue.batch():``
-   block, versus ``executemany`` in one transaction.  Best of 3 rounds.
+   block, versus ``executemany`` in one transaction.  Best of 5 rounds.
 3. drain: N pending no-op jobs (stored with ``batch()``) run by one
    worker thread in another process (``python -m liteq run benchtasks
    --db PATH``, with a generated task module), versus a raw worker
@@ -131,7 +131,7 @@ if HERE not in sys.path:
 
 import liteq  # noqa: E402  (the copy next to this file)
 
-ROUNDS = 3  # best of, for the in-process measurements
+ROUNDS = 5  # best of, for the in-process measurements
 DRAIN_ROUNDS = (2, 1)  # best of, for measurements with a worker process
 LATENCY_SAMPLES = (200, 50)  # (full, quick)
 CPU_SECONDS = (10.0, 2.0)

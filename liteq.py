@@ -1020,6 +1020,10 @@ class _Store:
                 raise SchemaError(f"{self.path}: the job was not stored")
             return cursor.lastrowid
 
+        try:  # the common case, without the retry loop's set-up
+            return attempt()
+        except sqlite3.Error:
+            pass  # nothing was stored: one statement is atomic
         return self._retry(attempt)
 
     def read(self, sql: str, params: Any = ()) -> list:
