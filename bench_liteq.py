@@ -49,7 +49,7 @@ to average out):
    ... LIMIT 1) RETURNING``) and a completion transaction per job.  Timed
    in the database, from the first claim (min ``started_at``) to the last
    completion (max ``finished_at``), so process start-up does not count.
-   Best of 2 rounds (1 with --quick), alternating liteq and raw, each on a
+   Best of 3 rounds (1 with --quick), alternating liteq and raw, each on a
    fresh file: the machine's speed swings by 2x within minutes.
 4. continuation steps: one job of N steps (``return steps(n - 1)``), in
    steps per second, as a ratio to a drain as in (3) (target >= 0.8) and
@@ -72,7 +72,7 @@ to average out):
    alternating with it.
 7. multi-process: 4 worker processes and 2 producer processes (each
    calling ``.delay()`` as fast as it can) on one file, against 1 worker
-   process with the same 2 producers: 3 alternating rounds of 10 s each
+   process with the same 2 producers: 5 alternating rounds of 6 s each
    (1 of 5 s with --quick), the producers starting once the workers have
    started up and gone idle.  Counts every exception that reaches the
    producers' code and every "database is locked" / Busy /
@@ -132,12 +132,12 @@ if HERE not in sys.path:
 import liteq  # noqa: E402  (the copy next to this file)
 
 ROUNDS = 5  # best of, for the in-process measurements
-DRAIN_ROUNDS = (2, 1)  # best of, for measurements with a worker process
+DRAIN_ROUNDS = (3, 1)  # best of, for measurements with a worker process
 LATENCY_SAMPLES = (200, 50)  # (full, quick)
 CPU_SECONDS = (10.0, 2.0)
 SCALE_ROWS = (1_000_000, 20_000)
 MULTI_SECONDS = (30.0, 5.0)  # for each of one and four workers
-MULTI_ROUNDS = (3, 1)  # the seconds are split into alternating rounds
+MULTI_ROUNDS = (5, 1)  # the seconds are split into alternating rounds
 RAW_MULTI_SECONDS = (30.0, 1.5)
 MULTI_WORKERS, MULTI_PRODUCERS = 4, 2
 POLL = 0.02  # seconds between checks of a child's progress
