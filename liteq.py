@@ -2599,7 +2599,7 @@ class Worker:
         if claim:
             limit = _BATCH_MAX if self._may_defer(lane) else 1
             batch, due = self._claim_in(conn, now, limit)
-            if len(batch) > 1:  # as of this claim, nothing was cancelled
+            if batch:  # as of this claim, nothing in it was cancelled
                 lane.looked = time.monotonic()
             if batch and not self._may_defer(lane) and self._start(
                     conn, batch[0], now):
