@@ -652,12 +652,15 @@ _SQL_ANY_READY = """
 
 _SQL_ANY_DUE = "SELECT 1 FROM liteq_jobs WHERE timer <= ? LIMIT 1"
 
-# A worker that does not lead looks at the head of the line: how many wait
-# (up to a bound) and since when.
+# A worker that does not lead looks at the line: how many wait (up to a
+# bound, from the index alone) and since when the first one waits.
 _SQL_LINE_LOAD = """
-    SELECT count(*), min(eta) FROM (
-        SELECT eta FROM liteq_jobs WHERE queue = ? AND ready IS NOT NULL
-         ORDER BY priority DESC, ready LIMIT ?)
+    SELECT (SELECT count(*) FROM (
+                SELECT 1 FROM liteq_jobs
+                 WHERE queue = :queue AND ready IS NOT NULL LIMIT :limit)),
+           (SELECT eta FROM liteq_jobs
+             WHERE queue = :queue AND ready IS NOT NULL
+             ORDER BY priority DESC, ready LIMIT 1)
 """
 
 _SQL_NEXT_TIMER = "SELECT min(timer) FROM liteq_jobs WHERE timer IS NOT NULL"
@@ -2167,6 +2170,7 @@ class _Lane:
         # time, work signal generation, priority); see _may_continue_here.
         self.clear: tuple[float, int, int] = (-math.inf, 0, 0)
         self.looked = -math.inf  # when steps ahead were last checked
+        self.helping = -math.inf  # a follower claims freely until then
 
     def held(self) -> list[_Claimed]:
         """Every step whose lease this thread keeps (call under lock)."""
@@ -2357,9 +2361,12 @@ class Worker:
                 continue
             claim = step is None and not stopping
             hold = None  # seconds a follower leaves the line to the lead
-            if claim and not lane.solo and not self._gate.take():
+            if (claim and not lane.solo and time.monotonic() > lane.helping
+                    and not self._gate.take()):
                 hold = self._follower_hold()
                 claim = hold is None
+                if claim:  # the line needs help: give it for a while
+                    lane.helping = time.monotonic() + _FOLLOW_WAIT
                 if not claim and not lane.pending:
                     # Commits wake the lead, not us: look again later.
                     self._stopping.wait(hold)
@@ -2520,8 +2527,9 @@ class Worker:
         else how long to leave it to the lead before looking again."""
         now, hold = self._store.clock(), _FOLLOW_LOOK
         try:
-            loads = [self._store.read(_SQL_LINE_LOAD, (name, _FOLLOW_LOAD))[0]
-                     for name in self.queues]
+            loads = [self._store.read(_SQL_LINE_LOAD, {
+                "queue": name, "limit": _FOLLOW_LOAD})[0]
+                for name in self.queues]
             # A due timer (an eta, or the lease of a frozen lead) counts
             # as a job that waits since then.
             loads.append((1, self._store.read(_SQL_NEXT_TIMER)[0][0]))
