@@ -2180,13 +2180,21 @@ class _Lane:
             held.append(self.running)
         return [claimed for claimed in held if claimed.confirmed]
 
-    def take(self) -> tuple[list[_Outcome], list[_Claimed]]:
-        """Hand over the outcomes to write and the steps to release."""
-        with self.lock:
-            pending, self.pending = self.pending, []
-            ahead = list(self.ahead)
-            self.ahead.clear()
+    def take(self, release: bool) -> tuple[list[_Outcome], list[_Claimed]]:
+        """Hand over the outcomes to write and, with ``release``, the
+        steps claimed ahead, to put back in line (call under lock)."""
+        pending, self.pending = self.pending, []
+        ahead: list[_Claimed] = []
+        if release:
+            ahead, self.ahead = list(self.ahead), collections.deque()
         return pending, ahead
+
+    def restore(self, pending: list[_Outcome],
+                ahead: list[_Claimed]) -> None:
+        """Take back what take() handed over when nothing was written."""
+        with self.lock:
+            self.pending[:0] = pending
+            self.ahead.extendleft(reversed(ahead))
 
 
 class Worker:
@@ -2568,20 +2576,14 @@ class Worker:
         """
         with lane.writing:
             with lane.lock:
-                outcomes, lane.pending = lane.pending, []
-                release: list[_Claimed] = []
-                if self._stopping.is_set():
-                    release, lane.ahead = list(lane.ahead), \
-                        collections.deque()
+                outcomes, release = lane.take(self._stopping.is_set())
             self._lost = False  # set by _wake_due when it ends a job
             try:
                 rows, started, batch, due = self._store.write(
                     lambda conn: self._write_cycle(conn, lane, outcomes,
                                                    release, step, claim))
             except BaseException:
-                with lane.lock:  # nothing was written: keep it all
-                    lane.pending[:0] = outcomes
-                    lane.ahead.extendleft(reversed(release))
+                lane.restore(outcomes, release)  # nothing was written
                 raise
         if batch:
             with lane.lock:
@@ -2682,8 +2684,7 @@ class Worker:
                     return
                 step.shown = True
                 lane.streak = 0
-                outcomes, lane.pending = lane.pending, []
-                release, lane.ahead = list(lane.ahead), collections.deque()
+                outcomes, release = lane.take(True)
 
             def body(conn: sqlite3.Connection) -> list:
                 now = self._store.clock()
@@ -2694,8 +2695,10 @@ class Worker:
             try:
                 rows = self._store.write(body)
             except Error as exc:
-                logger.error("cannot record steps in %s: %s; they will run "
-                             "again", self._store.path, exc)
+                logger.error("cannot record steps in %s: %s; trying again",
+                             self._store.path, exc)
+                lane.restore(outcomes, release)
+                step.shown = step.long = False  # the next beat retries
                 return
         self._after_write(outcomes, rows, release)
 
