@@ -2651,7 +2651,7 @@ def test_a_job_cancelled_while_claimed_ahead_never_runs(
     assert victim.status == "cancelled" and victim.started_at is None
 
 
-# Several workers on one file: one leads ---------------------------------------
+# Several workers on one file: one leads ----------------------------------
 
 
 @pytest.fixture
@@ -2716,6 +2716,7 @@ def test_a_follower_helps_once_work_has_waited(q, monkeypatch):
     finally:
         GATE.go.set()
         assert lead.stop(timeout=30) and follower.stop(timeout=30)
+    assert held.result(timeout=5) == "finished anyway"
 
 
 # ---------------------------------------------------------------------------
@@ -3295,6 +3296,28 @@ def _chaos_result(queue, job_id, alive, timeout=CHAOS_DEADLINE):
     return job.result(timeout=1)
 
 
+def _chaos_kill_loop(tmp_path, db, procs, queue, ids, slots, kills, rng,
+                     count, pause):
+    """kill -9 a random worker of ``slots`` every ``pause`` (a range of
+    seconds) and restart it, ``count`` times or until the jobs finish.
+    Records pid -> monotonic_ns in ``kills`` once each is reaped."""
+    deadline = time.monotonic() + CHAOS_DEADLINE
+    while len(kills) < count and time.monotonic() < deadline:
+        time.sleep(rng.uniform(*pause))
+        if _chaos_all_finished(queue, ids):
+            break
+        i = rng.randrange(len(slots))
+        victim = slots[i]
+        assert victim.poll() is None, (
+            f"worker {victim.pid} exited by itself with "
+            f"{victim.returncode}:\n{_chaos_stderr(victim)[-3000:]}")
+        victim.kill()
+        victim.wait(10)
+        kills[victim.pid] = time.monotonic_ns()
+        assert victim.returncode == -signal.SIGKILL
+        slots[i] = _chaos_worker(tmp_path, db, procs, f"w{i}-{len(kills)}")
+
+
 def _chaos_all_finished(queue, ids):
     counts = queue.counts()
     return counts["done"] + counts["failed"] + counts["cancelled"] >= len(
@@ -3322,23 +3345,8 @@ def test_chaos_kill9_loses_nothing_and_never_overlaps(tmp_path):
         assert len(set(ids)) == CHAOS_JOBS
         slots = [_chaos_worker(tmp_path, db, procs, f"w{i}")
                  for i in range(CHAOS_WORKERS)]
-        restarts = 0
-        deadline = time.monotonic() + CHAOS_DEADLINE
-        while len(kills) < CHAOS_KILLS and time.monotonic() < deadline:
-            time.sleep(rng.uniform(0.2, 0.8))
-            if _chaos_all_finished(queue, ids):
-                break
-            i = rng.randrange(CHAOS_WORKERS)
-            victim = slots[i]
-            assert victim.poll() is None, (
-                f"worker {victim.pid} exited by itself with "
-                f"{victim.returncode}:\n{_chaos_stderr(victim)[-3000:]}")
-            victim.kill()
-            victim.wait(10)
-            kills[victim.pid] = time.monotonic_ns()
-            assert victim.returncode == -signal.SIGKILL
-            restarts += 1
-            slots[i] = _chaos_worker(tmp_path, db, procs, f"w{i}-{restarts}")
+        _chaos_kill_loop(tmp_path, db, procs, queue, ids, slots, kills,
+                         rng, CHAOS_KILLS, (0.2, 0.8))
 
         try:
             _chaos_wait(lambda: _chaos_all_finished(queue, ids),
@@ -3433,19 +3441,8 @@ def test_chaos_kill9_with_short_steps_written_late_loses_nothing(tmp_path):
             f".apply_async(priority=5 if n > 200 else 0).id)"))
         slots = [_chaos_worker(tmp_path, db, procs, f"w{i}")
                  for i in range(2)]
-        deadline = time.monotonic() + CHAOS_DEADLINE
-        while len(kills) < 8 and time.monotonic() < deadline:
-            time.sleep(rng.uniform(0.1, 0.3))
-            if _chaos_all_finished(queue, ids):
-                break
-            i = rng.randrange(len(slots))
-            victim = slots[i]
-            assert victim.poll() is None, _chaos_stderr(victim)[-3000:]
-            victim.kill()
-            victim.wait(10)
-            kills[victim.pid] = time.monotonic_ns()
-            slots[i] = _chaos_worker(tmp_path, db, procs,
-                                     f"w{i}-{len(kills)}")
+        _chaos_kill_loop(tmp_path, db, procs, queue, ids, slots, kills,
+                         rng, 8, (0.1, 0.3))
         _chaos_wait(lambda: _chaos_all_finished(queue, ids),
                     "every job to finish after the kills", alive=slots)
         for proc in slots:
