@@ -72,15 +72,22 @@ to average out):
    alternating with it.
 7. multi-process: 4 worker processes and 2 producer processes (each
    calling ``.delay()`` as fast as it can) on one file, against 1 worker
-   process with the same 2 producers: 5 alternating rounds of 6 s each
-   (1 of 5 s with --quick), the producers starting once the workers have
-   started up and gone idle.  Counts every exception that reaches the
-   producers' code and every "database is locked" / Busy /
-   OperationalError line in the workers' stderr (target 0), ERROR and
-   Traceback lines, failed jobs; the aggregate drain rate as a ratio to
-   the one worker's (target >= 1.0) and to the drain of (3); and both
-   rates against the same run of raw workers and raw producers (30 s,
-   1.5 s with --quick).
+   process with the same 2 producers, in rounds that alternate the two.
+   First with a backlog: each round's file starts with more pending jobs
+   than the workers can run in it (40,000 per second of the round), the
+   workers start on them at once and the producers half a second later;
+   the drain rate while the producers run is the pool's aggregate drain
+   (target >= 1.0 of the one worker's), also shown against the drain of
+   (3), and the producers' enqueue rate meanwhile.  5 rounds of 6 s each
+   (1 of 3 s with --quick).  Then with no backlog, the producers starting
+   once the workers have started up and gone idle: the workers drain
+   what the producers make, so the ratio says what the idle extra
+   workers cost the producers; 3 rounds of 5 s (1 of 2 s with --quick).
+   Over all rounds, counts every exception that reaches the producers'
+   code and every "database is locked" / Busy / OperationalError line in
+   the workers' stderr (target 0), ERROR and Traceback lines, failed
+   jobs.  The rates with no backlog are also shown against the same run
+   of raw workers and raw producers (30 s, 1.5 s with --quick).
 
 Targets are informational: a MISS never changes the exit status.  The exit
 status is 1 only when something crashed: a child process failed or timed
@@ -136,8 +143,10 @@ DRAIN_ROUNDS = (3, 1)  # best of, for measurements with a worker process
 LATENCY_SAMPLES = (200, 50)  # (full, quick)
 CPU_SECONDS = (10.0, 2.0)
 SCALE_ROWS = (1_000_000, 20_000)
-MULTI_SECONDS = (30.0, 5.0)  # for each of one and four workers
+MULTI_SECONDS = (30.0, 3.0)  # for each of one and four workers
 MULTI_ROUNDS = (5, 1)  # the seconds are split into alternating rounds
+FED_SECONDS, FED_ROUNDS = (15.0, 2.0), (3, 1)  # the same, with no backlog
+BACKLOG_RATE = 40000  # jobs per second of a round put in line beforehand
 RAW_MULTI_SECONDS = (30.0, 1.5)
 MULTI_WORKERS, MULTI_PRODUCERS = 4, 2
 POLL = 0.02  # seconds between checks of a child's progress
@@ -999,23 +1008,22 @@ class Bench:
     # 7. --------------------------------------------------------------------
 
     def section_multi(self) -> None:
-        # The same producers with one worker: does adding workers add
-        # throughput, or does lock contention eat it?
-        # Rounds alternate one worker and four, so that a slow spell of
-        # this shared machine weighs on both.
-        rounds = self.pick(MULTI_ROUNDS)
-        seconds = self.pick(MULTI_SECONDS) / rounds
-        alone_runs, ours_runs = [], []
-        for r in range(rounds):
-            for count, runs in ((1, alone_runs), (MULTI_WORKERS, ours_runs)):
-                finish = self.multi_liteq(seconds, count, f"-{r + 1}")
-                self.children.reap()
-                runs.append(finish())
-        alone, ours = merge_outcomes(alone_runs), merge_outcomes(ours_runs)
+        # Two questions, each answered by rounds that alternate one
+        # worker and four under the same two producers, so that a slow
+        # spell of this shared machine weighs on both:
+        # - with a backlog, is the pool's drain at least one worker's, or
+        #   does lock contention between the workers eat it (the target)?
+        # - with no backlog the workers drain what the producers make; do
+        #   the idle extra workers slow the producers down?
+        busy_one, busy_four = self.multi_rounds(
+            MULTI_ROUNDS, MULTI_SECONDS, backlog=True)
+        fed_one, fed_four = self.multi_rounds(
+            FED_ROUNDS, FED_SECONDS, backlog=False)
         raw = self.multi_raw(self.pick(RAW_MULTI_SECONDS))
-        self.details["multi"] = {"liteq": ours, "raw": raw,
-                                 "liteq_rounds": ours_runs,
-                                 "one_worker_rounds": alone_runs}
+        self.details["multi"] = {
+            "backlog": {"four": busy_four, "one": busy_one},
+            "as_produced": {"four": fed_four, "one": fed_one}, "raw": raw}
+        ours = merge_outcomes([busy_one, busy_four, fed_one, fed_four])
         for line in ours["problems"][:10]:
             print(f"    {line}")
         who = f"{MULTI_WORKERS} workers + {MULTI_PRODUCERS} producers"
@@ -1027,40 +1035,75 @@ class Bench:
                      target="<= 0", applies_to="liteq"))
         self.add(Row("7. multi: failed jobs", ours["failed"], None, "count",
                      base_label="", target="<= 0", applies_to="liteq"))
-        self.add(Row(f"7. multi: drain, {who}", ours["drain"],
-                     alone["drain"], "jobs/s",
+        self.add(Row(f"7. multi: drain, backlog, {who}", busy_four["drain"],
+                     busy_one["drain"], "jobs/s",
                      base_label="1 worker + producers", target=">= 1.0"))
-        self.add(Row(f"7. multi: drain, {who}", ours["drain"],
+        self.add(Row(f"7. multi: drain, backlog, {who}", busy_four["drain"],
                      self.drain()[0].rate, "jobs/s",
                      base_label="1 worker, no producers"))
-        self.add(Row(f"7. multi: drain, {who}", ours["drain"],
-                     raw["drain"], "jobs/s", base_label="raw, same"))
+        self.add(Row("7. multi: enqueue meanwhile, backlog",
+                     busy_four["enqueue"], busy_one["enqueue"], "jobs/s",
+                     base_label="with 1 worker"))
+        self.add(Row("7. multi: CPU of each producer, backlog",
+                     busy_four["producer_cpu"], busy_one["producer_cpu"],
+                     "% core", base_label="with 1 worker"))
+        self.add(Row(f"7. multi: drain as produced, {who}",
+                     fed_four["drain"], fed_one["drain"], "jobs/s",
+                     base_label="1 worker + producers"))
+        self.add(Row(f"7. multi: drain as produced, {who}",
+                     fed_four["drain"], raw["drain"], "jobs/s",
+                     base_label="raw, same"))
         self.add(Row(f"7. multi: enqueue by the {MULTI_PRODUCERS} producers",
-                     ours["enqueue"],
-                     raw["enqueue"], "jobs/s", base_label="raw, same"))
+                     fed_four["enqueue"], raw["enqueue"], "jobs/s",
+                     base_label="raw, same"))
 
-    def multi_liteq(self, seconds: float, count: int = MULTI_WORKERS,
+    def multi_rounds(self, rounds: tuple, seconds: tuple,
+                     backlog: bool) -> tuple[dict, dict]:
+        """Alternating rounds of one worker and of MULTI_WORKERS; the
+        merged outcomes of each."""
+        count = self.pick(rounds)
+        each = self.pick(seconds) / count
+        one_runs, four_runs = [], []
+        for r in range(count):
+            for workers, runs in ((1, one_runs), (MULTI_WORKERS, four_runs)):
+                finish = self.multi_liteq(each, workers, backlog,
+                                          f"-{r + 1}")
+                self.children.reap()
+                runs.append(finish())
+        return merge_outcomes(one_runs), merge_outcomes(four_runs)
+
+    def multi_liteq(self, seconds: float, count: int, backlog: bool,
                     tag: str = "") -> Callable[[], dict]:
         """Run ``count`` workers and the producers; return what reads
         their outcome.
 
-        The workers are stopped but not waited for: call the result
-        once they have exited (after reap()).
+        With ``backlog`` the file starts with more pending jobs than the
+        workers can run in ``seconds``, and they start on them at once.
+        The workers are stopped but not waited for: call the result once
+        they have exited (after reap()).
         """
-        path = self.db(f"multi{count}{tag}")
+        kind = "backlog" if backlog else "fed"
+        path = self.db(f"multi-{kind}{count}{tag}")
         with open_queue(path):
             pass
-        workers = [self.children.worker(f"multi{count}-worker{i + 1}", path)
+        if backlog:
+            fill(path, int(BACKLOG_RATE * (seconds + 2)), done=False)
+        last_of_backlog = next_id(path) - 1
+        workers = [self.children.worker(f"multi-{kind}{count}{tag}-"
+                                        f"worker{i + 1}", path)
                    for i in range(count)]
         try:
-            reports = self.run_producers("multi-producer", "_producer", path,
-                                         seconds, workers)
+            reports = self.run_producers(f"multi-{kind}{count}{tag}-"
+                                         f"producer", "_producer", path,
+                                         seconds, workers, settle=not backlog)
         finally:
             self.children.stop(*workers, wait=False)
-        return lambda: self.multi_outcome(path, workers, reports)
+        return lambda: self.multi_outcome(path, workers, reports,
+                                          last_of_backlog if backlog else 0)
 
     @staticmethod
-    def multi_outcome(path: str, workers: list, reports: list[dict]) -> dict:
+    def multi_outcome(path: str, workers: list, reports: list[dict],
+                      backlog_end: int = 0) -> dict:
         start = min(r["start"] for r in reports)
         end = max(r["end"] for r in reports)
         errors: collections.Counter = collections.Counter()
@@ -1073,11 +1116,19 @@ class Bench:
                     lock_lines.append(f"{proc.label}: {line}")
                 if any(word in line for word in ERROR_WORDS):
                     error_lines.append(f"{proc.label}: {line}")
+        if backlog_end and not read_one(
+                path, "SELECT count(*) FROM liteq_jobs WHERE id <= ? AND "
+                "status = 'pending'", (backlog_end,))[0]:
+            raise BenchError(f"{path}: the workers ran out of backlog; "
+                             f"raise BACKLOG_RATE")
         return {
             "seconds": end - start,
             "drain": done_between(path, "liteq_jobs", start, end)
             / (end - start),
             "enqueue": sum(r["delayed"] for r in reports) / (end - start),
+            # % of one core each producer used, on average
+            "producer_cpu": 100 * sum(r["cpu"] for r in reports)
+            / len(reports) / (end - start),
             "errors": sum(errors.values()) + len(lock_lines),
             "error_lines": len(error_lines), "failed": failed_jobs(path),
             "problems": list(errors) + lock_lines + error_lines,
@@ -1116,11 +1167,16 @@ class Bench:
                          for key in r["errors"]][:50]}
 
     def run_producers(self, label: str, entry: str, path: str,
-                      seconds: float, workers: list) -> list[dict]:
-        """Run the producers after the workers' start-up; their reports."""
-        if entry == "_producer":  # liteq workers sleep when idle
-            settle(workers)
-        else:  # raw workers poll: give them time to start
+                      seconds: float, workers: list,
+                      settle: bool = False) -> list[dict]:
+        """Run the producers after the workers' start-up; their reports.
+
+        ``settle``: wait until the workers are idle (liteq workers sleep
+        when idle); else give them half a second to start.
+        """
+        if settle:
+            settle_down(workers)
+        else:
             time.sleep(0.5)
         start_at = time.time() + 0.5  # the producers' own start-up
         producers = [self.children.bench(
@@ -1141,7 +1197,8 @@ class Bench:
         return reports
 
 
-def settle(procs: list[subprocess.Popen], timeout: float = 30.0) -> None:
+def settle_down(procs: list[subprocess.Popen],
+                timeout: float = 30.0) -> None:
     """Wait until ``procs`` stop using CPU: started up and idle, so that
     their start-up does not eat into a measurement."""
     deadline = time.monotonic() + timeout
@@ -1159,7 +1216,7 @@ def merge_outcomes(runs: list[dict]) -> dict:
     seconds = sum(r["seconds"] for r in runs)
     merged = {"seconds": seconds, "problems": [], "worker_lines": [],
               "producer_errors": collections.Counter()}
-    for key in ("drain", "enqueue"):
+    for key in ("drain", "enqueue", "producer_cpu"):
         merged[key] = sum(r[key] * r["seconds"] for r in runs) / seconds
     for key in ("errors", "error_lines", "failed"):
         merged[key] = sum(r[key] for r in runs)
@@ -1589,7 +1646,7 @@ def produce(store: Callable[[], Any], seconds: str, start_at: str) -> int:
     errors: collections.Counter = collections.Counter()
     delayed = 0
     time.sleep(max(0.0, float(start_at) - time.time()))
-    start = time.time()
+    start, cpu = time.time(), time.process_time()
     end = start + float(seconds)
     while time.time() < end:
         try:
@@ -1598,7 +1655,7 @@ def produce(store: Callable[[], Any], seconds: str, start_at: str) -> int:
         except Exception as exc:
             errors[error_key(exc)] += 1
     print(json.dumps({"delayed": delayed, "errors": errors, "start": start,
-                      "end": time.time()}))
+                      "end": time.time(), "cpu": time.process_time() - cpu}))
     return 0
 
 
