@@ -646,11 +646,15 @@ _SQL_SELECT_DUE = """
 """
 
 # Idle workers look with these reads before taking the write lock.
-_SQL_ANY_READY = """
-    SELECT 1 FROM liteq_jobs WHERE queue = ? AND ready IS NOT NULL LIMIT 1
+# Whether a claim could find work: a ready job of the worker's queue
+# names (one ? each, filled in by the worker), a due timer, or a schema
+# that is not ours (the claim's transaction checks and reports it).
+_SQL_WORK_IN_SIGHT = f"""
+    SELECT (SELECT user_version FROM pragma_user_version) != {_SCHEMA_VERSION}
+        OR EXISTS (SELECT 1 FROM liteq_jobs
+                    WHERE queue IN ({{}}) AND ready IS NOT NULL)
+        OR EXISTS (SELECT 1 FROM liteq_jobs WHERE timer <= ?)
 """
-
-_SQL_ANY_DUE = "SELECT 1 FROM liteq_jobs WHERE timer <= ? LIMIT 1"
 
 # A worker that does not lead looks at the line: how many wait (up to a
 # bound, from the index alone) and since when the first one waits.
@@ -693,6 +697,22 @@ _SQL_CLAIM = f"""
            ready = NULL, timer = ? + ?, max_lost = ?
      WHERE id IN ({{}})
  RETURNING id, current, call, token, attempts, steps, failures, priority
+"""
+
+# A thread that runs its steps one at a time (see Worker._may_defer)
+# claims the first step of one queue name and writes its start in one
+# statement: the same changes as _SQL_LINE, _SQL_CLAIM and _SQL_START.
+# It returns what _SQL_CLAIM returns (``attempts`` as it was before).
+_SQL_CLAIM_START = f"""
+    UPDATE liteq_jobs
+       SET token = ((token >> {_TOKEN_BITS}) + 1) << {_TOKEN_BITS},
+           ready = NULL, timer = :now + :lease, max_lost = :max_lost,
+           status = 'running', attempts = attempts + 1, worker = :worker,
+           started_at = coalesce(started_at, :now), updated_at = :now
+     WHERE id = (SELECT id FROM liteq_jobs
+                  WHERE queue = :queue AND ready IS NOT NULL
+                  ORDER BY priority DESC, ready LIMIT 1)
+ RETURNING id, current, call, token, attempts - 1, steps, failures, priority
 """
 
 _SQL_ADJUST_CLAIM = """
@@ -1040,6 +1060,17 @@ class _Store:
             return _execute(conn, sql, params).fetchall()
 
         return self._retry(attempt)
+
+    def peek(self, sql: str, params: Any = ()) -> tuple | None:
+        """One row of an advisory query; None if it failed.
+
+        No separate schema check and no retry: the caller treats None as
+        "go and see", and the write it then makes checks and reports.
+        """
+        try:
+            return _execute(self.connection(), sql, params).fetchone()
+        except (sqlite3.Error, Error):
+            return None
 
     def identity(self) -> tuple[int, int] | None:
         try:
@@ -2520,14 +2551,9 @@ class Worker:
         Every commit wakes idle workers; without this each would take the
         write lock only to find nothing, crowding out the producers.
         """
-        try:
-            if any(self._store.read(_SQL_ANY_READY, (name,))
-                   for name in self.queues):
-                return True
-            return bool(self._store.read(_SQL_ANY_DUE,
-                                         (self._store.clock(),)))
-        except Error:
-            return True  # let the claim meet the error and report it
+        sql = _SQL_WORK_IN_SIGHT.format(",".join("?" * len(self.queues)))
+        found = self._store.peek(sql, (*self.queues, self._store.clock()))
+        return found is None or bool(found[0])
 
     def _follower_hold(self) -> float | None:
         """For a worker that does not lead: None if the line needs it
@@ -2607,13 +2633,13 @@ class Worker:
         batch: list[_Claimed] = []
         due = None
         if claim:
-            limit = _BATCH_MAX if self._may_defer(lane) else 1
-            batch, due = self._claim_in(conn, now, limit)
+            defer = self._may_defer(lane)
+            limit = _BATCH_MAX if defer else 1
+            batch, due = self._claim_in(conn, now, limit, start=not defer)
             if batch:  # as of this claim, nothing in it was cancelled
                 lane.looked = time.monotonic()
-            if batch and not self._may_defer(lane) and self._start(
-                    conn, batch[0], now):
-                started = batch.pop(0)
+            if batch and not defer:  # its start is written
+                started = batch.pop()
         return rows, started, batch, due
 
     def _write_outcomes(self, conn: sqlite3.Connection,
@@ -2713,19 +2739,22 @@ class Worker:
             "attempt": claimed.attempt, "worker": _HOST_PID,
             "started": claimed.started}).rowcount)
 
-    def _claim_in(self, conn: sqlite3.Connection, now: float,
-                  limit: int) -> tuple[list[_Claimed], float | None]:
-        """Claim up to ``limit`` ready steps, putting due timers in line."""
+    def _claim_in(self, conn: sqlite3.Connection, now: float, limit: int,
+                  start: bool) -> tuple[list[_Claimed], float | None]:
+        """Claim up to ``limit`` ready steps, putting due timers in line.
+
+        With ``start`` (and a limit of 1), the step's start is written too.
+        """
         # While busy, look for due timers every _PROBE seconds; when
         # nothing is ready, always look before going idle.
         probed = now >= self._probe_at
         if probed:
             self._wake_due(conn, now)
-        batch = self._claim(conn, now, limit)
+        batch = self._claim(conn, now, limit, start)
         if not batch and not probed:
             self._wake_due(conn, now)
             probed = True
-            batch = self._claim(conn, now, limit)
+            batch = self._claim(conn, now, limit, start)
         if probed:
             self._probe_at = now + _PROBE
         due = None if batch else _execute(
@@ -2755,8 +2784,46 @@ class Worker:
             params["ready"] = _next_ready(conn)
             _execute(conn, _SQL_MAKE_READY, params)
 
-    def _claim(self, conn: sqlite3.Connection, now: float,
-               limit: int) -> list[_Claimed]:
+    def _claim(self, conn: sqlite3.Connection, now: float, limit: int,
+               start: bool = False) -> list[_Claimed]:
+        """Claim the first ``limit`` ready steps of our queue names; with
+        ``start``, also write the start of the (one) step claimed."""
+        if start and len(self.queues) == 1:
+            return self._claim_started(conn, now)
+        batch = self._claim_line(conn, now, limit)
+        if start and batch:  # a claim of this transaction: never refused
+            self._start(conn, batch[0], now)
+        return batch
+
+    def _claim_started(self, conn: sqlite3.Connection,
+                       now: float) -> list[_Claimed]:
+        """Claim the first ready step of our one queue name, started."""
+        lease, max_lost = _TASK_DEFAULTS["lease"], _TASK_DEFAULTS["max_lost"]
+        row = _execute(conn, _SQL_CLAIM_START, {
+            "queue": self.queues[0], "now": now, "lease": lease,
+            "max_lost": max_lost, "worker": _HOST_PID}).fetchone()
+        if row is None:
+            return []
+        claimed = _Claimed(row, None, self._limits(conn, now, row[0],
+                                                   row[1]))
+        claimed.started, claimed.shown = now, True
+        return [claimed]
+
+    def _limits(self, conn: sqlite3.Connection, now: float, job_id: int,
+                current: str) -> tuple[float, int]:
+        """The lease and max_lost of a claimed step's task; a claim wrote
+        the defaults, so a task with its own is adjusted here."""
+        defaults = _TASK_DEFAULTS["lease"], _TASK_DEFAULTS["max_lost"]
+        fn = _REGISTRY.get(current)
+        limits = (fn.lease, fn.max_lost) if fn else defaults
+        if limits != defaults:
+            _execute(conn, _SQL_ADJUST_CLAIM, {
+                "id": job_id, "now": now, "lease": limits[0],
+                "max_lost": limits[1]})
+        return limits
+
+    def _claim_line(self, conn: sqlite3.Connection, now: float,
+                    limit: int) -> list[_Claimed]:
         """Claim the first ``limit`` ready steps of our queue names."""
         if len(self.queues) == 1:
             line = _execute(conn, _SQL_LINE,
@@ -2771,17 +2838,9 @@ class Worker:
         sql = _SQL_CLAIM.format(",".join("?" * len(line)))
         rows = {row[0]: row for row in _execute(
             conn, sql, (now, lease, max_lost, *(r[0] for r in line)))}
-        batch = []
-        for job_id, _, ready in line:
-            row = rows[job_id]
-            fn = _REGISTRY.get(row[1])
-            limits = (fn.lease, fn.max_lost) if fn else (lease, max_lost)
-            if limits != (lease, max_lost):
-                _execute(conn, _SQL_ADJUST_CLAIM, {
-                    "id": job_id, "now": now, "lease": limits[0],
-                    "max_lost": limits[1]})
-            batch.append(_Claimed(row, ready, limits))
-        return batch
+        return [_Claimed(rows[job_id], ready,
+                         self._limits(conn, now, job_id, rows[job_id][1]))
+                for job_id, _, ready in line]
 
     def _record(self, conn: sqlite3.Connection, outcome: _Outcome,
                 now: float, first: _Outcome, n: int) -> Any:
