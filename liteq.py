@@ -1643,6 +1643,9 @@ class _Signal:
         self.generation = 0
         self.local = 0  # notifications by this process's own commits
         self.waiting = 0  # threads in wait(); changed under the condition
+        # Threads waiting in a select() (see _Inotify.wait_either): rung
+        # through their pipe.  Changed under the condition.
+        self.bells: set[_Inotify] = set()
 
     @classmethod
     def of(cls, path: str, kind: str = "work") -> _Signal:
@@ -1661,6 +1664,9 @@ class _Signal:
         if self.waiting:
             with self.condition:
                 self.condition.notify_all()
+        if self.bells:
+            for bell in list(self.bells):
+                bell.interrupt()
 
     def wait(self, generation: int, timeout: float) -> None:
         with self.condition:
@@ -2266,6 +2272,10 @@ class Worker:
         self._someone_idle = threading.Event()
         self._idle_lock = threading.Lock()  # also guards _lanes
         self._idle = 0
+        # Whether the last idle wait saw another process write (with a
+        # bell, see _Watcher.start): then the next looks come _WAKE_GAP
+        # apart, the last one _WAKE_GAP after the writes stop.
+        self._writes_seen = False
         self._lanes: list[_Lane] = []  # one per running thread
         self._heartbeat = _Heartbeat(self)
         self._gate = _Gate(self.queue.path)
@@ -2584,7 +2594,16 @@ class Worker:
             self._idle += 1
             self._someone_idle.set()
         try:
-            self._signal.wait(generation, timeout)
+            bell = self._watcher.bell
+            if bell is None:
+                self._signal.wait(generation, timeout)
+            elif self._writes_seen:  # space the looks, and look once more
+                self._writes_seen = bell.wait_either(   # once they stop
+                    self._signal, generation, min(timeout, _WAKE_GAP),
+                    file=False)
+            else:
+                self._writes_seen = bell.wait_either(
+                    self._signal, generation, timeout)
         finally:
             with self._idle_lock:
                 self._idle -= 1
@@ -3144,7 +3163,8 @@ class _Watcher:
 
     On Linux it watches the database's ``-wal`` file with inotify (every
     commit writes to it), so an idle worker uses no CPU and wakes within
-    a millisecond.  Elsewhere it polls ``PRAGMA data_version``.  It also
+    a millisecond; a worker of one thread waits on that watch itself
+    (``bell``).  Elsewhere it polls ``PRAGMA data_version``.  It also
     checks, about once a second, that the file was not deleted or
     replaced, keeps the WAL bounded and purges old jobs (``keep``).
     """
@@ -3156,10 +3176,16 @@ class _Watcher:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._inotify: _Inotify | None = None
+        # A worker of one thread listens to the watch itself, in the same
+        # select() as its own process's wake-ups: one thread woken, not
+        # two.  Then this thread only keeps house.
+        self.bell: _Inotify | None = None
 
     def start(self) -> None:
         self._stop.clear()
         self._inotify = _Inotify.watch(self._worker._store.path + "-wal")
+        if self._worker.threads == 1:
+            self.bell = self._inotify
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name="liteq-watch")
         self._thread.start()
@@ -3173,7 +3199,7 @@ class _Watcher:
             self._thread.join()
         if self._inotify is not None:
             self._inotify.close()
-            self._inotify = None
+            self._inotify = self.bell = None
 
     def _run(self) -> None:
         worker, store = self._worker, self._worker._store
@@ -3181,7 +3207,10 @@ class _Watcher:
         version = None
         next_check = next_purge = 0.0
         while not self._stop.is_set():
-            if not worker._someone_idle.wait(1.0):
+            if self.bell is not None:
+                changed = False  # the worker's thread listens itself
+                self._stop.wait(1.0)
+            elif not worker._someone_idle.wait(1.0):
                 changed = False  # all threads busy: nobody to wake
             elif self._inotify is not None:
                 changed = False
@@ -3258,6 +3287,10 @@ class _Inotify:
         self.fd = fd
         # interrupt() writes to this pipe to end a wait() at once.
         self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)
+        self._lock = threading.Lock()
+        self._closed = False
 
     @classmethod
     def watch(cls, path: str) -> _Inotify | None:
@@ -3283,17 +3316,49 @@ class _Inotify:
                                     timeout)
         if self.fd not in ready:
             return False
-        with contextlib.suppress(BlockingIOError):
-            while os.read(self.fd, 65536):
-                pass
+        self._drain(self.fd)
         return True
 
+    def wait_either(self, signal_: _Signal, generation: int,
+                    timeout: float, file: bool = True) -> bool:
+        """Wait for ``signal_`` to pass ``generation``, or (with
+        ``file``) the file to change, or ``timeout``; True if the file
+        changed, looked at without waiting when not ``file``."""
+        with signal_.condition:
+            signal_.bells.add(self)
+        try:
+            if signal_.generation == generation and timeout > 0:
+                fds = [self._wake_read, self.fd] if file else [
+                    self._wake_read]
+                select.select(fds, [], [], timeout)
+        finally:
+            with signal_.condition:
+                signal_.bells.discard(self)
+        self._drain(self._wake_read)
+        return self._drain(self.fd)
+
+    @staticmethod
+    def _drain(fd: int) -> bool:
+        """Read what waits in ``fd`` (non-blocking); True if anything."""
+        found = False
+        with contextlib.suppress(BlockingIOError):
+            while os.read(fd, 65536):
+                found = True
+        return found
+
     def interrupt(self) -> None:
-        os.write(self._wake_write, b"x")
+        # Any thread may ring (see _Signal.notify), even as close() runs.
+        with self._lock:
+            if self._closed:
+                return
+            with contextlib.suppress(BlockingIOError):  # full: rung
+                os.write(self._wake_write, b"x")
 
     def close(self) -> None:
-        for fd in (self.fd, self._wake_read, self._wake_write):
-            os.close(fd)
+        with self._lock:
+            self._closed = True
+            for fd in (self.fd, self._wake_read, self._wake_write):
+                os.close(fd)
 
 # ---------------------------------------------------------------------------
 # 10. HTTP: status resource and dashboard

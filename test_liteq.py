@@ -2719,6 +2719,60 @@ def test_a_follower_helps_once_work_has_waited(q, monkeypatch):
     assert held.result(timeout=5) == "finished anyway"
 
 
+def _make_due_elsewhere(path, job_id):
+    """Make a job's timer due through a plain sqlite3 connection: a commit
+    that, like another process's, rings nothing in this process."""
+    conn = sqlite3.connect(path, isolation_level=None, timeout=30)
+    try:
+        conn.execute("UPDATE liteq_jobs SET timer = 0 WHERE id = ?",
+                     (job_id,))
+    finally:
+        conn.close()
+
+
+def _wait_asleep(worker):
+    """Wait until every thread of ``worker`` waits, past the looks that
+    follow a stream of writes.  The short sleep only lets the threads
+    reach their select(); if it is too short, the test checks less."""
+    wait_until(lambda: worker._idle == worker.threads
+               and not worker._writes_seen, what="the worker to go idle")
+    time.sleep(0.1)
+
+
+@pytest.mark.parametrize("mode", ["bell", "watcher", "poll"])
+def test_an_idle_worker_wakes_for_another_connections_commit(
+        q, start_worker, monkeypatch, mode):
+    # With idle waits of an hour, only the wake-up under test can start
+    # the jobs: "bell", one thread waiting on the -wal file's inotify
+    # watch and on this process's signal in one select(); "watcher", two
+    # threads woken by the watcher thread; "poll", no inotify.
+    monkeypatch.setattr(liteq, "_IDLE_MAX", 3600.0)
+    if mode == "poll":
+        monkeypatch.setattr(liteq._Inotify, "watch",
+                            classmethod(lambda cls, path: None))
+    threads = 2 if mode == "watcher" else 1
+    worker = start_worker(q, threads=threads)
+    if sys.platform.startswith("linux"):
+        assert (worker._watcher.bell is not None) == (mode == "bell")
+    for n in range(3):
+        job = T.add.apply_async((n, 1), countdown=3600)
+        _wait_asleep(worker)
+        _make_due_elsewhere(q.path, job.id)
+        assert job.result(timeout=30) == n + 1
+
+
+def test_a_bell_worker_wakes_at_once_for_its_own_process(
+        q, start_worker, monkeypatch):
+    monkeypatch.setattr(liteq, "_IDLE_MAX", 3600.0)
+    worker = start_worker(q)
+    for n in range(3):
+        _wait_asleep(worker)
+        assert T.add.delay(n, 1).result(timeout=30) == n + 1
+    _wait_asleep(worker)
+    # A stop writes nothing: only the bell can end the wait.
+    assert worker.stop(timeout=30)
+
+
 # ---------------------------------------------------------------------------
 # 9. Storage and upgrades
 # ---------------------------------------------------------------------------
