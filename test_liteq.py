@@ -1375,6 +1375,90 @@ def test_delaying_an_unregistered_task_raises_lookup_error(q):
     assert q.counts()["pending"] == 0
 
 
+# The JSON encoder is built once, on the C accelerator when there is one
+# (see liteq._json_encoder); without it, json's own encoder is used.  Both
+# must store the same text, and the checks before them refuse the same.
+
+ENCODER_PAYLOAD = {
+    "nested": {"list": [1, [2, [3, {}]], []], "empty": {}, "deep": nested(30)},
+    "unicode": "caf\u00e9 \u2603 \u65e5\u672c \U0001f600",
+    "escapes": "quote \" backslash \\ nl \n tab \t nul \x00 del \x7f "
+               "ls \u2028 ps \u2029",
+    "surrogates": ["\ud800", "x\udfffy", "\udbff\udc00"],
+    "floats": [0.1, -2.5, 1e300, 5e-324, -0.0, 1.0, 123456789.125],
+    "ints": [0, -1, 2**63 - 1, -(2**63), 10**40, Color.RED],
+    "bools": [True, False],
+    "none": None,
+    "str-enum": Label.HOT,
+    "tuple": (1, ("a", None), []),
+    "namedtuple": Point(1.5, "y"),
+    "reserved-keys": {"__task__": "os:system", "__tuple__": [1]},
+    "": "empty key",
+}
+
+
+def _store_with_encoder(q, monkeypatch, encoder):
+    """Delay and run representative calls with ``encoder`` as liteq's
+    JSON encoder; return each job's stored call and result texts, and the
+    error each bad call raises at .delay()."""
+    monkeypatch.setattr(liteq, "_JSON_ENCODE", encoder)
+    payload = dict(ENCODER_PAYLOAD, task=T.add(1, 2),
+                   chain=liteq.chain([T.add(1, 2), T.echo("\u00e9")]))
+    jobs = [
+        T.echo.delay(payload),
+        T.echo_kwargs.delay(a=payload["nested"], b=(1, 2), c="\u00e9"),
+        T.add.delay(1, 2.5),  # the plain call, written without the walk
+        T.echo.delay("caf\u00e9 \ud800 \U0001f600"),
+        T.echo_kwargs.delay(n=None, t=True, f=-0.5, i=-(2**63)),
+        liteq.chain([T.add(1, 2), T.add(3, 4)]).delay(),
+    ]
+    assert run_all(liteq.Worker(q)) >= len(jobs)
+    texts = [q._store.read("SELECT call, result FROM liteq_jobs WHERE id = ?",
+                           (job.id,))[0] for job in jobs]
+    assert [job.status for job in jobs] == ["done"] * len(jobs)
+    refused = []
+    for args, kwargs in [((1, math.nan), {}), (({1: "one"}, 2), {}),
+                         ((1, [object()]), {}), ((1,), {"b": math.inf}),
+                         (({"k": {(1, 2): 3}}, 0), {})]:
+        with pytest.raises(Exception) as info:
+            T.add.delay(*args, **kwargs)
+        refused.append((type(info.value), str(info.value)))
+    return texts, refused
+
+
+def test_stored_json_is_the_same_without_the_c_encoder(
+        q, make_queue, monkeypatch):
+    assert json.encoder.c_make_encoder is not None  # CPython has it
+    with_c = _store_with_encoder(q, monkeypatch, liteq._JSON_ENCODE)
+    # Built as at import, but as if json had no C accelerator (_json).
+    monkeypatch.setattr(json.encoder, "c_make_encoder", None)
+    monkeypatch.setattr(json.encoder, "encode_basestring",
+                        json.encoder.py_encode_basestring)
+    monkeypatch.setattr(json.encoder, "encode_basestring_ascii",
+                        json.encoder.py_encode_basestring_ascii)
+    fallback = liteq._json_encoder()
+    used = []
+
+    def encode(value):
+        used.append(1)
+        return fallback(value)
+
+    other = make_queue("fallback.db")
+    without_c = _store_with_encoder(other, monkeypatch, encode)
+    assert used  # every text below went through the fallback
+    texts, refused = without_c
+    assert texts == with_c[0]
+    assert refused == with_c[1]
+    assert all(kind is TypeError for kind, _ in refused), refused
+    # The stored texts are what the format says: compact UTF-8 JSON, the
+    # surrogates escaped; and they read back as what was delayed.
+    call, result = texts[0]
+    assert ", " not in call and '": ' not in call
+    assert "caf\u00e9 \u2603" in call and "\\ud800" in call
+    assert "\ud800" not in call
+    assert json.loads(call)["args"][0] == json.loads(result)
+
+
 # ---------------------------------------------------------------------------
 # 3. Continuations (the trampoline)
 # ---------------------------------------------------------------------------
@@ -2598,6 +2682,60 @@ def test_a_deferred_step_that_runs_long_is_shown_and_frees_the_jobs_behind(
     assert held.attempts == 1 and held.steps == 1
 
 
+def test_a_rescue_that_cannot_write_is_tried_again_and_loses_nothing(
+        q, deferring, monkeypatch, caplog):
+    caplog.set_level(logging.ERROR, logger="liteq")
+    before = [T.record.delay(f"before{i}") for i in range(3)]
+    held = T.gated.delay("finish")
+    behind = [T.record.delay(f"behind{i}") for i in range(5)]
+    # The first write of the rescue of the held step fails as a locked
+    # database would; the heartbeat's next beat must write it all.
+    store, real, tries = q._store, q._store.write, []
+
+    def write(body):
+        caller = sys._getframe(1)
+        step = caller.f_locals.get("step")
+        if (caller.f_code.co_name == "_rescue" and step is not None
+                and step.id == held.id):
+            tries.append(1)
+            if len(tries) == 1:
+                raise liteq.Busy("database is locked (injected)")
+        return real(body)
+
+    monkeypatch.setattr(store, "write", write)
+    first = liteq.Worker(q).start()
+    try:
+        GATE.wait_entered()
+        # One claim took all nine jobs; three ran deferred, their outcomes
+        # kept; the held step runs without its start written.
+        wait_until(lambda: held.status == "running"
+                   and held.worker is not None, what="the step shown")
+        assert len(tries) >= 2  # the failed try, then the one that wrote
+        assert any("cannot record steps" in r.getMessage()
+                   for r in caplog.records)
+        # Written by that same rescue: the thread is still inside a step.
+        assert [job.status for job in before] == ["done"] * 3
+        assert [job.result(timeout=5) for job in before] == [
+            f"before{i}" for i in range(3)]
+        # The jobs claimed behind it went back in line: another worker
+        # runs them while the held step still runs.
+        with liteq.Worker(q):
+            assert [job.result(timeout=30) for job in behind] == [
+                f"behind{i}" for i in range(5)]
+        assert held.status == "running"
+        GATE.go.set()
+        assert held.result(timeout=30) == "finished anyway"
+    finally:
+        GATE.go.set()
+        assert first.stop(timeout=30)
+    # Each job ran once, each step counted once.
+    assert sorted(LOG) == sorted([f"before{i}" for i in range(3)]
+                                 + [f"behind{i}" for i in range(5)])
+    assert len(GATE.notes) == 1
+    for job in [*before, held, *behind]:
+        assert (job.status, job.attempts, job.steps) == ("done", 1, 1), job
+
+
 def ready_of(queue, job):
     return queue._store.read("SELECT ready FROM liteq_jobs WHERE id = ?",
                              (job.id,))[0][0]
@@ -2717,6 +2855,117 @@ def test_a_follower_helps_once_work_has_waited(q, monkeypatch):
         GATE.go.set()
         assert lead.stop(timeout=30) and follower.stop(timeout=30)
     assert held.result(timeout=5) == "finished anyway"
+
+
+# A follower that helps keeps claiming, without looking at the line, until
+# its lane's help window (lane.helping, _FOLLOW_WAIT from its claim) ends.
+# These tests freeze the store clock: no job ever waits _FOLLOW_WAIT by it,
+# so only _FOLLOW_LOAD waiting jobs, or the window, make a follower claim.
+
+
+@pytest.fixture
+def helping_followers(clock, deferring, monkeypatch):
+    monkeypatch.setattr(liteq, "_FOLLOW_LOAD", 5)
+    # The lead runs a deferred step that blocks: it keeps the gate.
+    monkeypatch.setattr(liteq, "_RESCUE", 3600.0)
+
+
+def watch_looks(monkeypatch, follower):
+    """Record what each look of ``follower`` at the line decided (None:
+    claim now; else seconds to leave the line to the lead)."""
+    looks, real = [], follower._follower_hold
+
+    def look():
+        hold = real()
+        looks.append(hold)
+        return hold
+
+    monkeypatch.setattr(follower, "_follower_hold", look)
+    return looks
+
+
+def wait_left_to_the_lead(looks, what):
+    """Wait for two looks that decided to leave the line to the lead, both
+    begun after this call (so after anything delayed before it)."""
+    n = len(looks)
+    wait_until(lambda: sum(hold is not None for hold in looks[n:]) >= 2,
+               what=what)
+
+
+def test_a_follower_helps_once_follow_load_jobs_wait_then_claims_freely(
+        q, helping_followers, monkeypatch):
+    monkeypatch.setattr(liteq, "_FOLLOW_WAIT", 3600.0)  # a long window
+    held = T.gated.delay("finish")
+    lead = liteq.Worker(q).start()
+    follower = liteq.Worker(q)
+    looks = watch_looks(monkeypatch, follower)
+    try:
+        GATE.wait_entered()
+        follower.start()
+        assert lead._gate.held and not follower._gate.held
+        (helper,) = [t.ident for t in follower._threads]
+        few = [T.whose_thread.delay(f"j{i}") for i in range(4)]
+        wait_left_to_the_lead(looks, "the follower to look at 4 jobs")
+        assert [job.status for job in few] == ["pending"] * 4
+        assert None not in [ready_of(q, job) for job in few]  # in line
+        start = time.monotonic()
+        jobs = [*few, T.whose_thread.delay("j4")]  # _FOLLOW_LOAD wait
+        assert [job.result(timeout=30) for job in jobs] == [
+            f"j{i}" for i in range(5)]
+        assert LOG == [(f"j{i}", helper) for i in range(5)]
+        (lane,) = follower._lanes
+        assert lane.helping >= start + 3600.0  # set when it claimed
+        assert looks[-1] is None  # the look that made it claim
+        # In its window it claims one waiting job, without looking first.
+        seen = len(looks)
+        assert T.whose_thread.delay("j5").result(timeout=30) == "j5"
+        assert LOG[-1] == ("j5", helper)
+        assert len(looks) == seen
+        # All along, the lead's one thread was inside the held step.
+        assert [lane.running.id for lane in lead._lanes] == [held.id]
+    finally:
+        GATE.go.set()
+        assert follower.stop(timeout=30) and lead.stop(timeout=30)
+    assert held.result(timeout=5) == "finished anyway"
+
+
+def test_a_follower_leaves_the_work_to_the_lead_again_once_its_help_ends(
+        q, helping_followers, monkeypatch):
+    monkeypatch.setattr(liteq, "_FOLLOW_WAIT", 0.3)  # a short window
+    held = T.gated.delay("finish")
+    lead = liteq.Worker(q).start()
+    follower = liteq.Worker(q)
+    looks = watch_looks(monkeypatch, follower)
+    try:
+        GATE.wait_entered()
+        (leader,) = [t.ident for t in lead._threads]
+        jobs = [T.whose_thread.delay(f"j{i}") for i in range(5)]
+        start = time.monotonic()
+        follower.start()
+        assert lead._gate.held and not follower._gate.held
+        (helper,) = [t.ident for t in follower._threads]
+        assert [job.result(timeout=30) for job in jobs] == [
+            f"j{i}" for i in range(5)]
+        assert LOG == [(f"j{i}", helper) for i in range(5)]
+        lanes = list(follower._lanes)
+        assert lanes and all(lane.helping >= start + 0.3 for lane in lanes)
+        wait_until(lambda: all(time.monotonic() > lane.helping
+                               for lane in lanes), what="the window to end")
+        # The window over, the follower looks again: one job waiting is
+        # the lead's, even while the lead is busy.
+        late = T.whose_thread.delay("late")
+        wait_left_to_the_lead(looks, "the follower to leave the late job")
+        assert late.status == "pending" and ready_of(q, late) is not None
+        assert len(LOG) == 5
+        assert [lane.running.id for lane in lead._lanes] == [held.id]
+        GATE.go.set()  # the lead, free, takes it
+        assert late.result(timeout=30) == "late"
+        assert LOG[-1] == ("late", leader)
+    finally:
+        GATE.go.set()
+        assert follower.stop(timeout=30) and lead.stop(timeout=30)
+    assert held.result(timeout=5) == "finished anyway"
+    assert len(LOG) == 6
 
 
 def _make_due_elsewhere(path, job_id):
@@ -3038,6 +3287,7 @@ def test_claim_queries_use_the_ready_index(q, sql):
     details = " ".join(row[-1] for row in plan)
     assert "INDEX liteq_jobs_ready" in details
     assert "TEMP B-TREE" not in details
+
 
 
 # ---------------------------------------------------------------------------
