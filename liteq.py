@@ -854,7 +854,13 @@ _SQL_PURGE = """
 
 
 class _Connection(sqlite3.Connection):
-    """A connection that a WeakSet can hold."""
+    """A connection that a WeakSet can hold, with the lock its thread
+    holds while it uses it, so _Store.close() never closes it mid-use."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lock = threading.RLock()
+        self.closed = False
 
 
 class _Store:
@@ -919,14 +925,29 @@ class _Store:
             self._connections.add(conn)
         return conn
 
+    def _held(self) -> _Connection:
+        """This thread's connection, locked: release ``conn.lock`` after.
+
+        close() takes the lock too, so it waits until the connection is no
+        longer in use; one it closed first is replaced by a fresh one.
+        """
+        while True:
+            conn = self.connection()
+            conn.lock.acquire()
+            if not conn.closed:
+                return conn
+            conn.lock.release()
+
     def close(self) -> None:
         with self._lock:
             connections = list(self._connections)
             self._connections = weakref.WeakSet()
             self._local = threading.local()
         for conn in connections:
-            with contextlib.suppress(sqlite3.Error):
-                conn.close()
+            with conn.lock:  # in use by another thread: wait for it
+                conn.closed = True
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
 
     # Schema ---------------------------------------------------------------
 
@@ -1010,21 +1031,24 @@ class _Store:
         The whole transaction is retried while another writer holds the
         lock; any exception rolls it back.  Nothing else may run inside.
         """
-        conn = self.connection()
-
         def attempt() -> Any:
-            conn.execute("BEGIN IMMEDIATE")
+            conn = self._held()
             try:
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
-                if version != _SCHEMA_VERSION:
-                    self._check_header(conn)
-                result = body(conn)
-                conn.execute("COMMIT")
-                return result
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    version = conn.execute(
+                        "PRAGMA user_version").fetchone()[0]
+                    if version != _SCHEMA_VERSION:
+                        self._check_header(conn)
+                    result = body(conn)
+                    conn.execute("COMMIT")
+                    return result
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            finally:
+                conn.lock.release()
 
         return self._retry(attempt)
 
@@ -1034,14 +1058,16 @@ class _Store:
         One statement commits by itself (autocommit), so a plain
         ``.delay()`` needs no BEGIN, COMMIT or separate version check.
         """
-        conn = self.connection()
-
         def attempt() -> int:
-            cursor = _execute(conn, sql, params)
-            if cursor.rowcount != 1:  # another liteq changed the schema
-                self._check_header(conn)
-                raise SchemaError(f"{self.path}: the job was not stored")
-            return cursor.lastrowid
+            conn = self._held()
+            try:
+                cursor = _execute(conn, sql, params)
+                if cursor.rowcount != 1:  # another liteq changed the schema
+                    self._check_header(conn)
+                    raise SchemaError(f"{self.path}: the job was not stored")
+                return cursor.lastrowid
+            finally:
+                conn.lock.release()
 
         try:  # the common case, without the retry loop's set-up
             return attempt()
@@ -1051,13 +1077,15 @@ class _Store:
 
     def read(self, sql: str, params: Any = ()) -> list:
         """Run one query outside any transaction and return its rows."""
-        conn = self.connection()
-
         def attempt() -> list:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version != _SCHEMA_VERSION:
-                self._check_header(conn)
-            return _execute(conn, sql, params).fetchall()
+            conn = self._held()
+            try:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version != _SCHEMA_VERSION:
+                    self._check_header(conn)
+                return _execute(conn, sql, params).fetchall()
+            finally:
+                conn.lock.release()
 
         return self._retry(attempt)
 
@@ -1068,9 +1096,15 @@ class _Store:
         "go and see", and the write it then makes checks and reports.
         """
         try:
-            return _execute(self.connection(), sql, params).fetchone()
-        except (sqlite3.Error, Error):
+            conn = self._held()
+        except Error:
             return None
+        try:
+            return _execute(conn, sql, params).fetchone()
+        except sqlite3.Error:
+            return None
+        finally:
+            conn.lock.release()
 
     def identity(self) -> tuple[int, int] | None:
         try:
@@ -1899,7 +1933,10 @@ class Queue:
         self.close()
 
     def close(self) -> None:
-        """Close this Queue's connections (it reopens if used again)."""
+        """Close this Queue's connections (it reopens if used again).
+
+        A query that another thread is running ends first.
+        """
         self._store.close()
 
     def task(self, function: Callable | None = None, *args: Any,

@@ -3289,6 +3289,55 @@ def test_claim_queries_use_the_ready_index(q, sql):
     assert "TEMP B-TREE" not in details
 
 
+CLOSE_WHILE_IN_USE = """
+import sys, threading
+sys.path.insert(0, {liteq_dir!r})
+import liteq
+
+def ping(x):
+    return x
+
+for n in range(40):
+    queue = liteq.Queue(sys.argv[1] + str(n) + ".db")
+    task = queue.task(name="ping")(ping)
+    for i in range(50):
+        task.delay(i)
+    stop, errors = threading.Event(), []
+
+    def read():
+        while not stop.is_set():
+            try:
+                queue.counts()
+                queue.jobs(limit=20)
+            except Exception as exc:
+                errors.append(repr(exc))
+
+    readers = [threading.Thread(target=read) for _ in range(3)]
+    for thread in readers:
+        thread.start()
+    for _ in range(5):
+        queue.close()  # while the readers are inside their queries
+    stop.set()
+    for thread in readers:
+        thread.join()
+    queue.close()
+    assert not errors, errors[:3]
+print("survived")
+"""
+
+
+def test_close_while_other_threads_query_neither_crashes_nor_fails(tmp_path):
+    # close() used to close connections under threads still inside a
+    # query: the interpreter crashed (SIGSEGV) within a few rounds.  A
+    # subprocess, so that a crash fails this test, not the whole run.
+    script = tmp_path / "close_in_use.py"
+    script.write_text(CLOSE_WHILE_IN_USE.format(liteq_dir=LITEQ_DIR))
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "c")],
+                          capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.split() == ["survived"]
+
 
 # ---------------------------------------------------------------------------
 # The module: public names and documentation
