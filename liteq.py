@@ -2647,6 +2647,12 @@ class Worker:
                 if not self._idle:
                     self._someone_idle.clear()
 
+    # The write transactions: claims, starts and outcomes --------------------
+    #
+    # A cycle writes what a thread has to write (outcomes, starts, steps to
+    # give back) and claims what it runs next, in one transaction.  Every
+    # write after a claim is guarded by the claim's token (_HELD).
+
     def _cycle(self, lane: _Lane, step: _Claimed | None,
                claim: bool) -> tuple[_Claimed | None, float | None]:
         """Write the lane's outcomes, then start ``step`` or claim more.
