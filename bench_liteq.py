@@ -78,7 +78,8 @@ to average out):
    workers start on them at once and the producers half a second later;
    the drain rate while the producers run is the pool's aggregate drain
    (target >= 1.0 of the one worker's), also shown against the drain of
-   (3), and the producers' enqueue rate meanwhile.  5 rounds of 6 s each
+   (3), and the producers' enqueue rate, CPU and time per ``.delay()``
+   meanwhile (p99 and longest, of the worst round).  5 rounds of 6 s each
    (1 of 2 s with --quick).  Then with no backlog, the producers starting
    once the workers have started up and gone idle: the workers drain
    what the producers make, so the ratio says what the idle extra
@@ -1047,6 +1048,12 @@ class Bench:
         self.add(Row("7. multi: CPU of each producer, backlog",
                      busy_four["producer_cpu"], busy_one["producer_cpu"],
                      "% core", base_label="with 1 worker"))
+        self.add(Row("7. multi: .delay() p99, backlog",
+                     busy_four["delay_p99"], busy_one["delay_p99"], "ms",
+                     base_label="with 1 worker"))
+        self.add(Row("7. multi: .delay() longest, backlog",
+                     busy_four["delay_max"], busy_one["delay_max"], "ms",
+                     base_label="with 1 worker"))
         self.add(Row(f"7. multi: drain as produced, {who}",
                      fed_four["drain"], fed_one["drain"], "jobs/s",
                      base_label="1 worker + producers"))
@@ -1129,6 +1136,9 @@ class Bench:
             # % of one core each producer used, on average
             "producer_cpu": 100 * sum(r["cpu"] for r in reports)
             / len(reports) / (end - start),
+            # ms one .delay() took: the worst producer's p99, the longest
+            "delay_p99": max(r["p99_ms"] or 0.0 for r in reports),
+            "delay_max": max(r["max_ms"] or 0.0 for r in reports),
             "errors": sum(errors.values()) + len(lock_lines),
             "error_lines": len(error_lines), "failed": failed_jobs(path),
             "problems": list(errors) + lock_lines + error_lines,
@@ -1220,6 +1230,8 @@ def merge_outcomes(runs: list[dict]) -> dict:
         merged[key] = sum(r[key] * r["seconds"] for r in runs) / seconds
     for key in ("errors", "error_lines", "failed"):
         merged[key] = sum(r[key] for r in runs)
+    for key in ("delay_p99", "delay_max"):  # the worst round's
+        merged[key] = max(r[key] for r in runs)
     for r in runs:
         merged["problems"] += r["problems"]
         merged["worker_lines"] += r["worker_lines"]
@@ -1644,18 +1656,23 @@ def produce(store: Callable[[], Any], seconds: str, start_at: str) -> int:
     that none does while the database is merely busy.
     """
     errors: collections.Counter = collections.Counter()
-    delayed = 0
+    took = []  # seconds per successful call
     time.sleep(max(0.0, float(start_at) - time.time()))
     start, cpu = time.time(), time.process_time()
     end = start + float(seconds)
     while time.time() < end:
+        before = time.perf_counter()
         try:
             store()
-            delayed += 1
+            took.append(time.perf_counter() - before)
         except Exception as exc:
             errors[error_key(exc)] += 1
-    print(json.dumps({"delayed": delayed, "errors": errors, "start": start,
-                      "end": time.time(), "cpu": time.process_time() - cpu}))
+    took.sort()
+    print(json.dumps({"delayed": len(took), "errors": errors, "start": start,
+                      "end": time.time(), "cpu": time.process_time() - cpu,
+                      "p99_ms": 1000 * took[int(len(took) * 0.99)]
+                      if took else None,
+                      "max_ms": 1000 * took[-1] if took else None}))
     return 0
 
 
