@@ -2343,6 +2343,9 @@ class Worker:
         # _stopping stays set if stop() came first: the threads then end
         # at once, and run_forever() returns.
         self._store.connection()  # open (and check) the file now
+        # The watcher first: a thread's first idle wait must find the
+        # bell (see _Watcher.start) already there.
+        self._watcher.start()
         self._threads = [
             threading.Thread(target=self._run_thread, daemon=True,
                              name=f"liteq-worker-{i + 1}")
@@ -2350,7 +2353,6 @@ class Worker:
         for thread in self._threads:
             thread.start()
         self._heartbeat.start()
-        self._watcher.start()
 
     def stop(self, timeout: float | None = None) -> bool:
         """Stop claiming, wait for running steps; True if all finished."""

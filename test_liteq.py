@@ -3000,9 +3000,20 @@ def test_an_idle_worker_wakes_for_another_connections_commit(
         monkeypatch.setattr(liteq._Inotify, "watch",
                             classmethod(lambda cls, path: None))
     threads = 2 if mode == "watcher" else 1
+    # A thread's first idle wait must already listen to the file: note
+    # whether each thread, as it began, found the bell.
+    bells, serve = [], liteq.Worker._serve
+
+    def serve_noting_the_bell(self, lane):
+        bells.append(self._watcher.bell is not None)
+        return serve(self, lane)
+
+    monkeypatch.setattr(liteq.Worker, "_serve", serve_noting_the_bell)
     worker = start_worker(q, threads=threads)
     if sys.platform.startswith("linux"):
         assert (worker._watcher.bell is not None) == (mode == "bell")
+        wait_until(lambda: len(bells) == threads, what="the threads")
+        assert bells == [mode == "bell"] * threads
     for n in range(3):
         job = T.add.apply_async((n, 1), countdown=3600)
         _wait_asleep(worker)
