@@ -80,7 +80,7 @@ to average out):
    (target >= 1.0 of the one worker's), also shown against the drain of
    (3), and the producers' enqueue rate, CPU and time per ``.delay()``
    meanwhile (p99 and longest, of the worst round).  5 rounds of 6 s each
-   (1 of 2 s with --quick).  Then with no backlog, the producers starting
+   (1 of 1.5 s with --quick).  Then with no backlog, the producers starting
    once the workers have started up and gone idle: the workers drain
    what the producers make, so the ratio says what the idle extra
    workers cost the producers; 3 rounds of 5 s (1 of 1 s with --quick).
@@ -88,7 +88,7 @@ to average out):
    code and every "database is locked" / Busy / OperationalError line in
    the workers' stderr (target 0), ERROR and Traceback lines, failed
    jobs.  The rates with no backlog are also shown against the same run
-   of raw workers and raw producers (30 s, 1.5 s with --quick).
+   of raw workers and raw producers (30 s, 1 s with --quick).
 
 Targets are informational: a MISS never changes the exit status.  The exit
 status is 1 only when something crashed: a child process failed or timed
@@ -144,11 +144,11 @@ DRAIN_ROUNDS = (3, 1)  # best of, for measurements with a worker process
 LATENCY_SAMPLES = (200, 50)  # (full, quick)
 CPU_SECONDS = (10.0, 2.0)
 SCALE_ROWS = (1_000_000, 20_000)
-MULTI_SECONDS = (30.0, 2.0)  # for each of one and four workers
+MULTI_SECONDS = (30.0, 1.5)  # for each of one and four workers
 MULTI_ROUNDS = (5, 1)  # the seconds are split into alternating rounds
 FED_SECONDS, FED_ROUNDS = (15.0, 1.0), (3, 1)  # the same, with no backlog
 BACKLOG_RATE = 40000  # jobs per second of a round put in line beforehand
-RAW_MULTI_SECONDS = (30.0, 1.5)
+RAW_MULTI_SECONDS = (30.0, 1.0)
 MULTI_WORKERS, MULTI_PRODUCERS = 4, 2
 POLL = 0.02  # seconds between checks of a child's progress
 STOP_TIMEOUT = 15.0  # seconds a worker gets to exit after SIGTERM
