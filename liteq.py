@@ -645,9 +645,9 @@ _SQL_SELECT_DUE = """
      WHERE timer <= ? LIMIT 100
 """
 
-# Idle workers look with these reads before taking the write lock.
-# Whether a claim could find work: a ready job of the worker's queue
-# names (one ? each, filled in by the worker), a due timer, or a schema
+# An idle worker looks with this read before it takes the write lock:
+# whether a claim could find work, a ready job of the worker's queue
+# names (one ? each, filled in by the worker) or a due timer, or a schema
 # that is not ours (the claim's transaction checks and reports it).
 _SQL_WORK_IN_SIGHT = f"""
     SELECT (SELECT user_version FROM pragma_user_version) != {_SCHEMA_VERSION}
@@ -925,18 +925,17 @@ class _Store:
             self._connections.add(conn)
         return conn
 
-    def _held(self) -> _Connection:
-        """This thread's connection, locked: release ``conn.lock`` after.
+    def _using(self, action: Callable[[_Connection], Any]) -> Any:
+        """Run ``action`` on this thread's connection, holding its lock.
 
         close() takes the lock too, so it waits until the connection is no
         longer in use; one it closed first is replaced by a fresh one.
         """
         while True:
             conn = self.connection()
-            conn.lock.acquire()
-            if not conn.closed:
-                return conn
-            conn.lock.release()
+            with conn.lock:
+                if not conn.closed:
+                    return action(conn)
 
     def close(self) -> None:
         with self._lock:
@@ -1031,26 +1030,21 @@ class _Store:
         The whole transaction is retried while another writer holds the
         lock; any exception rolls it back.  Nothing else may run inside.
         """
-        def attempt() -> Any:
-            conn = self._held()
+        def attempt(conn: _Connection) -> Any:
+            conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    version = conn.execute(
-                        "PRAGMA user_version").fetchone()[0]
-                    if version != _SCHEMA_VERSION:
-                        self._check_header(conn)
-                    result = body(conn)
-                    conn.execute("COMMIT")
-                    return result
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-            finally:
-                conn.lock.release()
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version != _SCHEMA_VERSION:
+                    self._check_header(conn)
+                result = body(conn)
+                conn.execute("COMMIT")
+                return result
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
 
-        return self._retry(attempt)
+        return self._retry(lambda: self._using(attempt))
 
     def insert(self, sql: str, params: Any) -> int:
         """Run one schema-checked INSERT as its own transaction; its id.
@@ -1058,36 +1052,28 @@ class _Store:
         One statement commits by itself (autocommit), so a plain
         ``.delay()`` needs no BEGIN, COMMIT or separate version check.
         """
-        def attempt() -> int:
-            conn = self._held()
-            try:
-                cursor = _execute(conn, sql, params)
-                if cursor.rowcount != 1:  # another liteq changed the schema
-                    self._check_header(conn)
-                    raise SchemaError(f"{self.path}: the job was not stored")
-                return cursor.lastrowid
-            finally:
-                conn.lock.release()
+        def attempt(conn: _Connection) -> int:
+            cursor = _execute(conn, sql, params)
+            if cursor.rowcount != 1:  # another liteq changed the schema
+                self._check_header(conn)
+                raise SchemaError(f"{self.path}: the job was not stored")
+            return cursor.lastrowid
 
         try:  # the common case, without the retry loop's set-up
-            return attempt()
+            return self._using(attempt)
         except sqlite3.Error:
             pass  # nothing was stored: one statement is atomic
-        return self._retry(attempt)
+        return self._retry(lambda: self._using(attempt))
 
     def read(self, sql: str, params: Any = ()) -> list:
         """Run one query outside any transaction and return its rows."""
-        def attempt() -> list:
-            conn = self._held()
-            try:
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
-                if version != _SCHEMA_VERSION:
-                    self._check_header(conn)
-                return _execute(conn, sql, params).fetchall()
-            finally:
-                conn.lock.release()
+        def attempt(conn: _Connection) -> list:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version != _SCHEMA_VERSION:
+                self._check_header(conn)
+            return _execute(conn, sql, params).fetchall()
 
-        return self._retry(attempt)
+        return self._retry(lambda: self._using(attempt))
 
     def peek(self, sql: str, params: Any = ()) -> tuple | None:
         """One row of an advisory query; None if it failed.
@@ -1096,15 +1082,10 @@ class _Store:
         "go and see", and the write it then makes checks and reports.
         """
         try:
-            conn = self._held()
-        except Error:
+            return self._using(
+                lambda conn: _execute(conn, sql, params).fetchone())
+        except (sqlite3.Error, Error):
             return None
-        try:
-            return _execute(conn, sql, params).fetchone()
-        except sqlite3.Error:
-            return None
-        finally:
-            conn.lock.release()
 
     def identity(self) -> tuple[int, int] | None:
         try:
@@ -2633,16 +2614,14 @@ class Worker:
             self._idle += 1
             self._someone_idle.set()
         try:
-            bell = self._watcher.bell
+            bell, streaming = self._watcher.bell, self._writes_seen
             if bell is None:
                 self._signal.wait(generation, timeout)
-            elif self._writes_seen:  # space the looks, and look once more
-                self._writes_seen = bell.wait_either(   # once they stop
-                    self._signal, generation, min(timeout, _WAKE_GAP),
-                    file=False)
-            else:
-                self._writes_seen = bell.wait_either(
-                    self._signal, generation, timeout)
+            else:  # while writes go on, look every _WAKE_GAP, and once
+                self._writes_seen = bell.wait_either(  # after they stop
+                    self._signal, generation,
+                    min(timeout, _WAKE_GAP) if streaming else timeout,
+                    file=not streaming)
         finally:
             with self._idle_lock:
                 self._idle -= 1
