@@ -2863,13 +2863,6 @@ def test_a_follower_helps_once_work_has_waited(q, monkeypatch):
 # so only _FOLLOW_LOAD waiting jobs, or the window, make a follower claim.
 
 
-@pytest.fixture
-def helping_followers(clock, deferring, monkeypatch):
-    monkeypatch.setattr(liteq, "_FOLLOW_LOAD", 5)
-    # The lead runs a deferred step that blocks: it keeps the gate.
-    monkeypatch.setattr(liteq, "_RESCUE", 3600.0)
-
-
 def watch_looks(monkeypatch, follower):
     """Record what each look of ``follower`` at the line decided (None:
     claim now; else seconds to leave the line to the lead)."""
@@ -2884,6 +2877,27 @@ def watch_looks(monkeypatch, follower):
     return looks
 
 
+@pytest.fixture
+def helping(q, clock, deferring, monkeypatch):
+    """A lead whose one thread is inside a deferred step that blocks (so
+    it keeps the gate), and a follower, not started, whose looks are
+    recorded.  _FOLLOW_LOAD is 5."""
+    monkeypatch.setattr(liteq, "_FOLLOW_LOAD", 5)
+    monkeypatch.setattr(liteq, "_RESCUE", 3600.0)
+    held = T.gated.delay("finish")
+    lead = liteq.Worker(q).start()
+    follower = liteq.Worker(q)
+    try:
+        GATE.wait_entered()
+        yield types.SimpleNamespace(
+            held=held, lead=lead, follower=follower,
+            looks=watch_looks(monkeypatch, follower))
+    finally:
+        GATE.go.set()
+        assert follower.stop(timeout=30) and lead.stop(timeout=30)
+    assert held.result(timeout=5) == "finished anyway"
+
+
 def wait_left_to_the_lead(looks, what):
     """Wait for two looks that decided to leave the line to the lead, both
     begun after this call (so after anything delayed before it)."""
@@ -2893,79 +2907,60 @@ def wait_left_to_the_lead(looks, what):
 
 
 def test_a_follower_helps_once_follow_load_jobs_wait_then_claims_freely(
-        q, helping_followers, monkeypatch):
+        q, helping, monkeypatch):
     monkeypatch.setattr(liteq, "_FOLLOW_WAIT", 3600.0)  # a long window
-    held = T.gated.delay("finish")
-    lead = liteq.Worker(q).start()
-    follower = liteq.Worker(q)
-    looks = watch_looks(monkeypatch, follower)
-    try:
-        GATE.wait_entered()
-        follower.start()
-        assert lead._gate.held and not follower._gate.held
-        (helper,) = [t.ident for t in follower._threads]
-        few = [T.whose_thread.delay(f"j{i}") for i in range(4)]
-        wait_left_to_the_lead(looks, "the follower to look at 4 jobs")
-        assert [job.status for job in few] == ["pending"] * 4
-        assert None not in [ready_of(q, job) for job in few]  # in line
-        start = time.monotonic()
-        jobs = [*few, T.whose_thread.delay("j4")]  # _FOLLOW_LOAD wait
-        assert [job.result(timeout=30) for job in jobs] == [
-            f"j{i}" for i in range(5)]
-        assert LOG == [(f"j{i}", helper) for i in range(5)]
-        (lane,) = follower._lanes
-        assert lane.helping >= start + 3600.0  # set when it claimed
-        assert looks[-1] is None  # the look that made it claim
-        # In its window it claims one waiting job, without looking first.
-        seen = len(looks)
-        assert T.whose_thread.delay("j5").result(timeout=30) == "j5"
-        assert LOG[-1] == ("j5", helper)
-        assert len(looks) == seen
-        # All along, the lead's one thread was inside the held step.
-        assert [lane.running.id for lane in lead._lanes] == [held.id]
-    finally:
-        GATE.go.set()
-        assert follower.stop(timeout=30) and lead.stop(timeout=30)
-    assert held.result(timeout=5) == "finished anyway"
+    lead, follower, looks = helping.lead, helping.follower, helping.looks
+    follower.start()
+    assert lead._gate.held and not follower._gate.held
+    (helper,) = [t.ident for t in follower._threads]
+    few = [T.whose_thread.delay(f"j{i}") for i in range(4)]
+    wait_left_to_the_lead(looks, "the follower to look at 4 jobs")
+    assert [job.status for job in few] == ["pending"] * 4
+    assert None not in [ready_of(q, job) for job in few]  # in line
+    start = time.monotonic()
+    jobs = [*few, T.whose_thread.delay("j4")]  # _FOLLOW_LOAD wait
+    assert [job.result(timeout=30) for job in jobs] == [
+        f"j{i}" for i in range(5)]
+    assert LOG == [(f"j{i}", helper) for i in range(5)]
+    (lane,) = follower._lanes
+    assert lane.helping >= start + 3600.0  # set when it claimed
+    assert looks[-1] is None  # the look that made it claim
+    # In its window it claims one waiting job, without looking first.
+    seen = len(looks)
+    assert T.whose_thread.delay("j5").result(timeout=30) == "j5"
+    assert LOG[-1] == ("j5", helper)
+    assert len(looks) == seen
+    # All along, the lead's one thread was inside the held step.
+    assert [lane.running.id for lane in lead._lanes] == [helping.held.id]
 
 
 def test_a_follower_leaves_the_work_to_the_lead_again_once_its_help_ends(
-        q, helping_followers, monkeypatch):
+        q, helping, monkeypatch):
     monkeypatch.setattr(liteq, "_FOLLOW_WAIT", 0.3)  # a short window
-    held = T.gated.delay("finish")
-    lead = liteq.Worker(q).start()
-    follower = liteq.Worker(q)
-    looks = watch_looks(monkeypatch, follower)
-    try:
-        GATE.wait_entered()
-        (leader,) = [t.ident for t in lead._threads]
-        jobs = [T.whose_thread.delay(f"j{i}") for i in range(5)]
-        start = time.monotonic()
-        follower.start()
-        assert lead._gate.held and not follower._gate.held
-        (helper,) = [t.ident for t in follower._threads]
-        assert [job.result(timeout=30) for job in jobs] == [
-            f"j{i}" for i in range(5)]
-        assert LOG == [(f"j{i}", helper) for i in range(5)]
-        lanes = list(follower._lanes)
-        assert lanes and all(lane.helping >= start + 0.3 for lane in lanes)
-        wait_until(lambda: all(time.monotonic() > lane.helping
-                               for lane in lanes), what="the window to end")
-        # The window over, the follower looks again: one job waiting is
-        # the lead's, even while the lead is busy.
-        late = T.whose_thread.delay("late")
-        wait_left_to_the_lead(looks, "the follower to leave the late job")
-        assert late.status == "pending" and ready_of(q, late) is not None
-        assert len(LOG) == 5
-        assert [lane.running.id for lane in lead._lanes] == [held.id]
-        GATE.go.set()  # the lead, free, takes it
-        assert late.result(timeout=30) == "late"
-        assert LOG[-1] == ("late", leader)
-    finally:
-        GATE.go.set()
-        assert follower.stop(timeout=30) and lead.stop(timeout=30)
-    assert held.result(timeout=5) == "finished anyway"
-    assert len(LOG) == 6
+    lead, follower, looks = helping.lead, helping.follower, helping.looks
+    (leader,) = [t.ident for t in lead._threads]
+    jobs = [T.whose_thread.delay(f"j{i}") for i in range(5)]
+    start = time.monotonic()
+    follower.start()
+    assert lead._gate.held and not follower._gate.held
+    (helper,) = [t.ident for t in follower._threads]
+    assert [job.result(timeout=30) for job in jobs] == [
+        f"j{i}" for i in range(5)]
+    assert LOG == [(f"j{i}", helper) for i in range(5)]
+    lanes = list(follower._lanes)
+    assert lanes and all(lane.helping >= start + 0.3 for lane in lanes)
+    wait_until(lambda: all(time.monotonic() > lane.helping
+                           for lane in lanes), what="the window to end")
+    # The window over, the follower looks again: one job waiting is the
+    # lead's, even while the lead is busy.
+    late = T.whose_thread.delay("late")
+    wait_left_to_the_lead(looks, "the follower to leave the late job")
+    assert late.status == "pending" and ready_of(q, late) is not None
+    assert len(LOG) == 5
+    assert [lane.running.id for lane in lead._lanes] == [helping.held.id]
+    GATE.go.set()  # the lead, free, takes it
+    assert late.result(timeout=30) == "late"
+    assert LOG == [*((f"j{i}", helper) for i in range(5)), ("late", leader)]
 
 
 def _make_due_elsewhere(path, job_id):
