@@ -68,6 +68,7 @@ import signal
 import socket
 import socketserver
 import sqlite3
+import struct
 import sys
 import threading
 import time
@@ -135,24 +136,7 @@ _INT64 = (-(2**63), 2**63 - 1)
 _WAL_LIMIT = 64 * 2**20  # bytes; past this a worker forces a checkpoint
 _PURGE_CHUNK = 500  # rows deleted per purge transaction
 _RESULT_POLL = 0.05  # seconds between checks of another process's job
-_IDLE_MAX = 1.0  # seconds an idle worker sleeps without any signal
-_PROBE = 0.05  # seconds between looks for due timers while busy
-# Claiming ahead and deferred writes (see Worker, "The loop of each thread")
-_FAST = 0.002  # seconds: a step shorter than this is short
-_STREAK = 8  # short steps in a row before a thread defers writes
-_BATCH_MAX = 32  # steps claimed at once, and outcomes written at once
-_GROUP_AGE = 0.01  # seconds an outcome may wait to be written
-_RESCUE = 0.05  # seconds before a long deferred step is shown running
 _TOKEN_BITS = 20  # a claim's block of fencing tokens (see _SQL_CLAIM)
-_CANCEL_LOOK = 0.002  # seconds between looks for cancelled steps ahead
-# Several workers on one file (see _Gate): a follower takes a job that
-# waited _FOLLOW_WAIT seconds for the lead, or when _FOLLOW_LOAD wait; it
-# looks, and tries to lead, every _FOLLOW_LOOK seconds.
-_FOLLOW_WAIT, _FOLLOW_LOAD, _FOLLOW_LOOK = 0.5, 1000, 0.05
-# Another process's commits wake idle threads at once, then, while they go
-# on, every _WAKE_GAP seconds.
-_WAKE_GAP = 0.001
-_HOST_PID = f"{socket.gethostname()}:{os.getpid()}"
 
 _TASK_DEFAULTS = {
     "percent": None,
@@ -694,7 +678,7 @@ _SQL_LINE = """
 _SQL_CLAIM = f"""
     UPDATE liteq_jobs
        SET token = ((token >> {_TOKEN_BITS}) + 1) << {_TOKEN_BITS},
-           ready = NULL, timer = ? + ?, max_lost = ?
+           ready = NULL, timer = ? + ?
      WHERE id IN ({{}})
  RETURNING id, current, call, token, attempts, steps, failures, priority
 """
@@ -728,11 +712,13 @@ _SQL_HIGHER_READY = """
      WHERE queue = ? AND ready IS NOT NULL AND priority >= ? LIMIT 1
 """
 
-# The step starts: from here on observers see it run.
+# The step starts: from here on observers see it run, and its lease is
+# its task's (a step claimed ahead holds a short one until then).
 _SQL_START = f"""
     UPDATE liteq_jobs
        SET status = 'running', attempts = :attempt, worker = :worker,
-           started_at = coalesce(started_at, :started), updated_at = :now
+           started_at = coalesce(started_at, :started), updated_at = :now,
+           timer = :now + :lease, max_lost = :max_lost
      WHERE {_HELD}
 """
 
@@ -831,6 +817,11 @@ _SQL_CANCEL = """
 _SQL_SELECT_STATUS = "SELECT status, key, cancel FROM liteq_jobs WHERE id = ?"
 
 _SQL_SELECT_CANCEL = "SELECT cancel FROM liteq_jobs WHERE id = ?"
+
+# Why an outcome was refused: see _Claims.refusal.
+_SQL_SELECT_REFUSAL = """
+    SELECT status, cancel, token FROM liteq_jobs WHERE id = ?
+"""
 
 # Steps claimed ahead that must not run: cancelled (or finished) since.
 _SQL_SELECT_GONE = """
@@ -1074,6 +1065,23 @@ class _Store:
             return _execute(conn, sql, params).fetchall()
 
         return self._retry(lambda: self._using(attempt))
+
+    def query(self, body: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run ``body(conn)`` outside any transaction, as read() does."""
+        def attempt(conn: _Connection) -> Any:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version != _SCHEMA_VERSION:
+                self._check_header(conn)
+            return body(conn)
+
+        return self._retry(lambda: self._using(attempt))
+
+    def peek_with(self, body: Callable[[sqlite3.Connection], Any]) -> Any:
+        """What ``body(conn)`` returns, or None if it failed (see peek)."""
+        try:
+            return self._using(body)
+        except (sqlite3.Error, Error):
+            return None
 
     def peek(self, sql: str, params: Any = ()) -> tuple | None:
         """One row of an advisory query; None if it failed.
@@ -1658,9 +1666,14 @@ class _Signal:
         self.generation = 0
         self.local = 0  # notifications by this process's own commits
         self.waiting = 0  # threads in wait(); changed under the condition
-        # Threads waiting in a select() (see _Inotify.wait_either): rung
-        # through their pipe.  Changed under the condition.
-        self.bells: set[_Inotify] = set()
+        # Threads waiting in a select() (see _Bell.wait): rung through
+        # their pipe.  Changed under the condition.
+        self.bells: set[_Bell] = set()
+        # Notifiers may be several threads at once: each takes a fresh
+        # value (next() of a count is atomic), so a waiter that compares
+        # with the value it read never misses a notification.
+        self._generations = itertools.count(1)
+        self._locals = itertools.count(1)
 
     @classmethod
     def of(cls, path: str, kind: str = "work") -> _Signal:
@@ -1674,8 +1687,9 @@ class _Signal:
         # Only increments, so a waiter never mistakes a new generation for
         # the one it read.  A waiter counts itself before it compares, so
         # either it sees the new generation or this sees it waiting.
-        self.local += local
-        self.generation += 1
+        if local:
+            self.local = next(self._locals)
+        self.generation = next(self._generations)
         if self.waiting:
             with self.condition:
                 self.condition.notify_all()
@@ -2109,8 +2123,8 @@ def _after_fork_in_child() -> None:
     _DEFAULT_LOCK = threading.Lock()
     _Signal._by_path = {}
     _Signal._registry_lock = threading.Lock()
-    for gate in list(_Gate.opened):  # the parent's lead is not the child's
-        gate.forget()
+    for lead in list(_Lead.opened):  # the parent's lead is not the child's
+        lead.forget()
 
 
 if hasattr(os, "register_at_fork"):
@@ -2131,125 +2145,1182 @@ def configure(path: str | os.PathLike, **options: Any) -> Queue:
     return queue
 
 # ---------------------------------------------------------------------------
-# 8. Worker: claiming, running and recording steps
+# 8. Worker: steps, claims, the loop of each thread
 # ---------------------------------------------------------------------------
+#
+# How the parts fit:
+#
+#   Worker            validation, start/stop, run_forever, run_once
+#   _WorkerThread     one thread's holdings and its loop (run_once(now))
+#   _Claims           every statement a worker sends; rules plug in here
+#   _run_step         decode, bind, call and encode one step
+#   _Step, _Outcome   one claimed step, and how it ended
+#   _Housekeeper      the one background thread: leases, rescues, chores
+#   _Lead, _Bell, _WalWatch, _Fault   (section 9)
+#
+# Threads: a Worker runs ``threads`` _WorkerThreads and one _Housekeeper.
+# Locks, in the order they are taken: _WorkerThread.writing, then
+# _WorkerThread.lock; the _Housekeeper's condition and _Fault's lock are
+# never held while another is taken.
 
 
-class _Claimed:
-    """A claimed step: what the worker needs to run it and record it.
+class _Tuning:
+    """How a worker paces itself: one object, which a test replaces whole.
 
-    ``started`` is the store-clock time the step began (None before);
-    ``shown`` whether its start is written, so observers see it run;
-    ``renewed`` the monotonic time its lease was last written.
+    Durations are seconds; ``hold``, ``probe`` and ``follow_wait`` are
+    store-clock seconds (they compare with stored times), the rest are
+    measured on the pacing clock (time.monotonic).
     """
 
-    __slots__ = ("id", "current", "call", "token", "attempt", "step",
+    fast = 0.002  # a step shorter than this is short
+    streak = 8  # short steps in a row before a thread defers writes
+    batch = 32  # steps claimed at once, and outcomes written at once
+    group_age = 0.01  # an outcome waits at most this long to be written
+    rescue = 0.05  # a deferred step running this long is shown running
+    cancel_look = 0.002  # between looks for cancels of steps claimed ahead
+    hold = 2.0  # the lease of a step claimed ahead and not started
+    probe = 0.05  # between sweeps for things that came due, while busy
+    idle_max = 1.0  # the longest idle wait without any wake-up
+    poll = 0.005  # between looks at data_version where inotify is missing
+    wake_gap = 0.001  # another process's commits wake a thread this often
+    # Several workers on one file (see _Lead): a follower claims when a
+    # job waited follow_wait, or when follow_load wait; it looks again
+    # every follow_look, and once it helps, it helps for follow_wait.
+    follow_wait, follow_load, follow_look = 0.5, 1000, 0.05
+    stop_grace = 3.0  # a stopping thread retries its last writes this long
+    chores = 1.0  # between checks of the file and of the WAL's size
+    purge_every = 3600.0  # between purges, with Worker(keep=...)
+    inotify = True  # watch the -wal file where the system can
+
+    def __init__(self, **changes: float) -> None:
+        for name, value in changes.items():
+            if not hasattr(_Tuning, name):
+                raise TypeError(f"no such tuning: {name!r}")
+            setattr(self, name, value)
+
+
+# A step's state: claimed ahead, not started; running with its start not
+# yet written; shown (its start written: observers see it run); ended (its
+# outcome kept, to be written).
+_AHEAD, _HIDDEN, _SHOWN, _ENDED = "ahead", "hidden", "shown", "ended"
+
+
+class _Step:
+    """One claimed step: what a thread needs to run it and record it.
+
+    ``lease`` is the lease now written for it (``_Tuning.hold`` until its
+    start is written, then its task's); ``renewed`` the pacing-clock time
+    it was last written; ``after`` the outcome of the step before it, when
+    this one was claimed by continuing in place (then its claim is written
+    with that outcome).
+    """
+
+    __slots__ = ("id", "current", "call", "token", "attempt", "number",
                  "failures", "priority", "ready", "limits", "lease",
-                 "renewed", "started", "shown", "began", "long",
-                 "confirmed", "after")
+                 "renewed", "started", "began", "state", "long", "after",
+                 "lost_logged")
 
     def __init__(self, row: tuple, ready: int | None,
-                 limits: tuple[float, int]) -> None:
+                 limits: tuple[float, int], lease: float, state: str,
+                 renewed: float) -> None:
         (self.id, self.current, self.call, self.token, attempts, steps,
          self.failures, self.priority) = row
-        self.attempt, self.step = attempts + 1, steps + 1
-        self.ready, self.limits, self.lease = ready, limits, limits[0]
-        self.renewed = time.monotonic()
-        self.started: float | None = None
-        self.shown = False
-        self.began = 0.0  # monotonic start, for the rescue of long steps
-        self.long = False  # whether the heartbeat saw it run long
-        self.confirmed = True  # False until the claim is written
-        self.after: _Outcome | None = None  # the outcome that claimed it
+        self.attempt, self.number = attempts + 1, steps + 1
+        self.ready, self.limits = ready, limits
+        self.lease, self.state, self.renewed = lease, state, renewed
+        self.started: float | None = None  # store-clock start
+        self.began = 0.0  # pacing-clock start
+        self.long = False  # the housekeeper saw it run long
+        self.after: _Outcome | None = None
+        self.lost_logged = False
+
+    def confirmed(self) -> bool:
+        """Whether its claim is written (so its lease may be renewed)."""
+        return self.after is None or self.after.ok is True
 
     def refused(self) -> bool:
-        """Whether the outcome that claimed this step was refused: then
-        its token may be another worker's, and nothing may be written."""
+        """Whether the outcome that claimed it was refused: then its token
+        may be another worker's, and nothing may be written for it."""
         return self.after is not None and self.after.ok is False
 
-    def follow(self, outcome: _Outcome) -> _Claimed:
-        """The next step of this job, claimed again at once.
-
-        The claim is written with this step's outcome; until then the
-        lease is renewed under this step's token.
-        """
-        nxt = _Claimed((self.id, outcome.current, outcome.text,
-                        self.token + 1, 0, self.step, 0, self.priority),
-                       None, self.limits)
-        nxt.renewed, nxt.confirmed, nxt.after = self.renewed, False, outcome
+    def follow(self, outcome: _Outcome) -> _Step:
+        """The job's next step, claimed again by this thread at once."""
+        nxt = _Step((self.id, outcome.current, outcome.text, self.token + 1,
+                     0, self.number, 0, self.priority), None, self.limits,
+                    self.lease, _AHEAD, self.renewed)
+        nxt.after = outcome
         outcome.follow = nxt
         return nxt
 
 
 class _Outcome:
-    """The end of a step, to be recorded under the claim's token.
+    """How a step ended, to be written under its claim's token.
 
     kind: 'continue' (text is the next call), 'continue_here' (the same,
-    and this worker runs the next step), 'done' (text is the result),
+    and this thread runs the next step), 'done' (text is the result),
     'retry' (a retryable error), 'fail' (a final error), or 'release'.
+    ``ok`` is None until written, then whether it was; ``refusal`` says
+    why it was not ('cancelled', 'finished' or 'lease lost').
     """
 
-    __slots__ = ("claimed", "kind", "text", "current", "percent", "error",
-                 "retries", "delay", "ended", "follow", "ok")
+    __slots__ = ("step", "kind", "text", "current", "percent", "error",
+                 "retries", "delay", "ended", "follow", "ok", "refusal")
 
-    def __init__(self, claimed: _Claimed, kind: str, text: str | None = None,
+    def __init__(self, step: _Step, kind: str, text: str | None = None,
                  current: str | None = None, percent: float | None = None,
                  error: str | None = None, retries: int = 0,
-                 delay: float = 0.0) -> None:
-        self.claimed, self.kind, self.text = claimed, kind, text
+                 delay: float = 0.0, ended: float = 0.0) -> None:
+        self.step, self.kind, self.text = step, kind, text
         self.current, self.percent, self.error = current, percent, error
-        self.retries, self.delay = retries, delay
-        self.ended = time.monotonic()
-        self.follow: _Claimed | None = None  # see _Claimed.follow
-        self.ok: bool | None = None  # whether it was written
+        self.retries, self.delay, self.ended = retries, delay, ended
+        self.follow: _Step | None = None  # see _Step.follow
+        self.ok: bool | None = None
+        self.refusal: str | None = None
 
 
-class _Lane:
-    """What one worker thread holds: steps claimed ahead, the step it runs,
-    and outcomes not yet written.
+# Running one step -----------------------------------------------------------
 
-    ``lock`` guards the fields against the heartbeat, which renews every
-    held lease and rescues a deferred step that runs long; ``writing`` is
-    held while either writes this lane's outcomes, so they land in order.
+
+def _run_step(step: _Step, queue: Queue) -> _Outcome:
+    """Decode, bind, call and encode one claimed step (no transaction is
+    open); ``current_job()`` is its job while the function runs."""
+    try:
+        call = _decode_call(step.call)
+        fn = _REGISTRY.get(call.name)
+        if fn is None:
+            raise LookupError(f"unknown task {call.name!r}: not "
+                              f"registered in this worker")
+        args, kwargs = fn._bind_stored(call.args, call.kwargs)
+    except (LookupError, TypeError, ValueError) as exc:
+        logger.error("job %d: %s", step.id, exc)
+        return _Outcome(step, "fail", error=str(exc))
+    except Exception as exc:  # a row no liteq wrote: fail the job only
+        error = (f"stored row of job {step.id} is malformed: "
+                 f"{type(exc).__name__}: {exc}")
+        logger.error("%s", error)
+        return _Outcome(step, "fail", error=error)
+    _CURRENT.job = _CurrentJob(queue, step.id, step.number, step.attempt,
+                               step.token)
+    try:
+        value = fn.__wrapped__(*args, **kwargs)
+    except KeyboardInterrupt:
+        return _Outcome(step, "release")
+    except BaseException:  # SystemExit too: it fails this step only
+        return _failed_step(step, fn, traceback.format_exc())
+    finally:
+        _CURRENT.job = None
+    return _finished_step(step, call, value, queue.max_payload)
+
+
+def _failed_step(step: _Step, fn: TaskFunction, error: str) -> _Outcome:
+    retry = step.failures + 1
+    delay = min(fn.retry_delay * 2 ** (retry - 1), fn.retry_max_delay)
+    return _Outcome(step, "retry", error=error, retries=fn.retries,
+                    delay=delay)
+
+
+def _finished_step(step: _Step, call: Task, value: Any,
+                   limit: int) -> _Outcome:
+    try:
+        follow = _advance(call, value)
+        if follow is None:
+            return _Outcome(step, "done", _encode(value, "result", limit))
+        text = _encode(follow, "continuation", limit)
+        fn = _REGISTRY.get(follow.name)
+        if follow._then or (fn is not None and fn.percent is not None):
+            follow = deserialize_task(_parse(text))  # as stored
+        percent = follow.percent()
+    except (TypeError, ValueError) as exc:
+        error = f"task {call.name!r} returned a value liteq cannot " \
+                f"store: {exc}"
+        return _Outcome(step, "fail", error=error)
+    return _Outcome(step, "continue", text, follow.name, percent)
+
+
+def _task_limits(current: str) -> tuple[float, int]:
+    """The lease and max_lost of the task a stored call names."""
+    fn = _REGISTRY.get(current)
+    if fn is None:
+        return _TASK_DEFAULTS["lease"], _TASK_DEFAULTS["max_lost"]
+    return fn.lease, fn.max_lost
+
+
+# The statements a worker sends -------------------------------------------
+
+
+class _Claims:
+    """Every statement a worker sends, each a method that takes a
+    connection and returns what it found.
+
+    Two places are meant to grow.  ``sweeps`` are the things that come
+    due with time, each a method ``(conn, now) -> jobs finished``, run by
+    ``sweep`` in the claim transaction.  ``rules`` decide whether a job in
+    line may start now, each ``(conn, now, line) -> line`` keeping the
+    rows that may; the claim runs them between reading the line and
+    taking it (with no rule, one statement claims and starts a step).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, queues: list[str], identity: str,
+                 tuning: _Tuning) -> None:
+        #: ``host:pid``, written in ``worker`` while a step runs.
+        self.identity = identity
+        self.queues, self.tuning = queues, tuning
+        self.sweeps: tuple[Callable[[Any, float], int], ...] = (
+            self.wake_timers,)
+        self.rules: tuple[Callable[[Any, float, list], list], ...] = ()
+        self._in_queues = ",".join("?" * len(queues))
+
+    # Things that come due -------------------------------------------------
+
+    def sweep(self, conn: sqlite3.Connection, now: float) -> int:
+        """Run every sweep; how many jobs they finished."""
+        return sum(sweep(conn, now) for sweep in self.sweeps)
+
+    def wake_timers(self, conn: sqlite3.Connection, now: float) -> int:
+        """Put jobs whose timer is due in line: etas, retries, and claims
+        and leases that expired.  A step counts as lost only if its start
+        was written: a claim that lapsed before ran nothing anyone saw."""
+        finished = 0
+        for job_id, current, worker, lost, max_lost, cancel in _execute(
+                conn, _SQL_SELECT_DUE, (now,)).fetchall():
+            params = {"id": job_id, "now": now, "lost": 0}
+            if worker is not None:
+                params["lost"] = 1
+                logger.warning("job %d: lease of worker %s expired while "
+                               "running %s", job_id, worker, current)
+                if cancel or lost + 1 >= max_lost:
+                    params["error"] = (f"worker lost {lost + 1} times while "
+                                       f"running {current}")
+                    _execute(conn, _SQL_LOSE, params)
+                    finished += 1
+                    continue
+            params["ready"] = _next_ready(conn)
+            _execute(conn, _SQL_MAKE_READY, params)
+        return finished
+
+    def next_due(self, conn: sqlite3.Connection) -> float | None:
+        """The store-clock time the next timer comes due, if any."""
+        return _execute(conn, _SQL_NEXT_TIMER).fetchone()[0]
+
+    # Claims -----------------------------------------------------------------
+
+    def claim(self, conn: sqlite3.Connection, now: float, limit: int,
+              start: bool, renewed: float) -> list[_Step]:
+        """Claim up to ``limit`` steps in line order; with ``start`` (and
+        a limit of 1), write the start of the step claimed too."""
+        if start and not self.rules and len(self.queues) == 1:
+            return self.claim_started(conn, now, renewed)
+        line = self.line(conn, limit)
+        for rule in self.rules:
+            line = rule(conn, now, line)
+        if not line:
+            return []
+        lease = self.tuning.hold
+        sql = _SQL_CLAIM.format(",".join("?" * len(line)))
+        rows = {row[0]: row for row in _execute(
+            conn, sql, (now, lease, *(row[0] for row in line)))}
+        steps = [_Step(rows[job_id], ready, _task_limits(rows[job_id][1]),
+                       lease, _AHEAD, renewed)
+                 for job_id, _, ready in line]
+        if start:  # a claim of this transaction: never refused
+            self.start(conn, steps[0], now)
+        return steps
+
+    def line(self, conn: sqlite3.Connection, limit: int) -> list[tuple]:
+        """The first ``limit`` ready jobs: (id, priority, place)."""
+        if len(self.queues) == 1:
+            return _execute(conn, _SQL_LINE,
+                            (self.queues[0], limit)).fetchall()
+        # The index orders one queue name at a time: merge them here.
+        rows = [row for name in self.queues for row in _execute(
+            conn, _SQL_LINE, (name, limit)).fetchall()]
+        return sorted(rows, key=lambda row: (-row[1], row[2]))[:limit]
+
+    def claim_started(self, conn: sqlite3.Connection, now: float,
+                      renewed: float) -> list[_Step]:
+        """Claim the first ready step of our one queue name, started, in
+        one statement (it writes the default lease; a task with its own
+        is adjusted after)."""
+        lease, max_lost = _TASK_DEFAULTS["lease"], _TASK_DEFAULTS["max_lost"]
+        row = _execute(conn, _SQL_CLAIM_START, {
+            "queue": self.queues[0], "now": now, "lease": lease,
+            "max_lost": max_lost, "worker": self.identity}).fetchone()
+        if row is None:
+            return []
+        limits = _task_limits(row[1])
+        if limits != (lease, max_lost):
+            _execute(conn, _SQL_ADJUST_CLAIM, {
+                "id": row[0], "now": now, "lease": limits[0],
+                "max_lost": limits[1]})
+        step = _Step(row, None, limits, limits[0], _SHOWN, renewed)
+        step.started = now
+        return [step]
+
+    def start(self, conn: sqlite3.Connection, step: _Step,
+              now: float) -> bool:
+        """Write that a claimed step starts, with its task's lease; False
+        if the claim was lost meanwhile."""
+        if step.refused():
+            return False
+        lease, max_lost = step.limits
+        return bool(_execute(conn, _SQL_START, {
+            "id": step.id, "token": step.token, "now": now,
+            "attempt": step.attempt, "worker": self.identity,
+            "started": step.started if step.started is not None else now,
+            "lease": lease, "max_lost": max_lost}).rowcount)
+
+    # Outcomes -----------------------------------------------------------------
+
+    def record(self, conn: sqlite3.Connection, outcomes: list[_Outcome],
+               now: float) -> list:
+        """Write outcomes in order; for each, its row (None if refused).
+
+        Steps of one job that continued in place, one after another, are
+        written as one statement.
+        """
+        rows: list = []
+        while len(rows) < len(outcomes):
+            first = outcomes[len(rows)]
+            run = [first]
+            while (run[-1].kind == "continue_here"
+                   and len(rows) + len(run) < len(outcomes)
+                   and outcomes[len(rows) + len(run)].step
+                   is run[-1].follow):
+                run.append(outcomes[len(rows) + len(run)])
+            if run[-1].kind != "continue_here":
+                run = run[:-1] or run  # its end is written on its own
+            row = self._record_one(conn, run[-1], now, first.step, len(run))
+            refusal = None if row is not None else self.refusal(
+                conn, first.step)
+            for outcome in run:
+                outcome.ok, outcome.refusal = row is not None, refusal
+                rows.append(row)
+        return rows
+
+    def _record_one(self, conn: sqlite3.Connection, outcome: _Outcome,
+                    now: float, step: _Step, n: int) -> Any:
+        if step.refused():
+            return None
+        params = {"id": step.id, "token": step.token, "now": now,
+                  "attempt": step.attempt, "started": step.started, "n": n}
+        if outcome.error is not None:
+            outcome.error = _storable_text(outcome.error)
+        kind = outcome.kind
+        if kind in ("continue", "continue_here"):
+            params.update(call=outcome.text, current=outcome.current,
+                          percent=outcome.percent)
+            if kind == "continue":
+                params["ready"] = _next_ready(conn)
+                return _execute(conn, _SQL_CONTINUE, params).fetchone()
+            return _execute(conn, _SQL_CONTINUE_HERE, params).fetchone()
+        if kind == "done":
+            params["result"] = outcome.text
+            done = _execute(conn, _SQL_DONE, params).rowcount
+            return (_DONE,) if done else None
+        if kind == "fail":
+            params["error"] = outcome.error
+            return _execute(conn, _SQL_FAIL, params).fetchone()
+        if kind == "retry":
+            params.update(error=outcome.error, retries=outcome.retries,
+                          delay=outcome.delay, ready=_next_ready(conn))
+            return _execute(conn, _SQL_FAIL_STEP, params).fetchone()
+        params["ready"] = _next_ready(conn)  # release
+        return _execute(conn, _SQL_RELEASE, params).rowcount or None
+
+    def refusal(self, conn: sqlite3.Connection, step: _Step) -> str:
+        """Why an outcome of ``step`` was refused."""
+        row = _execute(conn, _SQL_SELECT_REFUSAL, (step.id,)).fetchone()
+        if row is None:
+            return "finished"  # and purged since
+        status, cancel, token = row
+        if token == step.token and status == _CANCELLED and cancel:
+            return "cancelled"
+        return "lease lost"
+
+    def release(self, conn: sqlite3.Connection, steps: list[_Step]) -> None:
+        """Put claimed steps back in line unrun, at their old places."""
+        for step in steps:
+            ready = step.ready
+            if ready is None:  # a next step kept here: to the end
+                ready = _next_ready(conn)
+            _execute(conn, _SQL_RELEASE, {"id": step.id, "ready": ready,
+                                          "token": step.token})
+
+    def renew(self, conn: sqlite3.Connection, steps: list[_Step],
+              now: float) -> list[bool]:
+        """Extend the leases of held steps; for each, whether it held."""
+        return [bool(_execute(conn, _SQL_SET_LEASE, {
+            "id": step.id, "token": step.token,
+            "until": now + step.lease}).rowcount) for step in steps]
+
+    # Looks, outside any transaction ----------------------------------------
+
+    def gone(self, conn: sqlite3.Connection, ids: list[int]) -> set[int]:
+        """Which of these jobs were cancelled or finished."""
+        sql = _SQL_SELECT_GONE.format(",".join("?" * len(ids)))
+        return {row[0] for row in _execute(conn, sql, ids).fetchall()}
+
+    def higher_ready(self, conn: sqlite3.Connection, priority: int) -> bool:
+        """Whether a ready job of ours has at least this priority."""
+        return any(_execute(conn, _SQL_HIGHER_READY, (name, priority))
+                   .fetchone() for name in self.queues)
+
+    def in_sight(self, conn: sqlite3.Connection, now: float) -> bool:
+        """Whether a claim could find work (or a schema to report)."""
+        sql = _SQL_WORK_IN_SIGHT.format(self._in_queues)
+        return bool(_execute(conn, sql, (*self.queues, now)).fetchone()[0])
+
+    def loads(self, conn: sqlite3.Connection) -> list[tuple]:
+        """How many jobs wait per queue name (up to follow_load) and since
+        when the first one waits; a due timer counts as a job waiting
+        since then (an eta, or the lease of a frozen worker)."""
+        loads = [_execute(conn, _SQL_LINE_LOAD, {
+            "queue": name, "limit": self.tuning.follow_load}).fetchone()
+            for name in self.queues]
+        loads.append((1, self.next_due(conn)))
+        return loads
+
+
+# The loop of each thread ----------------------------------------------------
+#
+# A thread claims steps in line order, one at a time, and writes each
+# step's start before running it and its outcome with the next claim.
+# After ``streak`` steps in a row shorter than ``fast`` it defers: it
+# claims up to ``batch`` steps, runs them back to back and writes their
+# starts and outcomes together, at most ``group_age`` later, with its next
+# claim.  A deferred step that runs past ``rescue`` is shown by the
+# housekeeper (see rescue()), and the steps claimed behind it go back in
+# line.  Of several workers on one file only the lead claims at once (see
+# _Lead); a thread of another worker claims when work waits on it.
+
+
+class _WorkerThread:
+    """One worker thread: what it holds, and its loop as ``run_once(now)``.
+
+    It holds steps claimed ahead (``ahead``), the step it runs
+    (``running``) and outcomes not yet written (``pending``).
+    """
+
+    def __init__(self, crew: _Crew, name: str, solo: bool = False) -> None:
+        self.crew, self.name, self.solo = crew, name, solo
+        self.tick, self.tuning = crew.tick, crew.tuning
+        self.store, self.claims = crew.store, crew.claims
+        self.wakeups, self.stopping = crew.wakeups, crew.stopping
+        self.lead, self.watch = crew.lead, crew.watch
+        # Guards ahead, pending and running against the housekeeper.
         self.lock = threading.Lock()
+        # Held while this thread's outcomes are written, by the thread or
+        # by a rescue, so they land in order.  Taken before ``lock``.
         self.writing = threading.Lock()
-        self.ahead: collections.deque[_Claimed] = collections.deque()
+        self.ahead: collections.deque[_Step] = collections.deque()
         self.pending: list[_Outcome] = []
-        self.running: _Claimed | None = None
+        self.running: _Step | None = None
+        # The rest is this thread's own.
+        self.bell = _Bell() if self.watch is not None else None
+        self.idle = False  # in an idle wait (read by the housekeeper)
         self.streak = 0  # short steps in a row
-        self.solo = False  # run_once(): one step, nothing kept
-        # When the line was last seen clear down to a priority: (monotonic
-        # time, work signal generation, priority); see _may_continue_here.
+        self.next_sweep = -math.inf  # store clock: see _claim_in
         self.clear: tuple[float, int, int] = (-math.inf, 0, 0)
         self.looked = -math.inf  # when steps ahead were last checked
         self.helping = -math.inf  # a follower claims freely until then
+        self.woken = False  # the last wait may have been another process
+        self.seen_local = self.wakeups.local
+        self.generation = self.wakeups.generation
+        self.listen = True  # whether the next wait listens for commits
+        self.writes_seen = False  # the last wait saw another's writes
+        self.data_version: int | None = None
+        self.stop_by: float | None = None
+        self.fault = crew.write_fault
 
-    def held(self) -> list[_Claimed]:
+    # The loop -----------------------------------------------------------------
+
+    def run(self) -> None:
+        """The thread's body: turn until the worker stops."""
+        try:
+            while True:
+                try:
+                    pause = self.run_once(self.store.clock())
+                    if pause is None:
+                        return
+                    if pause > 0:
+                        self.wait(pause)
+                except Exception:  # a bug of ours: the thread goes on
+                    logger.exception("worker thread %s: unexpected error",
+                                     self.name)
+                    self.stopping.wait(self.fault.failed(None))
+        finally:
+            if self.bell is not None:
+                self.bell.close()
+
+    def run_once(self, now: float) -> float | None:
+        """One turn at store-clock time ``now``: run a step, or write and
+        claim.  Returns how long to wait before the next turn (0: go on
+        at once), or None when the worker stops and nothing is held."""
+        self.generation = self.wakeups.generation
+        self.listen = True
+        try:
+            if self.stopping.is_set():
+                return self._finish()
+            step = self._next_ahead()
+            if step is not None:
+                return self._run_ahead(step)
+            return self._claim_or_wait(now)
+        except SchemaError as exc:
+            self.crew.die(str(exc))
+            return None  # what it holds is left to its leases
+        except Error as exc:  # Busy, StorageError: keep trying
+            self.listen = False
+            return self.fault.failed(exc)
+        except Exception:  # a bug of ours: the thread goes on
+            self.listen = False
+            logger.exception("worker thread %s: unexpected error; the "
+                             "outcomes it held are dropped and their steps"
+                             " will run again", self.name)
+            with self.lock:
+                self.pending = []
+            return self.fault.failed(None)
+
+    def _next_ahead(self) -> _Step | None:
+        with self.lock:
+            return self.ahead.popleft() if self.ahead else None
+
+    def _run_ahead(self, step: _Step) -> float:
+        """Run a step claimed ahead: deferred, or after writing its start."""
+        if self.may_defer():
+            if self._still_wanted(step):
+                self.run_step(step)
+            return 0.0
+        try:
+            started, _ = self.write_and_claim(step, claim=False)
+        except BaseException:
+            with self.lock:
+                self.ahead.appendleft(step)  # tried again next turn
+            raise
+        self.fault.ok()
+        if started is not None:
+            self.run_step(started)
+        else:
+            logger.info("job %d: cancelled or taken back before step %d of "
+                        "%s started; not run", step.id, step.number,
+                        step.current)
+        return 0.0
+
+    def _claim_or_wait(self, now: float) -> float:
+        hold = None  # seconds a follower leaves the line to the lead
+        if (not self.solo and self.tick() > self.helping
+                and not self.lead.take()):
+            hold = self._follower_hold(now)
+            if hold is None:  # the line needs help: give it for a while
+                self.helping = self.tick() + self.tuning.follow_wait
+            elif not self.pending:
+                self.listen = False  # commits wake the lead, not us
+                return hold
+        # Woken by another process's commit: look before taking the write
+        # lock.  A commit of this process that made work needs no look.
+        local = self.wakeups.local
+        if (hold is None and self.woken and not self.pending
+                and local == self.seen_local and not self._in_sight(now)):
+            return self.tuning.idle_max
+        self.seen_local = local
+        started, due = self.write_and_claim(None, claim=hold is None)
+        self.fault.ok()
+        self.woken = False
+        if started is not None:
+            self.run_step(started)
+            return 0.0
+        if self.ahead:
+            return 0.0  # a batch to run deferred
+        pause = self.tuning.idle_max if due is None else due - now
+        if hold is not None:
+            pause = min(pause, hold)
+        pause = min(max(pause, 0.0), self.tuning.idle_max)
+        # A full idle wait looks before it claims; a due timer does not.
+        self.woken = pause >= self.tuning.idle_max
+        return pause
+
+    def _finish(self) -> float | None:
+        """Write what is held and give back the steps claimed ahead.
+
+        While writes fail, retry for ``stop_grace`` seconds, then leave
+        what is held to its leases: a stop never waits on a broken disk.
+        """
+        try:
+            self.write_and_claim(None, claim=False)
+        except Error as exc:
+            if self.stop_by is None:
+                self.stop_by = self.tick() + self.tuning.stop_grace
+            if self.tick() < self.stop_by:
+                self.listen = False
+                return min(self.fault.failed(exc), 0.5)
+            with self.lock:
+                left = len(self.pending) + len(self.ahead)
+                self.pending, self.ahead = [], collections.deque()
+            self.crew.left_to_leases(left, exc)
+        else:
+            self.fault.ok()
+        return None
+
+    # Running steps ------------------------------------------------------------
+
+    def may_defer(self) -> bool:
+        """Whether to run the next step without writing its start first."""
+        if self.solo or self.streak < self.tuning.streak:
+            return False
+        pending = self.pending
+        return not pending or (
+            len(pending) < self.tuning.batch
+            and self.tick() - pending[0].ended < self.tuning.group_age)
+
+    def _still_wanted(self, step: _Step) -> bool:
+        """Whether a step claimed ahead may run: not cancelled since.
+
+        A read costs more than a short step, so it looks at most every
+        ``cancel_look`` seconds, and then at every step ahead.
+        """
+        now = self.tick()
+        if now - self.looked < self.tuning.cancel_look:
+            return True
+        ids = [step.id, *(other.id for other in self.ahead)]
+        try:
+            gone = self.store.query(lambda conn: self.claims.gone(conn, ids))
+        except Error:
+            return True  # the write that follows meets the error
+        self.looked = now
+        if gone:
+            with self.lock:
+                self.ahead = collections.deque(
+                    other for other in self.ahead if other.id not in gone)
+            for job_id in sorted(gone):
+                logger.info("job %d cancelled before its step started",
+                            job_id)
+        return step.id not in gone
+
+    def run_step(self, step: _Step) -> None:
+        """Run a claimed step; keep its outcome for the next write."""
+        if step.started is None:
+            step.started = self.store.clock()
+        step.began = self.tick()
+        if step.state == _AHEAD:
+            step.state = _HIDDEN
+        if (step.attempt > 1 or step.number == 1) and logger.isEnabledFor(
+                logging.INFO):
+            logger.info("job %d started: %s (step %d, attempt %d)",
+                        step.id, step.current, step.number, step.attempt)
+        with self.lock:
+            self.running = step
+        self.crew.housekeeper.poke(self.tuning.rescue)
+        outcome = _run_step(step, self.crew.queue)
+        outcome.ended = self.tick()
+        follow = None
+        if outcome.kind == "continue" and self._may_continue_here(
+                step, outcome):
+            outcome.kind = "continue_here"
+            follow = step.follow(outcome)
+        with self.lock:
+            step.state = _ENDED
+            self.running = None
+            self.pending.append(outcome)
+            if follow is not None:
+                self.ahead.appendleft(follow)
+        short = outcome.ended - step.began < self.tuning.fast
+        self.streak = self.streak + 1 if short else 0
+        if outcome.kind == "release":  # KeyboardInterrupt in a task
+            logger.warning("job %d: KeyboardInterrupt in %s: step released, "
+                           "worker stopping", step.id, step.current)
+            self.crew.request_stop()
+
+    def _may_continue_here(self, step: _Step, outcome: _Outcome) -> bool:
+        """Whether the job's next step would be this thread's next claim."""
+        if (self.solo or self.stopping.is_set()
+                or outcome.current not in _REGISTRY
+                or _task_limits(outcome.current) != step.limits
+                or (step.token + 1) >> _TOKEN_BITS != step.token >> _TOKEN_BITS
+                or any(other.priority >= step.priority
+                       for other in self.ahead)):
+            return False
+        # The line was clear a moment ago, and nothing of this process
+        # joined it since: a job another process delays overtakes at most
+        # ``group_age`` of steps later.
+        now, generation = self.tick(), self.wakeups.generation
+        since, seen, priority = self.clear
+        if (now - since < self.tuning.group_age and generation == seen
+                and step.priority >= priority):
+            return True
+        try:
+            if self.store.query(lambda conn: self.claims.higher_ready(
+                    conn, step.priority)):
+                return False
+        except Error:
+            return False
+        self.clear = (now, generation, step.priority)
+        return True
+
+    # Looks and waits ----------------------------------------------------------
+
+    def _in_sight(self, now: float) -> bool:
+        """Whether a claim could find work, read without the write lock.
+
+        Every commit wakes idle workers; without this look each would
+        take the write lock only to find nothing, crowding out producers.
+        """
+        found = self.store.peek_with(
+            lambda conn: self.claims.in_sight(conn, now))
+        return found is None or found
+
+    def _follower_hold(self, now: float) -> float | None:
+        try:
+            loads = self.store.query(self.claims.loads)
+        except Error:
+            return None  # let the claim meet the error and report it
+        return self.lead.hold(loads, now, self.tuning)
+
+    def wait(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds, or until work may be in sight:
+        a commit of this process, or (if ``listen``) of another one."""
+        if not self.listen:
+            self.stopping.wait(timeout)
+            return
+        self.idle = True
+        try:
+            if self.bell is None:
+                self._poll_wait(timeout)
+            else:
+                self._bell_wait(timeout)
+        finally:
+            self.idle = False
+        if self.wakeups.generation != self.generation:
+            self.woken = self.woken or self.wakeups.local == self.seen_local
+
+    def _bell_wait(self, timeout: float) -> None:
+        # While another process's writes go on, look every wake_gap, and
+        # once more after they stop: a commit's last write to the -wal
+        # comes a moment before SQLite publishes it.
+        streaming = self.writes_seen
+        if streaming:
+            timeout = min(timeout, self.tuning.wake_gap)
+        self.writes_seen = self.bell.wait(
+            self.wakeups, self.generation, timeout, self.watch,
+            listen=not streaming)
+        if self.writes_seen:
+            self.woken = True
+            if self.crew.threads > 1:  # the others may be asleep
+                self.wakeups.notify(local=False)
+
+    def _poll_wait(self, timeout: float) -> None:
+        """Without inotify: look at data_version every ``poll`` seconds."""
+        deadline = self.tick() + timeout
+        while True:
+            found = self.store.peek("PRAGMA data_version")
+            version = None if found is None else found[0]
+            if self.data_version is not None and version != \
+                    self.data_version:
+                self.data_version, self.woken = version, True
+                return
+            self.data_version = version
+            left = deadline - self.tick()
+            if left <= 0 or self.wakeups.generation != self.generation:
+                return
+            self.wakeups.wait(self.generation, min(left, self.tuning.poll))
+
+    # Writes -------------------------------------------------------------------
+
+    def held(self) -> list[_Step]:
         """Every step whose lease this thread keeps (call under lock)."""
         held = list(self.ahead)
-        held += [o.claimed for o in self.pending]
+        held += [outcome.step for outcome in self.pending]
         if self.running is not None:
             held.append(self.running)
-        return [claimed for claimed in held if claimed.confirmed]
+        return [step for step in held if step.confirmed()]
 
-    def take(self, release: bool) -> tuple[list[_Outcome], list[_Claimed]]:
+    def _take(self, release: bool) -> tuple[list[_Outcome], list[_Step]]:
         """Hand over the outcomes to write and, with ``release``, the
         steps claimed ahead, to put back in line (call under lock)."""
         pending, self.pending = self.pending, []
-        ahead: list[_Claimed] = []
+        ahead: list[_Step] = []
         if release:
             ahead, self.ahead = list(self.ahead), collections.deque()
         return pending, ahead
 
-    def restore(self, pending: list[_Outcome],
-                ahead: list[_Claimed]) -> None:
-        """Take back what take() handed over when nothing was written."""
+    def _restore(self, pending: list[_Outcome], ahead: list[_Step]) -> None:
+        """Take back what _take() handed over when nothing was written."""
         with self.lock:
             self.pending[:0] = pending
             self.ahead.extendleft(reversed(ahead))
+
+    def write_and_claim(self, step: _Step | None = None,
+                        claim: bool = True) -> tuple[_Step | None, float | None]:
+        """Write the held outcomes, then start ``step`` or claim more.
+
+        One transaction.  Returns the step to run now, its start written,
+        and when the next timer is due.  Claimed steps that will run
+        deferred go to ``ahead``.  When the worker stops, the steps
+        claimed ahead go back in line.
+        """
+        with self.writing:
+            with self.lock:
+                outcomes, release = self._take(self.stopping.is_set())
+            try:
+                now, rows, started, batch, due, finished = self.store.write(
+                    lambda conn: self._write_cycle(conn, outcomes, release,
+                                                   step, claim))
+            except BaseException:
+                self._restore(outcomes, release)
+                raise
+        if started is not None:
+            started.state, started.started = _SHOWN, started.started or now
+            started.renewed = self.tick()
+        if batch:
+            with self.lock:
+                self.ahead.extend(batch)
+        held = batch + [started] if started else batch
+        if held:
+            self.crew.housekeeper.poke(
+                min(step.lease for step in held) / 3, period=True)
+        self._after_write(outcomes, rows, release, finished)
+        return started, due
+
+    def _write_cycle(self, conn: sqlite3.Connection,
+                     outcomes: list[_Outcome], release: list[_Step],
+                     step: _Step | None, claim: bool) -> tuple:
+        now = self.store.clock()
+        rows = self.claims.record(conn, outcomes, now)
+        self.claims.release(conn, release)
+        started = step if step and self.claims.start(conn, step, now) \
+            else None
+        batch: list[_Step] = []
+        due, finished = None, 0
+        if claim:
+            defer = self.may_defer()
+            limit = self.tuning.batch if defer else 1
+            batch, due, finished = self._claim_in(conn, now, limit, defer)
+            if batch:  # as of this claim, nothing in it was cancelled
+                self.looked = self.tick()
+            if batch and not defer:  # its start is written
+                started = batch.pop()
+        return now, rows, started, batch, due, finished
+
+    def _claim_in(self, conn: sqlite3.Connection, now: float, limit: int,
+                  defer: bool) -> tuple[list[_Step], float | None, int]:
+        """Claim, sweeping what came due first: every ``probe`` seconds
+        while busy, and always before finding nothing."""
+        renewed = self.tick()
+        swept = now >= self.next_sweep
+        finished = self.claims.sweep(conn, now) if swept else 0
+        batch = self.claims.claim(conn, now, limit, not defer, renewed)
+        if not batch and not swept:
+            finished += self.claims.sweep(conn, now)
+            swept = True
+            batch = self.claims.claim(conn, now, limit, not defer, renewed)
+        if swept:
+            self.next_sweep = now + self.tuning.probe
+        due = None if batch else self.claims.next_due(conn)
+        return batch, due, finished
+
+    def _after_write(self, outcomes: list[_Outcome], rows: list,
+                     release: list[_Step], finished: int) -> None:
+        """Log the outcomes just written and wake who waits for them."""
+        in_line = bool(release)
+        for outcome, row in zip(outcomes, rows):
+            _log_outcome(outcome, row)
+            status = row[0] if isinstance(row, tuple) else None
+            if status in _FINISHED:
+                finished += 1
+            elif row is not None and outcome.kind != "continue_here":
+                in_line = True  # another thread may run it
+        if finished:
+            self.crew.finished.notify()
+        if in_line:
+            self.wakeups.notify()
+
+    def rescue(self) -> None:
+        """Show a deferred step that runs long; free what waits behind it.
+
+        Called by the housekeeper.  The outcomes before the step are
+        written, its start too, and the steps claimed after it go back in
+        line, all in one transaction.
+        """
+        with self.writing:
+            with self.lock:
+                step = self.running
+                if step is None or step.state != _HIDDEN:
+                    return
+                self.streak = 0
+                outcomes, release = self._take(True)
+
+            def body(conn: sqlite3.Connection) -> tuple:
+                now = self.store.clock()
+                rows = self.claims.record(conn, outcomes, now)
+                self.claims.release(conn, release)
+                return now, rows, self.claims.start(conn, step, now)
+
+            try:
+                now, rows, shown = self.store.write(body)
+            except Error as exc:
+                self._restore(outcomes, release)
+                step.long = False  # the next look tries again
+                self.crew.lease_fault.failed(exc)
+                return
+        self.crew.lease_fault.ok()
+        if shown:
+            with self.lock:
+                if step.state == _HIDDEN:
+                    step.state = _SHOWN
+            step.lease, step.renewed = step.limits[0], self.tick()
+        self._after_write(outcomes, rows, release, 0)
+
+    def drop_lapsed(self, step: _Step) -> bool:
+        """Forget a step claimed ahead whose claim lapsed (another worker
+        may hold it now); True if it was still ahead (call under lock)."""
+        if step in self.ahead:
+            self.ahead.remove(step)
+            return True
+        return False
+
+
+def _log_outcome(outcome: _Outcome, row: Any) -> None:
+    step = outcome.step
+    if row is None:
+        if outcome.refusal == "cancelled":
+            logger.info("job %d cancelled while claimed; its outcome was "
+                        "discarded", step.id)
+        elif outcome.refusal == "finished":
+            logger.info("job %d was finished and purged while claimed; "
+                        "its outcome was discarded", step.id)
+        elif not step.lost_logged:
+            step.lost_logged = True
+            logger.warning("job %d: lease lost while running %s (step %d); "
+                           "its outcome was discarded", step.id,
+                           step.current, step.number)
+        return
+    status = row[0] if isinstance(row, tuple) else None
+    if status == _CANCELLED:
+        logger.info("job %d cancelled", step.id)
+    elif outcome.kind == "continue":
+        logger.info("job %d continued: step %d of %s done, next %s",
+                    step.id, step.number, step.current, outcome.current)
+    elif outcome.kind == "done":
+        logger.info("job %d done", step.id)
+    elif outcome.kind == "retry" and status != _FAILED:
+        logger.info("job %d retried in %gs: %s", step.id, outcome.delay,
+                    _error_line(outcome.error))
+    elif outcome.kind in ("retry", "fail"):
+        logger.info("job %d failed: %s", step.id, _error_line(outcome.error))
+
+
+# The housekeeper ------------------------------------------------------------
+
+
+class _Housekeeper:
+    """A Worker's one background thread, keeping a small schedule of
+    chores: renew the leases its threads hold (every lease / 3), show
+    deferred steps that run long (see _WorkerThread.rescue), hand the lead
+    over when every thread runs long, check that the file is still there,
+    keep the WAL bounded, and purge old jobs (``keep``)."""
+
+    def __init__(self, crew: _Crew, threads: list[_WorkerThread]) -> None:
+        self.crew, self.threads, self.tick = crew, threads, crew.tick
+        self.store, self.tuning = crew.store, crew.tuning
+        self.fault = crew.lease_fault
+        # Guards _wake_at, _again, _period and _stop; notified by poke().
+        self._condition = threading.Condition(threading.Lock())
+        self._wake_at = math.inf  # when the thread next wakes (pacing)
+        self._again = False  # poked while awake: look again at once
+        self._period = _TASK_DEFAULTS["lease"] / 3  # the shortest seen
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        # The thread's own.
+        self._identity = self.store.identity()
+        self._next_chores = self._next_purge = -math.inf
+        self._renew_at = -math.inf  # after a failed renewal: its backoff
+
+    def start(self) -> None:
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name="liteq-housekeeper")
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._condition:
+            self._stop = True
+            self._condition.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+    def poke(self, within: float, period: bool = False) -> None:
+        """Make sure the thread looks again within ``within`` seconds.
+
+        With ``period``, ``within`` is a renewal period of steps now held.
+        Cheap when the thread will look soon enough anyway.
+        """
+        wake_at = self._wake_at
+        if (wake_at == -math.inf or self.tick() + within < wake_at
+                or (period and within < self._period)):
+            with self._condition:
+                if period:
+                    self._period = min(self._period, within)
+                self._again = True
+                self._condition.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            now = self.tick()
+            try:
+                wake = now + self.run_once(now)
+            except Exception:  # a bug of ours: the thread goes on
+                logger.exception("worker housekeeper: unexpected error")
+                wake = now + 1.0
+            with self._condition:
+                if self._stop:
+                    return
+                # Between steps nothing may be held: look again after the
+                # shortest period seen rather than sleep for good, so a
+                # claim need not wake this thread.
+                wake = min(wake, now + self._period)
+                if not self._again:
+                    self._wake_at = wake
+                    self._condition.wait(max(0.0, wake - self.tick()))
+                self._again = False
+                self._wake_at = -math.inf  # awake: poke() sets _again
+
+    def run_once(self, now: float) -> float:
+        """Do the chores due at pacing-clock ``now``; seconds to the next."""
+        wake = self._leases_and_rescues(now)
+        if now >= self._next_chores:
+            self._next_chores = now + self.tuning.chores
+            self._check_file()
+            self._bound_wal()
+        wake = min(wake, self._next_chores)
+        if self.crew.keep is not None:
+            if now >= self._next_purge:
+                self._next_purge = now + self.tuning.purge_every
+                self._purge()
+            wake = min(wake, self._next_purge)
+        return max(0.0, wake - now)
+
+    def _leases_and_rescues(self, now: float) -> float:
+        """Renew what is due and rescue long steps; the next time to look."""
+        due: list[tuple[_WorkerThread, _Step]] = []
+        long: list[_WorkerThread] = []
+        wake = math.inf
+        rescue = self.tuning.rescue
+        for thread in self.threads:
+            with thread.lock:
+                for step in thread.held():
+                    at = step.renewed + step.lease / 3
+                    if at <= now:
+                        due.append((thread, step))
+                        at = now + step.lease / 3
+                    wake = min(wake, at)
+                step = thread.running
+                if step is not None and not step.long:
+                    if now - step.began >= rescue:
+                        step.long = True
+                        long.append(thread)
+                    else:
+                        wake = min(wake, step.began + rescue)
+                if step is not None or thread.ahead or thread.pending:
+                    # Busy: look again soon, so that each step need not
+                    # wake this thread (see poke).
+                    wake = min(wake, now + rescue)
+        if due and now >= self._renew_at:
+            self._renew(due, now)
+        elif due:
+            wake = min(wake, self._renew_at)
+        for thread in long:
+            thread.rescue()
+        if long and not any(thread.idle for thread in self.threads):
+            self.crew.lead.give()  # no thread left to claim: let go
+        return wake
+
+    def _renew(self, due: list[tuple[_WorkerThread, _Step]],
+               now: float) -> None:
+        steps = [step for _, step in due]
+        try:
+            held = self.store.write(lambda conn: self.crew.claims.renew(
+                conn, steps, self.store.clock()))
+        except Error as exc:
+            self._renew_at = now + self.fault.failed(exc)
+            return
+        self.fault.ok()
+        for (thread, step), ok in zip(due, held):
+            step.renewed = now
+            if not ok:
+                self._lost(thread, step)
+
+    @staticmethod
+    def _lost(thread: _WorkerThread, step: _Step) -> None:
+        with thread.lock:
+            if thread.drop_lapsed(step):
+                logger.info("job %d: claim lapsed before its step started; "
+                            "not run here", step.id)
+                return
+            held = any(other is step for other in thread.held())
+        if held and not step.lost_logged:
+            step.lost_logged = True
+            logger.warning("job %d: lease lost while running %s (step %d); "
+                           "its outcome will be discarded", step.id,
+                           step.current, step.number)
+
+    def _check_file(self) -> None:
+        if self.store.identity() != self._identity:
+            self.crew.die(f"database file {self.store.path} was deleted "
+                             f"or replaced")
+
+    def _bound_wal(self) -> None:
+        try:
+            size = os.path.getsize(self.store.path + "-wal")
+        except OSError:
+            return
+        if size > _WAL_LIMIT:
+            with contextlib.suppress(Error):
+                self.store.read("PRAGMA wal_checkpoint(RESTART)")
+
+    def _purge(self) -> None:
+        try:
+            n = self.crew.queue.purge(self.crew.keep)
+        except Error as exc:
+            logger.error("purge failed: %s", exc)
+            return
+        if n:
+            logger.info("purged %d finished jobs", n)
+
+
+# The Worker -----------------------------------------------------------------
+
+
+class _Crew:
+    """What the threads of one Worker share: its file and Queue, its
+    claims, lead, watch, wake-ups, faults and tuning, the pacing clock
+    (``tick``), and the calls back into the Worker."""
+
+    def __init__(self, worker: Worker, stopping: threading.Event,
+                 request_stop: Callable[[], None],
+                 die: Callable[[str], None],
+                 left_to_leases: Callable[[int, Exception], None],
+                 lead: _Lead, tick: Callable[[], float]) -> None:
+        self.queue, self.store = worker.queue, worker.queue._store
+        self.tuning, self.tick = worker.tuning, tick
+        self.threads, self.keep = worker.threads, worker.keep
+        self.claims = _Claims(worker.queues, _host_pid(), self.tuning)
+        self.wakeups = _Signal.of(self.queue.path)
+        self.finished = _Signal.of(self.queue.path, "finished")
+        self.stopping, self.request_stop = stopping, request_stop
+        self.die, self.left_to_leases = die, left_to_leases
+        self.lead = lead
+        self.watch: _WalWatch | None = None  # opened by open_watch()
+        path = self.store.path
+        self.write_fault = _Fault(f"cannot record steps in {path}", tick)
+        self.lease_fault = _Fault(f"cannot write leases in {path}", tick)
+        self.housekeeper = _Housekeeper(self, [])
+
+    def open_watch(self) -> None:
+        if self.tuning.inotify:
+            self.watch = _WalWatch.open(self.store.path + "-wal")
+
+    def close(self) -> None:
+        if self.watch is not None:
+            self.watch.close()
+            self.watch = None
 
 
 class Worker:
@@ -2276,28 +3347,16 @@ class Worker:
         self.keep = None if keep is None else _check_number("keep", keep)
         #: Why the worker stopped by itself (e.g. its file was deleted).
         self.fatal: str | None = None
-        self._store = self.queue._store
-        self._signal = _Signal.of(self.queue.path)
-        self._finished = _Signal.of(self.queue.path, "finished")
+        #: Steps that a stop left to their leases, as writes failed.
+        self.left_to_leases = 0
+        self.tuning = _Tuning()
         # Set by stop(): no new claims; idle threads wake at once.
         self._stopping = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._probe_at = 0.0  # store-clock time of the next timer probe
-        self._lost = False  # whether the last cycle failed a lost job
         self._lifecycle = threading.Lock()  # serialises start() and stop()
-        # Set while at least one thread is idle: the watcher only listens
-        # for other processes' commits then (our own would wake it).
-        self._someone_idle = threading.Event()
-        self._idle_lock = threading.Lock()  # also guards _lanes
-        self._idle = 0
-        # Whether the last idle wait saw another process write (with a
-        # bell, see _Watcher.start): then the next looks come _WAKE_GAP
-        # apart, the last one _WAKE_GAP after the writes stop.
-        self._writes_seen = False
-        self._lanes: list[_Lane] = []  # one per running thread
-        self._heartbeat = _Heartbeat(self)
-        self._gate = _Gate(self.queue.path)
-        self._watcher = _Watcher(self)
+        self._left_lock = threading.Lock()  # guards left_to_leases
+        self._threads: list[threading.Thread] = []
+        self._lead = _Lead(self.queue.path)
+        self._running: _Crew | None = None
 
     def __repr__(self) -> str:
         return (f"<Worker {self.queue.path} queues={self.queues} "
@@ -2310,8 +3369,6 @@ class Worker:
     def __exit__(self, *exc_info: Any) -> None:
         self.stop()
 
-    # Lifecycle ------------------------------------------------------------
-
     def start(self) -> Worker:
         """Start the worker's daemon threads and return at once."""
         with self._lifecycle:
@@ -2320,20 +3377,30 @@ class Worker:
             self._start_threads()
         return self
 
+    def _crew(self, tick: Callable[[], float] = time.monotonic) -> _Crew:
+        """A crew for this worker's threads (the seam tests drive)."""
+        return _Crew(self, self._stopping, self._request_stop, self._die,
+                     self._left, self._lead, tick)
+
     def _start_threads(self) -> None:
         # _stopping stays set if stop() came first: the threads then end
         # at once, and run_forever() returns.
-        self._store.connection()  # open (and check) the file now
-        # The watcher first: a thread's first idle wait must find the
-        # bell (see _Watcher.start) already there.
-        self._watcher.start()
-        self._threads = [
-            threading.Thread(target=self._run_thread, daemon=True,
-                             name=f"liteq-worker-{i + 1}")
-            for i in range(self.threads)]
+        self.queue._store.connection()  # open (and check) the file now
+        self.left_to_leases = 0
+        crew = self._running = self._crew()
+        # The watch first, so a thread's first idle wait listens to it.
+        crew.open_watch()
+        units = [_WorkerThread(crew, f"liteq-worker-{i + 1}")
+                 for i in range(self.threads)]
+        crew.housekeeper = _Housekeeper(crew, units)
+        self._threads = [threading.Thread(target=unit.run, daemon=True,
+                                          name=unit.name) for unit in units]
+        logger.info("worker %s serving %s on %s with %d thread(s)",
+                    crew.claims.identity, ", ".join(self.queues),
+                    self.queue.path, self.threads)
         for thread in self._threads:
             thread.start()
-        self._heartbeat.start()
+        crew.housekeeper.start()
 
     def stop(self, timeout: float | None = None) -> bool:
         """Stop claiming, wait for running steps; True if all finished."""
@@ -2346,12 +3413,14 @@ class Worker:
                     0.0, deadline - time.monotonic())
                 thread.join(left)
             finished = not any(t.is_alive() for t in self._threads)
-            if finished and self._threads:
-                self._heartbeat.stop()
-                self._watcher.stop()
-                self._gate.close()
-                self._threads = []
+            crew = self._running
+            if finished and self._threads and crew is not None:
+                crew.housekeeper.stop()
+                crew.close()
+                self._lead.close()
+                self._threads, self._running = [], None
                 self._stopping.clear()  # it may be started again
+                logger.info("worker %s stopped", crew.claims.identity)
         return finished
 
     def run_forever(self) -> None:
@@ -2369,659 +3438,106 @@ class Worker:
         if self.fatal:
             raise StorageError(self.fatal)
 
+    def run_once(self) -> bool:
+        """Claim and run one step in this thread; True if one ran."""
+        unit = _WorkerThread(self._crew(), "run_once", solo=True)
+        started, _ = unit.write_and_claim()
+        if started is None:
+            return False
+        unit.run_step(started)
+        unit.write_and_claim(claim=False)
+        return True
+
     def _request_stop(self) -> None:
         self._stopping.set()
-        self._signal.notify()
+        _Signal.of(self.queue.path).notify()
 
     def _die(self, message: str) -> None:
         logger.error("worker stopping: %s", message)
         self.fatal = message
         self._request_stop()
 
-    # The loop of each thread -----------------------------------------------
-    #
-    # A thread claims steps in line order, one at a time, and writes each
-    # step's start before running it and its outcome with the next claim.
-    # After _STREAK steps in a row shorter than _FAST it defers: it claims
-    # up to _BATCH_MAX steps, runs them back to back and writes their
-    # starts and outcomes together, at most _GROUP_AGE seconds later, with
-    # its next claim.  A step that runs past _RESCUE seconds is seen by the
-    # heartbeat: if deferred, the outcomes before it are written, its start
-    # shown, and the steps claimed behind it go back to their places in
-    # line.  Of several workers on one file, only the lead claims at once
-    # (see _Gate); a thread of another worker claims only when work waits.
+    def _left(self, count: int, exc: Exception) -> None:
+        with self._left_lock:
+            self.left_to_leases += count
+        logger.error("worker stopping without writing %d step(s): %s; "
+                     "they run again after their leases", count, exc)
 
-    def run_once(self) -> bool:
-        """Claim and run one step in this thread; True if one ran."""
-        lane = _Lane()
-        lane.solo = True
-        claimed, _ = self._cycle(lane, None, claim=True)
-        if claimed is None:
-            return False
-        self._run_step(lane, claimed)
-        self._cycle(lane, None, claim=False)
-        return True
 
-    def _run_thread(self) -> None:
-        lane = _Lane()
-        with self._idle_lock:
-            self._lanes.append(lane)
-        try:
-            self._serve(lane)
-        finally:
-            with self._idle_lock:
-                self._lanes.remove(lane)
+# ---------------------------------------------------------------------------
+# 9. Worker helpers: faults, the lead, wake-ups
+# ---------------------------------------------------------------------------
 
-    def _serve(self, lane: _Lane) -> None:
-        failures = 0
-        idle = False
-        seen_local = self._signal.local
-        step: _Claimed | None = None  # claimed ahead, to start next
-        while True:
-            generation, local = self._signal.generation, self._signal.local
-            stopping = self._stopping.is_set()
-            if step is None and not stopping and lane.ahead:
-                with lane.lock:
-                    step = lane.ahead.popleft() if lane.ahead else None
-            if step is not None and not stopping and self._may_defer(lane):
-                if self._still_wanted(lane, step):
-                    self._run_step(lane, step)
-                step = None
-                continue
-            claim = step is None and not stopping
-            hold = None  # seconds a follower leaves the line to the lead
-            if (claim and not lane.solo and time.monotonic() > lane.helping
-                    and not self._gate.take()):
-                hold = self._follower_hold()
-                claim = hold is None
-                if claim:  # the line needs help: give it for a while
-                    lane.helping = time.monotonic() + _FOLLOW_WAIT
-                if not claim and not lane.pending:
-                    # Commits wake the lead, not us: look again later.
-                    self._stopping.wait(hold)
-                    continue
-            # Woken by another process's commit: look before locking.  A
-            # commit of this process that made work needs no look.
-            looked = idle and claim and not lane.pending and (
-                local == seen_local)
-            if looked and not self._work_in_sight():
-                self._idle_wait(generation, _IDLE_MAX)
-                continue
-            seen_local = local
-            try:
-                claimed, due = self._cycle(lane, step, claim)
-            except SchemaError as exc:
-                self._die(str(exc))
-                return
-            except Error as exc:  # Busy, StorageError: keep trying
-                failures += 1
-                logger.error("cannot use %s (attempt %d): %s; retrying",
-                             self.queue.path, failures, exc)
-                time.sleep(min(0.05 * 2 ** min(failures, 6), 2.0))
-                continue
-            except Exception:  # a bug of ours: keep the thread alive
-                failures += 1
-                logger.exception("worker error; the steps' outcomes are "
-                                 "dropped and they will run again")
-                with lane.lock:
-                    lane.pending = []
-                step = None
-                time.sleep(min(0.05 * 2 ** min(failures, 6), 2.0))
-                continue
-            failures, step, idle = 0, None, False
-            if claimed is not None:
-                self._run_step(lane, claimed)
-            elif lane.ahead:
-                continue  # a batch to run deferred
-            elif stopping:
-                return
-            else:
-                pause = _IDLE_MAX if due is None else due - time.time()
-                if hold is not None:
-                    pause = min(pause, hold)
-                self._idle_wait(generation, min(max(pause, 0.0), _IDLE_MAX))
-                idle = pause >= _IDLE_MAX  # else a timer is due: claim
 
-    def _may_defer(self, lane: _Lane) -> bool:
-        """Whether to run the next step without writing its start first."""
-        if lane.solo or lane.streak < _STREAK:
-            return False
-        pending = lane.pending
-        return not pending or (
-            len(pending) < _BATCH_MAX
-            and time.monotonic() - pending[0].ended < _GROUP_AGE)
+def _host_pid() -> str:
+    """This process as ``host:pid``, read now (a forked child differs)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
-    def _still_wanted(self, lane: _Lane, step: _Claimed) -> bool:
-        """Whether a step claimed ahead may run: not cancelled since.
 
-        A read costs more than a short step, so it looks at most every
-        _CANCEL_LOOK seconds, and then at every step ahead.
-        """
-        now = time.monotonic()
-        if now - lane.looked < _CANCEL_LOOK:
-            return True
-        ids = [step.id, *(claimed.id for claimed in lane.ahead)]
-        try:
-            gone = {row[0] for row in self._store.read(
-                _SQL_SELECT_GONE.format(",".join("?" * len(ids))), ids)}
-        except Error:
-            return True  # the write that follows meets the error
-        lane.looked = now
-        if gone:
-            with lane.lock:
-                lane.ahead = collections.deque(
-                    c for c in lane.ahead if c.id not in gone)
-            for job_id in sorted(gone):
-                logger.info("job %d cancelled before its step started",
-                            job_id)
-        return step.id not in gone
+class _Fault:
+    """A failure that may last, logged quietly: at ERROR when it starts,
+    then at most once per report period (10 s, doubling up to 5 min) with
+    a count, and at WARNING when it ends.  ``failed()`` also gives the
+    backoff before the next try.  Several threads may share one."""
 
-    def _run_step(self, lane: _Lane, claimed: _Claimed) -> None:
-        """Run a claimed step; keep its outcome for the lane's next write."""
-        if claimed.started is None:
-            claimed.started = self._store.clock()
-        claimed.began = time.monotonic()
-        if (claimed.attempt > 1 or claimed.step == 1) and logger.isEnabledFor(
-                logging.INFO):
-            logger.info("job %d started: %s (step %d, attempt %d)",
-                        claimed.id, claimed.current, claimed.step,
-                        claimed.attempt)
-        with lane.lock:
-            lane.running = claimed
-        # The heartbeat looks at a step that runs past _RESCUE seconds.
-        self._heartbeat.poke(_RESCUE)
-        outcome = self._execute(claimed)
-        follow = None
-        if outcome.kind == "continue" and self._may_continue_here(
-                lane, claimed, outcome):
-            outcome.kind = "continue_here"
-            follow = claimed.follow(outcome)
-        with lane.lock:
-            lane.running = None
-            lane.pending.append(outcome)
-            if follow is not None:
-                lane.ahead.appendleft(follow)
-        lane.streak = lane.streak + 1 if (
-            outcome.ended - claimed.began < _FAST) else 0
-        if outcome.kind == "release":  # KeyboardInterrupt in a task
-            logger.warning("job %d: KeyboardInterrupt in %s: step released, "
-                           "worker stopping", claimed.id, claimed.current)
-            self._request_stop()
+    def __init__(self, what: str,
+                 tick: Callable[[], float] = time.monotonic) -> None:
+        self.what, self.tick = what, tick
+        self._lock = threading.Lock()  # guards the fields below
+        self.count = 0  # failures in a row
+        self._since = self._next_report = 0.0
+        self._every = 10.0
 
-    def _may_continue_here(self, lane: _Lane, claimed: _Claimed,
-                           outcome: _Outcome) -> bool:
-        """Whether the job's next step would be this thread's next claim."""
-        fn = _REGISTRY.get(outcome.current)
-        if (lane.solo or self._stopping.is_set() or fn is None
-                or (fn.lease, fn.max_lost) != claimed.limits
-                or (claimed.token + 1) >> _TOKEN_BITS
-                != claimed.token >> _TOKEN_BITS
-                or any(c.priority >= claimed.priority for c in lane.ahead)):
-            return False
-        # The line was clear a moment ago, and nothing of this process has
-        # joined it since: a job another process delays overtakes at most
-        # _GROUP_AGE seconds of steps later.
-        now, generation = time.monotonic(), self._signal.generation
-        if (now - lane.clear[0] < _GROUP_AGE and generation == lane.clear[1]
-                and claimed.priority >= lane.clear[2]):
-            return True
-        try:
-            if any(self._store.read(_SQL_HIGHER_READY,
-                                    (name, claimed.priority))
-                   for name in self.queues):
-                return False
-        except Error:
-            return False
-        lane.clear = (now, generation, claimed.priority)
-        return True
+    def failed(self, exc: BaseException | None) -> float:
+        """Note one failure; seconds to wait before trying again."""
+        reason = "an unexpected error" if exc is None else str(exc)
+        with self._lock:
+            self.count += 1
+            count, now = self.count, self.tick()
+            if count == 1:
+                self._since, self._every = now, 10.0
+                self._next_report = now + self._every
+                logger.error("%s: %s; retrying", self.what, reason)
+            elif now >= self._next_report:
+                self._every = min(self._every * 2, 300.0)
+                self._next_report = now + self._every
+                logger.error("%s: %s (%d failures in %.0fs); still "
+                             "retrying", self.what, reason, count,
+                             now - self._since)
+        return min(0.05 * 2 ** min(count, 6), 2.0) * (
+            0.5 + random.random() / 2)
 
-    def _work_in_sight(self) -> bool:
-        """Whether a claim could find work, read without the write lock.
-
-        Every commit wakes idle workers; without this each would take the
-        write lock only to find nothing, crowding out the producers.
-        """
-        sql = _SQL_WORK_IN_SIGHT.format(",".join("?" * len(self.queues)))
-        found = self._store.peek(sql, (*self.queues, self._store.clock()))
-        return found is None or bool(found[0])
-
-    def _follower_hold(self) -> float | None:
-        """For a worker that does not lead: None if the line needs it
-        now (_FOLLOW_LOAD jobs wait, or one has waited _FOLLOW_WAIT),
-        else how long to leave it to the lead before looking again."""
-        now, hold = self._store.clock(), _FOLLOW_LOOK
-        try:
-            loads = [self._store.read(_SQL_LINE_LOAD, {
-                "queue": name, "limit": _FOLLOW_LOAD})[0]
-                for name in self.queues]
-            # A due timer (an eta, or the lease of a frozen lead) counts
-            # as a job that waits since then.
-            loads.append((1, self._store.read(_SQL_NEXT_TIMER)[0][0]))
-        except Error:
-            return None  # let the claim meet the error and report it
-        for count, since in loads:
-            if since is None or since > now:
-                continue
-            if count >= _FOLLOW_LOAD or (
-                    count and now - since >= _FOLLOW_WAIT):
-                return None
-            if count:
-                hold = min(hold, _FOLLOW_WAIT - (now - since))
-        return max(hold, 0.001)
-
-    def _idle_wait(self, generation: int, timeout: float) -> None:
-        with self._idle_lock:
-            self._idle += 1
-            self._someone_idle.set()
-        try:
-            bell, streaming = self._watcher.bell, self._writes_seen
-            if bell is None:
-                self._signal.wait(generation, timeout)
-            else:  # while writes go on, look every _WAKE_GAP, and once
-                self._writes_seen = bell.wait_either(  # after they stop
-                    self._signal, generation,
-                    min(timeout, _WAKE_GAP) if streaming else timeout,
-                    file=not streaming)
-        finally:
-            with self._idle_lock:
-                self._idle -= 1
-                if not self._idle:
-                    self._someone_idle.clear()
-
-    # The write transactions: claims, starts and outcomes --------------------
-    #
-    # A cycle writes what a thread has to write (outcomes, starts, steps to
-    # give back) and claims what it runs next, in one transaction.  Every
-    # write after a claim is guarded by the claim's token (_HELD).
-
-    def _cycle(self, lane: _Lane, step: _Claimed | None,
-               claim: bool) -> tuple[_Claimed | None, float | None]:
-        """Write the lane's outcomes, then start ``step`` or claim more.
-
-        One transaction.  Returns the step to run now, its start written,
-        or None and when the next timer is due.  Claimed steps that will
-        run deferred go to ``lane.ahead``.  When the worker stops, the
-        steps claimed ahead go back in line.
-        """
-        with lane.writing:
-            with lane.lock:
-                outcomes, release = lane.take(self._stopping.is_set())
-            self._lost = False  # set by _wake_due when it ends a job
-            try:
-                rows, started, batch, due = self._store.write(
-                    lambda conn: self._write_cycle(conn, lane, outcomes,
-                                                   release, step, claim))
-            except BaseException:
-                lane.restore(outcomes, release)  # nothing was written
-                raise
-        if batch:
-            with lane.lock:
-                lane.ahead.extend(batch)
-        held = batch + [started] if started else batch
-        if held:
-            self._heartbeat.poke(min(c.lease for c in held) / 3, period=True)
-        self._after_write(outcomes, rows, release)
-        if step is not None and started is None:
-            logger.info("job %d: cancelled or taken back before step %d of "
-                        "%s started; not run", step.id, step.step,
-                        step.current)
-        return started, due
-
-    def _write_cycle(self, conn: sqlite3.Connection, lane: _Lane,
-                     outcomes: list[_Outcome], release: list[_Claimed],
-                     step: _Claimed | None, claim: bool) -> tuple:
-        now = self._store.clock()
-        rows = self._write_outcomes(conn, outcomes, release, now)
-        started = step if step and self._start(conn, step, now) else None
-        batch: list[_Claimed] = []
-        due = None
-        if claim:
-            defer = self._may_defer(lane)
-            limit = _BATCH_MAX if defer else 1
-            batch, due = self._claim_in(conn, now, limit, start=not defer)
-            if batch:  # as of this claim, nothing in it was cancelled
-                lane.looked = time.monotonic()
-            if batch and not defer:  # its start is written
-                started = batch.pop()
-        return rows, started, batch, due
-
-    def _write_outcomes(self, conn: sqlite3.Connection,
-                        outcomes: list[_Outcome], release: list[_Claimed],
-                        now: float) -> list:
-        rows: list = []
-        while len(rows) < len(outcomes):
-            first = outcomes[len(rows)]
-            run = [first]  # steps of one job that continued here
-            while (run[-1].kind == "continue_here"
-                   and len(rows) + len(run) < len(outcomes)
-                   and outcomes[len(rows) + len(run)].claimed
-                   is run[-1].follow):
-                run.append(outcomes[len(rows) + len(run)])
-            if run[-1].kind != "continue_here":
-                run = run[:-1] or run  # its end is written on its own
-            row = self._record(conn, run[-1], now, first, len(run))
-            for outcome in run:
-                outcome.ok = row is not None
-                rows.append(row)
-        for claimed in release:
-            ready = claimed.ready
-            if ready is None:  # a next step kept here: back to the end
-                ready = _next_ready(conn)
-            _execute(conn, _SQL_RELEASE, {"id": claimed.id, "ready": ready,
-                                          "token": claimed.token})
-        return rows
-
-    def _after_write(self, outcomes: list[_Outcome], rows: list,
-                     release: list[_Claimed]) -> None:
-        """Log the outcomes just written and wake who waits for them."""
-        finished, in_line = self._lost, bool(release)
-        for outcome, row in zip(outcomes, rows):
-            if outcome.follow is not None and row is not None:
-                outcome.follow.confirmed = True
-            self._log_outcome(outcome, row)
-            status = row[0] if isinstance(row, tuple) else None
-            if status in _FINISHED:
-                finished = True
-            elif row is not None and outcome.kind != "continue_here":
-                in_line = True  # another thread may run it
-        if finished:
-            self._finished.notify()
-        if in_line:
-            self._signal.notify()
-
-    def _long_step(self, lane: _Lane, step: _Claimed) -> None:
-        """Called by the heartbeat for a step that runs past _RESCUE.
-
-        If it runs deferred, it is shown (see _rescue).  If no thread of
-        this worker is left to claim, another worker may lead (_Gate).
-        """
-        if not step.shown:
-            self._rescue(lane)
-        if not self._idle:
-            self._gate.give()
-
-    def _rescue(self, lane: _Lane) -> None:
-        """Show a deferred step that runs long; free what waits behind it.
-
-        The outcomes before the step are written, its start too, and the
-        steps claimed after it go back in line.
-        """
-        with lane.writing:
-            with lane.lock:
-                step = lane.running
-                if step is None or step.shown:
-                    return
-                step.shown = True
-                lane.streak = 0
-                outcomes, release = lane.take(True)
-
-            def body(conn: sqlite3.Connection) -> list:
-                now = self._store.clock()
-                rows = self._write_outcomes(conn, outcomes, release, now)
-                self._start(conn, step, now)
-                return rows
-
-            try:
-                rows = self._store.write(body)
-            except Error as exc:
-                logger.error("cannot record steps in %s: %s; trying again",
-                             self._store.path, exc)
-                lane.restore(outcomes, release)
-                step.shown = step.long = False  # the next beat retries
-                return
-        self._after_write(outcomes, rows, release)
-
-    def _start(self, conn: sqlite3.Connection, claimed: _Claimed,
-               now: float) -> bool:
-        """Write that a claimed step starts; False if the claim was lost."""
-        if claimed.started is None:
-            claimed.started = now
-        claimed.shown = True
-        return not claimed.refused() and bool(_execute(conn, _SQL_START, {
-            "id": claimed.id, "token": claimed.token, "now": now,
-            "attempt": claimed.attempt, "worker": _HOST_PID,
-            "started": claimed.started}).rowcount)
-
-    def _claim_in(self, conn: sqlite3.Connection, now: float, limit: int,
-                  start: bool) -> tuple[list[_Claimed], float | None]:
-        """Claim up to ``limit`` ready steps, putting due timers in line.
-
-        With ``start`` (and a limit of 1), the step's start is written too.
-        """
-        # While busy, look for due timers every _PROBE seconds; when
-        # nothing is ready, always look before going idle.
-        probed = now >= self._probe_at
-        if probed:
-            self._wake_due(conn, now)
-        batch = self._claim(conn, now, limit, start)
-        if not batch and not probed:
-            self._wake_due(conn, now)
-            probed = True
-            batch = self._claim(conn, now, limit, start)
-        if probed:
-            self._probe_at = now + _PROBE
-        due = None if batch else _execute(
-            conn, _SQL_NEXT_TIMER).fetchone()[0]
-        return batch, due
-
-    def _wake_due(self, conn: sqlite3.Connection, now: float) -> None:
-        """Put due jobs in line; release steps whose lease expired.
-
-        A step counts as lost only if its start was written: a claim that
-        lapsed before that (or a deferred step, see _may_defer) ran nothing
-        anyone saw.
-        """
-        for job_id, current, worker, lost, max_lost, cancel in _execute(
-                conn, _SQL_SELECT_DUE, (now,)).fetchall():
-            params = {"id": job_id, "now": now, "lost": 0}
-            if worker is not None:
-                params["lost"] = 1
-                logger.warning("job %d: lease of worker %s expired while "
-                               "running %s", job_id, worker, current)
-                if cancel or lost + 1 >= max_lost:
-                    params["error"] = (f"worker lost {lost + 1} times while "
-                                       f"running {current}")
-                    _execute(conn, _SQL_LOSE, params)
-                    self._lost = True
-                    continue
-            params["ready"] = _next_ready(conn)
-            _execute(conn, _SQL_MAKE_READY, params)
-
-    def _claim(self, conn: sqlite3.Connection, now: float, limit: int,
-               start: bool = False) -> list[_Claimed]:
-        """Claim the first ``limit`` ready steps of our queue names; with
-        ``start``, also write the start of the (one) step claimed."""
-        if start and len(self.queues) == 1:
-            return self._claim_started(conn, now)
-        batch = self._claim_line(conn, now, limit)
-        if start and batch:  # a claim of this transaction: never refused
-            self._start(conn, batch[0], now)
-        return batch
-
-    def _claim_started(self, conn: sqlite3.Connection,
-                       now: float) -> list[_Claimed]:
-        """Claim the first ready step of our one queue name, started."""
-        lease, max_lost = _TASK_DEFAULTS["lease"], _TASK_DEFAULTS["max_lost"]
-        row = _execute(conn, _SQL_CLAIM_START, {
-            "queue": self.queues[0], "now": now, "lease": lease,
-            "max_lost": max_lost, "worker": _HOST_PID}).fetchone()
-        if row is None:
-            return []
-        claimed = _Claimed(row, None, self._limits(conn, now, row[0],
-                                                   row[1]))
-        claimed.started, claimed.shown = now, True
-        return [claimed]
-
-    def _limits(self, conn: sqlite3.Connection, now: float, job_id: int,
-                current: str) -> tuple[float, int]:
-        """The lease and max_lost of a claimed step's task; a claim wrote
-        the defaults, so a task with its own is adjusted here."""
-        defaults = _TASK_DEFAULTS["lease"], _TASK_DEFAULTS["max_lost"]
-        fn = _REGISTRY.get(current)
-        limits = (fn.lease, fn.max_lost) if fn else defaults
-        if limits != defaults:
-            _execute(conn, _SQL_ADJUST_CLAIM, {
-                "id": job_id, "now": now, "lease": limits[0],
-                "max_lost": limits[1]})
-        return limits
-
-    def _claim_line(self, conn: sqlite3.Connection, now: float,
-                    limit: int) -> list[_Claimed]:
-        """Claim the first ``limit`` ready steps of our queue names."""
-        if len(self.queues) == 1:
-            line = _execute(conn, _SQL_LINE,
-                            (self.queues[0], limit)).fetchall()
-        else:  # the index orders one queue name at a time: merge here
-            line = sorted((row for name in self.queues for row in _execute(
-                conn, _SQL_LINE, (name, limit)).fetchall()),
-                key=lambda row: (-row[1], row[2]))[:limit]
-        if not line:
-            return []
-        lease, max_lost = _TASK_DEFAULTS["lease"], _TASK_DEFAULTS["max_lost"]
-        sql = _SQL_CLAIM.format(",".join("?" * len(line)))
-        rows = {row[0]: row for row in _execute(
-            conn, sql, (now, lease, max_lost, *(r[0] for r in line)))}
-        return [_Claimed(rows[job_id], ready,
-                         self._limits(conn, now, job_id, rows[job_id][1]))
-                for job_id, _, ready in line]
-
-    def _record(self, conn: sqlite3.Connection, outcome: _Outcome,
-                now: float, first: _Outcome, n: int) -> Any:
-        """Write an outcome; None if refused.  With n > 1, ``first`` to
-        ``outcome`` are n steps of one job that continued here."""
-        claimed = first.claimed
-        if claimed.refused():
-            return None
-        params = {"id": claimed.id, "token": claimed.token, "now": now,
-                  "attempt": claimed.attempt, "started": claimed.started,
-                  "n": n}
-        if outcome.error is not None:
-            outcome.error = _storable_text(outcome.error)
-        kind = outcome.kind
-        if kind in ("continue", "continue_here"):
-            params.update(call=outcome.text, current=outcome.current,
-                          percent=outcome.percent)
-            if kind == "continue":
-                params["ready"] = _next_ready(conn)
-                row = _execute(conn, _SQL_CONTINUE, params).fetchone()
-            else:
-                row = _execute(conn, _SQL_CONTINUE_HERE, params).fetchone()
-        elif kind == "done":
-            params["result"] = outcome.text
-            row = (_DONE,) if _execute(conn, _SQL_DONE,
-                                      params).rowcount else None
-        elif kind == "fail":
-            params["error"] = outcome.error
-            row = _execute(conn, _SQL_FAIL, params).fetchone()
-        elif kind == "retry":
-            params.update(error=outcome.error, retries=outcome.retries,
-                          delay=outcome.delay, ready=_next_ready(conn))
-            row = _execute(conn, _SQL_FAIL_STEP, params).fetchone()
-        else:  # release
-            params["ready"] = _next_ready(conn)
-            row = _execute(conn, _SQL_RELEASE, params).rowcount or None
-        return row
-
-    def _log_outcome(self, outcome: _Outcome, row: Any = None) -> None:
-        claimed = outcome.claimed
-        if row is None:
-            logger.warning("job %d: lease lost while running %s (step %d); "
-                           "its outcome was discarded", claimed.id,
-                           claimed.current, claimed.step)
+    def ok(self) -> None:
+        """Note a success: the end of the failure, if one lasted."""
+        if not self.count:
             return
-        status = row[0] if isinstance(row, tuple) else None
-        if status == _CANCELLED:
-            logger.info("job %d cancelled", claimed.id)
-        elif outcome.kind == "continue":
-            logger.info("job %d continued: step %d of %s done, next %s",
-                        claimed.id, claimed.step, claimed.current,
-                        outcome.current)
-        elif outcome.kind == "done":
-            logger.info("job %d done", claimed.id)
-        elif outcome.kind == "retry" and status != _FAILED:
-            logger.info("job %d retried in %gs: %s", claimed.id,
-                        outcome.delay, _error_line(outcome.error))
-        elif outcome.kind in ("retry", "fail"):
-            logger.info("job %d failed: %s", claimed.id,
-                        _error_line(outcome.error))
-
-    # Running one step -------------------------------------------------------
-
-    def _execute(self, claimed: _Claimed) -> _Outcome:
-        """Run one claimed step with no transaction open."""
-        try:
-            call = _decode_call(claimed.call)
-            fn = _REGISTRY.get(call.name)
-            if fn is None:
-                raise LookupError(f"unknown task {call.name!r}: not "
-                                  f"registered in this worker")
-            args, kwargs = fn._bind_stored(call.args, call.kwargs)
-        except (LookupError, TypeError, ValueError) as exc:
-            logger.error("job %d: %s", claimed.id, exc)
-            return _Outcome(claimed, "fail", error=str(exc))
-        _CURRENT.job = _CurrentJob(self.queue, claimed.id, claimed.step,
-                                   claimed.attempt, claimed.token)
-        try:
-            value = fn.__wrapped__(*args, **kwargs)
-        except KeyboardInterrupt:
-            return _Outcome(claimed, "release")
-        except BaseException:  # SystemExit too: it fails this step only
-            return self._failure(claimed, fn, traceback.format_exc())
-        finally:
-            _CURRENT.job = None
-        return self._success(claimed, call, value)
-
-    def _failure(self, claimed: _Claimed, fn: TaskFunction,
-                 error: str) -> _Outcome:
-        retry = claimed.failures + 1
-        delay = min(fn.retry_delay * 2 ** (retry - 1), fn.retry_max_delay)
-        return _Outcome(claimed, "retry", error=error, retries=fn.retries,
-                        delay=delay)
-
-    def _success(self, claimed: _Claimed, call: Task,
-                 value: Any) -> _Outcome:
-        limit = self.queue.max_payload
-        try:
-            follow = _advance(call, value)
-            if follow is None:
-                return _Outcome(claimed, "done",
-                                _encode(value, "result", limit))
-            text = _encode(follow, "continuation", limit)
-            fn = _REGISTRY.get(follow.name)
-            if follow._then or (fn is not None and fn.percent is not None):
-                follow = deserialize_task(_parse(text))  # as stored
-        except (TypeError, ValueError) as exc:
-            error = f"task {call.name!r} returned a value liteq cannot " \
-                    f"store: {exc}"
-            return _Outcome(claimed, "fail", error=error)
-        return _Outcome(claimed, "continue", text, follow.name,
-                        follow.percent())
+        with self._lock:
+            count, self.count = self.count, 0
+            if count:
+                logger.warning("%s: works again after %d failure(s) in "
+                               "%.1fs", self.what, count,
+                               self.tick() - self._since)
 
 
-# ---------------------------------------------------------------------------
-# 9. Worker helpers: the lead, heartbeats, wake-ups
-# ---------------------------------------------------------------------------
-
-
-class _Gate:
+class _Lead:
     """Which of the workers on one file leads: a lock on ``<db>-lead``.
 
     The lead claims work as soon as it sees it; the others follow: they
-    claim only when the line waits on them (see Worker._follower_hold),
-    so four workers on a load one can carry write no more than one.  A
-    lead gives the gate up when all its threads run long steps.  The
-    kernel drops the lock of a process that dies.  Where flock is
-    missing, or the file cannot be made, every worker leads.
+    claim only when the line waits on them (``hold``), so four workers on
+    a load one can carry write no more than one.  A lead lets go when all
+    its threads run long steps.  The kernel drops the lock of a process
+    that dies.  Where flock is missing, or the file cannot be made, every
+    worker leads.
     """
 
     opened: weakref.WeakSet = weakref.WeakSet()
 
     def __init__(self, path: str) -> None:
         self._path = path + "-lead"
+        self._lock = threading.Lock()  # guards _fd and held
         self._fd: int | None = None
-        self._lock = threading.Lock()
         self.held = False
-        _Gate.opened.add(self)
+        _Lead.opened.add(self)
 
     def take(self) -> bool:
         """Lead if nobody else does; True if this worker leads."""
@@ -3060,315 +3576,66 @@ class _Gate:
                 os.close(self._fd)
         self._fd, self.held, self._lock = None, False, threading.Lock()
 
+    @staticmethod
+    def hold(loads: list[tuple], now: float,
+             tuning: _Tuning) -> float | None:
+        """The follower policy.  ``loads`` are (jobs waiting, since when
+        the first waits) per queue name (see _Claims.loads).  None if the
+        line needs this follower now (``follow_load`` jobs wait, or one
+        has waited ``follow_wait``), else how long to leave it to the
+        lead before looking again."""
+        hold = tuning.follow_look
+        for count, since in loads:
+            if since is None or since > now:
+                continue
+            if count >= tuning.follow_load or (
+                    count and now - since >= tuning.follow_wait):
+                return None
+            if count:
+                hold = min(hold, tuning.follow_wait - (now - since))
+        return max(hold, 0.001)
 
-class _Heartbeat:
-    """Renews the leases a Worker's threads hold, every lease / 3, and
-    rescues their deferred steps that run long (see Worker._rescue)."""
 
-    def __init__(self, worker: Worker) -> None:
-        self._worker = worker
-        # Notified by poke() and on stop.
-        self._condition = threading.Condition(threading.Lock())
-        self._wake_at = math.inf  # when the thread next wakes (monotonic)
-        self._period = _TASK_DEFAULTS["lease"] / 3  # shortest seen
-        self._again = False  # poked while awake: look again at once
-        self._thread: threading.Thread | None = None
-        self._stop = False
-
-    def start(self) -> None:
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name="liteq-heartbeat")
-        self._thread.start()
-
-    def stop(self) -> None:
-        with self._condition:
-            self._stop = True
-            self._condition.notify_all()
-        if self._thread is not None:
-            self._thread.join()
-
-    def poke(self, within: float, period: bool = False) -> None:
-        """Make sure the thread looks again within ``within`` seconds.
-
-        With ``period``, ``within`` is a renewal period of steps now held.
-        """
-        wake_at = self._wake_at
-        if (wake_at == -math.inf or time.monotonic() + within < wake_at
-                or (period and within < self._period)):
-            with self._condition:
-                if period:
-                    self._period = min(self._period, within)
-                self._again = True
-                self._condition.notify_all()
-
-    def _run(self) -> None:
+def _drain(fd: int) -> bytes:
+    """Read what waits in ``fd`` (non-blocking)."""
+    chunks = []
+    with contextlib.suppress(BlockingIOError):
         while True:
-            now = time.monotonic()
-            wake = self._beat(now)
-            with self._condition:
-                if self._stop:
-                    return
-                # Between steps nothing may be held: look again after the
-                # shortest period seen rather than sleep for good, so a
-                # claim need not wake this thread.
-                wake = min(wake, now + self._period)
-                if not self._again:
-                    self._wake_at = wake
-                    self._condition.wait(max(0.0, wake - time.monotonic()))
-                self._again = False
-                self._wake_at = -math.inf  # awake: poke() sets _again
-
-    def _beat(self, now: float) -> float:
-        """Renew what is due and rescue long deferred steps; next wake."""
-        due: list[_Claimed] = []
-        long: list[tuple[_Lane, _Claimed]] = []
-        wake = math.inf
-        with self._worker._idle_lock:
-            lanes = list(self._worker._lanes)
-        for lane in lanes:
-            with lane.lock:
-                for claimed in lane.held():
-                    at = claimed.renewed + claimed.lease / 3
-                    if at <= now:
-                        due.append(claimed)
-                        at = now + claimed.lease / 3
-                    wake = min(wake, at)
-                step = lane.running
-                if step is not None and not step.long:
-                    if now - step.began >= _RESCUE:
-                        step.long = True
-                        long.append((lane, step))
-                    else:
-                        wake = min(wake, step.began + _RESCUE)
-                if step is not None or lane.ahead or lane.pending:
-                    # Busy: look again soon, so that each step need not
-                    # wake this thread (see poke).
-                    wake = min(wake, now + _RESCUE)
-        if due:
-            self._renew(due, now)
-        for lane, step in long:
-            self._worker._long_step(lane, step)
-        return wake
-
-    def _renew(self, due: list[_Claimed], now: float) -> None:
-        store = self._worker._store
-
-        def body(conn: sqlite3.Connection) -> list:
-            until = store.clock()
-            return [_execute(conn, _SQL_SET_LEASE, {
-                "id": c.id, "token": c.token,
-                "until": until + c.lease}).rowcount for c in due]
-
-        try:
-            renewed = store.write(body)
-        except Error as exc:
-            logger.error("cannot renew leases in %s: %s", store.path, exc)
-            return
-        for claimed, ok in zip(due, renewed):
-            claimed.renewed = now
-            if not ok and self._still_held(claimed):
-                logger.warning("job %d: lease lost while running %s (step "
-                               "%d)", claimed.id, claimed.current,
-                               claimed.step)
-
-    def _still_held(self, claimed: _Claimed) -> bool:
-        with self._worker._idle_lock:
-            lanes = list(self._worker._lanes)
-        for lane in lanes:
-            with lane.lock:
-                if any(c is claimed for c in lane.held()):
-                    return True
-        return False
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks)
 
 
-class _Watcher:
-    """Wakes a Worker's idle threads when another process commits.
+class _Bell:
+    """A pipe that rings one idle thread out of its select(): _Signal
+    rings every bell it holds when this process commits (``interrupt``)."""
 
-    On Linux it watches the database's ``-wal`` file with inotify (every
-    commit writes to it), so an idle worker uses no CPU and wakes within
-    a millisecond; a worker of one thread waits on that watch itself
-    (``bell``).  Elsewhere it polls ``PRAGMA data_version``.  It also
-    checks, about once a second, that the file was not deleted or
-    replaced, keeps the WAL bounded and purges old jobs (``keep``).
-    """
-
-    _POLL = 0.005  # seconds between data_version checks without inotify
-
-    def __init__(self, worker: Worker) -> None:
-        self._worker = worker
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._inotify: _Inotify | None = None
-        # A worker of one thread listens to the watch itself, in the same
-        # select() as its own process's wake-ups: one thread woken, not
-        # two.  Then this thread only keeps house.
-        self.bell: _Inotify | None = None
-
-    def start(self) -> None:
-        self._stop.clear()
-        self._inotify = _Inotify.watch(self._worker._store.path + "-wal")
-        if self._worker.threads == 1:
-            self.bell = self._inotify
-        self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name="liteq-watch")
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._worker._someone_idle.set()  # wake the thread if it waits
-        if self._inotify is not None:
-            self._inotify.interrupt()
-        if self._thread is not None:
-            self._thread.join()
-        if self._inotify is not None:
-            self._inotify.close()
-            self._inotify = self.bell = None
-
-    def _run(self) -> None:
-        worker, store = self._worker, self._worker._store
-        identity = store.identity()
-        version = None
-        next_check = next_purge = 0.0
-        while not self._stop.is_set():
-            if self.bell is not None:
-                changed = False  # the worker's thread listens itself
-                self._stop.wait(1.0)
-            elif not worker._someone_idle.wait(1.0):
-                changed = False  # all threads busy: nobody to wake
-            elif self._inotify is not None:
-                changed = False
-                if self._inotify.wait(1.0):
-                    self._settle()
-            else:
-                self._stop.wait(self._POLL)
-                seen = self._data_version()
-                changed, version = seen != version, seen
-            if changed:
-                worker._signal.notify(local=False)
-            now = time.monotonic()
-            if now >= next_check:
-                next_check = now + 1.0
-                if store.identity() != identity:
-                    worker._die(f"database file {store.path} was deleted "
-                                f"or replaced")
-                    return
-                self._bound_wal()
-            if worker.keep is not None and now >= next_purge:
-                next_purge = now + 3600.0
-                self._purge()
-
-    def _settle(self) -> None:
-        """Wake the threads, and once more when the writes stop.
-
-        A commit's last write to the WAL comes a moment before SQLite
-        publishes it in the shared-memory index, so a thread woken by that
-        write can look too early; the last wake-up, _WAKE_GAP after the
-        last write, finds it.
-        """
-        signal_ = self._worker._signal
-        signal_.notify(local=False)
-        # While writes go on, wake the threads once per _WAKE_GAP: other
-        # processes may commit thousands of times a second, and waking
-        # for each would spend the CPU they need.
-        while not self._stop.wait(_WAKE_GAP) and (
-                self._inotify is not None and self._inotify.wait(0)):
-            signal_.notify(local=False)
-        signal_.notify(local=False)
-
-    def _data_version(self) -> int | None:
-        with contextlib.suppress(Error):
-            rows = self._worker._store.read("PRAGMA data_version")
-            return rows[0][0]
-        return None
-
-    def _bound_wal(self) -> None:
-        store = self._worker._store
-        try:
-            size = os.path.getsize(store.path + "-wal")
-        except OSError:
-            return
-        if size > _WAL_LIMIT:
-            with contextlib.suppress(Error):
-                store.read("PRAGMA wal_checkpoint(RESTART)")
-
-    def _purge(self) -> None:
-        try:
-            n = self._worker.queue.purge(self._worker.keep)
-        except Error as exc:
-            logger.error("purge failed: %s", exc)
-            return
-        if n:
-            logger.info("purged %d finished jobs", n)
-
-
-class _Inotify:
-    """A minimal Linux inotify watch through ctypes (IN_MODIFY only)."""
-
-    _IN_MODIFY = 0x2
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        # interrupt() writes to this pipe to end a wait() at once.
-        self._wake_read, self._wake_write = os.pipe()
-        os.set_blocking(self._wake_read, False)
-        os.set_blocking(self._wake_write, False)
-        self._lock = threading.Lock()
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+        self._lock = threading.Lock()  # guards _closed against interrupt()
         self._closed = False
 
-    @classmethod
-    def watch(cls, path: str) -> _Inotify | None:
-        """Watch ``path``, or return None where inotify is unavailable."""
-        if not sys.platform.startswith("linux"):
-            return None
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-            if fd < 0:
-                return None
-            if libc.inotify_add_watch(fd, os.fsencode(path),
-                                      cls._IN_MODIFY) < 0:
-                os.close(fd)
-                return None
-        except (OSError, AttributeError):
-            return None
-        return cls(fd)
-
-    def wait(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds; True if the file changed."""
-        ready, _, _ = select.select([self.fd, self._wake_read], [], [],
-                                    timeout)
-        if self.fd not in ready:
-            return False
-        self._drain(self.fd)
-        return True
-
-    def wait_either(self, signal_: _Signal, generation: int,
-                    timeout: float, file: bool = True) -> bool:
+    def wait(self, signal_: _Signal, generation: int, timeout: float,
+             watch: _WalWatch, listen: bool) -> bool:
         """Wait for ``signal_`` to pass ``generation``, or (with
-        ``file``) the file to change, or ``timeout``; True if the file
-        changed, looked at without waiting when not ``file``."""
+        ``listen``) another process's commit, or ``timeout``; True if
+        another process committed (looked at without waiting if not
+        ``listen``)."""
         with signal_.condition:
             signal_.bells.add(self)
         try:
             if signal_.generation == generation and timeout > 0:
-                fds = [self._wake_read, self.fd] if file else [
-                    self._wake_read]
+                fds = [self._read, watch.fd] if listen else [self._read]
                 select.select(fds, [], [], timeout)
         finally:
             with signal_.condition:
                 signal_.bells.discard(self)
-        self._drain(self._wake_read)
-        return self._drain(self.fd)
-
-    @staticmethod
-    def _drain(fd: int) -> bool:
-        """Read what waits in ``fd`` (non-blocking); True if anything."""
-        found = False
-        with contextlib.suppress(BlockingIOError):
-            while os.read(fd, 65536):
-                found = True
-        return found
+        _drain(self._read)
+        return watch.changed()
 
     def interrupt(self) -> None:
         # Any thread may ring (see _Signal.notify), even as close() runs.
@@ -3376,13 +3643,83 @@ class _Inotify:
             if self._closed:
                 return
             with contextlib.suppress(BlockingIOError):  # full: rung
-                os.write(self._wake_write, b"x")
+                os.write(self._write, b"x")
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            for fd in (self.fd, self._wake_read, self._wake_write):
+            os.close(self._read)
+            os.close(self._write)
+
+
+class _WalWatch:
+    """Whether another process committed: a Linux inotify watch on the
+    database's ``-wal`` file (every commit writes to it), through ctypes.
+
+    The last connection to close deletes ``-wal`` and the next one makes
+    it anew, so the watch also watches the directory for the file's
+    creation and re-arms itself on the new file.
+    """
+
+    _IN_MODIFY, _IN_MOVED_TO, _IN_CREATE = 0x2, 0x80, 0x100
+    _IN_Q_OVERFLOW, _IN_IGNORED, _IN_ONLYDIR = 0x4000, 0x8000, 0x1000000
+    _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then the name
+
+    def __init__(self, fd: int, libc: Any, path: str) -> None:
+        self.fd, self._libc, self._path = fd, libc, path
+        self._name = os.fsencode(os.path.basename(path))
+        self._lock = threading.Lock()  # guards _wd
+        self._wd: int | None = None
+
+    @classmethod
+    def open(cls, path: str) -> _WalWatch | None:
+        """Watch ``path``, or None where inotify is unavailable."""
+        if not sys.platform.startswith("linux"):
+            return None
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+            if fd < 0:
+                return None
+            folder = os.fsencode(os.path.dirname(path) or ".")
+            if libc.inotify_add_watch(fd, folder, cls._IN_CREATE
+                                      | cls._IN_MOVED_TO
+                                      | cls._IN_ONLYDIR) < 0:
                 os.close(fd)
+                return None
+        except (OSError, AttributeError):
+            return None
+        watch = cls(fd, libc, path)
+        watch._arm()
+        return watch
+
+    def _arm(self) -> None:
+        with self._lock:
+            wd = self._libc.inotify_add_watch(
+                self.fd, os.fsencode(self._path), self._IN_MODIFY)
+            self._wd = wd if wd >= 0 else None  # not there yet: see changed
+
+    def changed(self) -> bool:
+        """Read the events that wait, without waiting; True if the file
+        was written or made anew."""
+        data, changed, rearm = _drain(self.fd), False, False
+        offset = 0
+        while offset + self._EVENT.size <= len(data):
+            wd, mask, _, size = self._EVENT.unpack_from(data, offset)
+            name = data[offset + self._EVENT.size:
+                        offset + self._EVENT.size + size].rstrip(b"\0")
+            offset += self._EVENT.size + size
+            if mask & self._IN_Q_OVERFLOW or name == self._name:
+                changed = rearm = True
+            elif wd == self._wd:
+                changed = changed or bool(mask & self._IN_MODIFY)
+                rearm = rearm or bool(mask & self._IN_IGNORED)
+        if rearm:
+            self._arm()
+        return changed
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 # ---------------------------------------------------------------------------
 # 10. HTTP: status resource and dashboard
@@ -4232,18 +4569,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
                               f"{type(exc).__name__}: {exc}") from None
     worker = Worker(queue, threads=args.threads, queues=args.queues)
     _on_stop_signals(worker)
-    logger.info("worker %s serving %s on %s with %d thread(s)", _HOST_PID,
-                ", ".join(worker.queues), queue.path, worker.threads)
     worker.run_forever()
-    logger.info("worker %s stopped", _HOST_PID)
-    return 0
+    return 1 if worker.left_to_leases else 0
 
 
 def _on_stop_signals(worker: Worker) -> None:
     """First SIGINT/SIGTERM: stop gracefully; second: exit at once."""
+    received: list[int] = []
+
     def handle(signum: int, frame: Any) -> None:
-        if worker._stopping.is_set():
+        if received:
             os._exit(128 + signum)
+        received.append(signum)
         logger.info("signal %d: finishing running steps (again to exit "
                     "now)", signum)
         worker._request_stop()

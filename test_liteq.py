@@ -2592,148 +2592,99 @@ def test_write_to_a_read_only_file_raises_storage_error(q,
     assert q.counts()["pending"] == 1
 
 
-# Claiming ahead and deferred writes ----------------------------------------
+# Claiming ahead, deferred writes, rescues, the lead ------------------------
 #
-# Which steps count as short depends on time; these tests make every step
-# short, and let a thread defer from its first step, so what they check
-# does not depend on the machine's speed.
+# These tests turn a worker's threads by hand: ``_WorkerThread.run_once(now)``
+# and ``_Housekeeper.run_once(now)``, with the store clock (``clock``) and
+# the pacing clock (``Pacing``) both fake, and a ``_Tuning`` replaced whole.
+# Nothing in them depends on the machine's speed.
+
+
+class Pacing:
+    """A fake pacing clock (the worker's time.monotonic)."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+def observe(label):
+    """Note the label and the job's status as others see it right now."""
+    LOG.append((label, liteq.current_job().status))
+    return label
+
+
+def meanwhile(label):
+    """Run FLAGS["meanwhile"]() inside the step, then note the label."""
+    FLAGS["meanwhile"]()
+    LOG.append(label)
+    return label
+
+
+def cancel_self(label):
+    """Cancel this job from inside its own step."""
+    liteq.current_job().cancel()
+    LOG.append(label)
+    return label
+
+
+class HandWorker:
+    """A worker whose threads and housekeeper the test turns by hand."""
+
+    def __init__(self, queue, clock, threads=1, **tuning):
+        for fn in (observe, meanwhile, cancel_self):
+            register(queue, fn)
+        self.queue, self.clock, self.pace = queue, clock, Pacing()
+        queue.counts()  # the file exists before the housekeeper looks
+        self.worker = liteq.Worker(queue, threads=threads)
+        self.worker.tuning = liteq._Tuning(**tuning)
+        self.crew = self.worker._crew(self.pace)
+        self.threads = [liteq._WorkerThread(self.crew, f"t{i}")
+                        for i in range(threads)]
+        self.housekeeper = liteq._Housekeeper(self.crew, self.threads)
+        self.crew.housekeeper = self.housekeeper
+
+    @property
+    def thread(self):
+        return self.threads[0]
+
+    def turn(self, thread=None):
+        """One turn of a thread; what it returned."""
+        return (thread or self.thread).run_once(self.clock())
+
+    def turn_until_idle(self, thread=None, limit=10_000):
+        """Turn until the thread would wait; what it returned."""
+        for _ in range(limit):
+            pause = self.turn(thread)
+            if pause is None or pause > 0:
+                return pause
+        pytest.fail("the thread never went idle")
+
+    def close(self):
+        self.worker._lead.close()
 
 
 @pytest.fixture
-def deferring(monkeypatch):
-    monkeypatch.setattr(liteq, "_FAST", 3600.0)
-    monkeypatch.setattr(liteq, "_STREAK", 0)
-    monkeypatch.setattr(liteq, "_GROUP_AGE", 3600.0)
+def hand(q, clock):
+    made = []
+
+    def make(**tuning):
+        made.append(HandWorker(q, clock, **tuning))
+        return made[-1]
+
+    yield make
+    for worker in made:
+        worker.close()
 
 
-def count_writes(monkeypatch, queue):
-    """Count the write transactions of ``queue`` from now on."""
-    store, writes = queue._store, []
-    real = store.write
-
-    def write(body):
-        writes.append(1)
-        return real(body)
-
-    monkeypatch.setattr(store, "write", write)
-    return writes
-
-
-def test_short_jobs_are_claimed_in_batches_and_written_together(
-        q, deferring, monkeypatch):
-    jobs = [T.add.delay(i, 1) for i in range(200)]
-    writes = count_writes(monkeypatch, q)
-    with liteq.Worker(q):
-        assert jobs[-1].result(timeout=60) == 200
-        wait_until(lambda: q.counts()["done"] == 200, what="every job done")
-    # 7 batches of up to 32, a last look, maybe a lease renewal: not 200.
-    assert len(writes) <= 12, len(writes)
-    for i, job in enumerate(jobs):
-        row = job.to_dict()
-        assert (row["status"], row["result"], row["steps"], row["attempts"],
-                row["worker"]) == ("done", i + 1, 1, 1, None), row
-        assert row["created_at"] <= row["started_at"] <= row["finished_at"]
-
-
-def test_a_continuing_job_runs_on_in_place_with_a_fresh_token_per_step(
-        q, deferring, monkeypatch):
-    job = T.count_tokens.delay(99)
-    writes = count_writes(monkeypatch, q)
-    with liteq.Worker(q):
-        assert job.result(timeout=60) == "counted"
-    assert [step for step, _ in LOG] == list(range(1, 101))
-    tokens = [token for _, token in LOG]
-    assert tokens == sorted(set(tokens))  # grows with every step
-    assert (job.steps, job.attempts, job.status) == (100, 1, "done")
-    assert len(writes) <= 10, len(writes)  # 100 steps in a few writes
-
-
-def test_a_continuation_goes_behind_the_jobs_claimed_with_it(q, deferring):
-    T.tick.delay("a", 3)
-    T.record.delay("b")
-    T.record.delay("c")
-    with liteq.Worker(q):
-        wait_until(lambda: q.counts()["done"] == 3, what="three jobs done")
-    # One claim takes all three; a's next steps wait behind b and c, then
-    # run in place once nothing else is ready.
-    assert LOG == ["a", "b", "c", "a", "a"]
-
-
-def test_a_deferred_step_that_runs_long_is_shown_and_frees_the_jobs_behind(
-        q, deferring):
-    held = T.gated.delay("finish")
-    behind = [T.add.delay(i, 0) for i in range(5)]
-    first = liteq.Worker(q).start()
-    try:
-        GATE.wait_entered()
-        # Its start was not written; after _RESCUE the heartbeat writes it
-        # and puts the jobs claimed after it back in line, at their place.
-        wait_until(lambda: held.status == "running"
-                   and held.worker is not None, what="the step shown")
-        with liteq.Worker(q):
-            assert [job.result(timeout=30) for job in behind] == list(
-                range(5))
-        assert held.status == "running"  # still inside its step
-        GATE.go.set()
-        assert held.result(timeout=30) == "finished anyway"
-    finally:
-        GATE.go.set()
-        assert first.stop(timeout=30)
-    assert held.attempts == 1 and held.steps == 1
-
-
-def test_a_rescue_that_cannot_write_is_tried_again_and_loses_nothing(
-        q, deferring, monkeypatch, caplog):
-    caplog.set_level(logging.ERROR, logger="liteq")
-    before = [T.record.delay(f"before{i}") for i in range(3)]
-    held = T.gated.delay("finish")
-    behind = [T.record.delay(f"behind{i}") for i in range(5)]
-    # The first write of the rescue of the held step fails as a locked
-    # database would; the heartbeat's next beat must write it all.
-    store, real, tries = q._store, q._store.write, []
-
-    def write(body):
-        caller = sys._getframe(1)
-        step = caller.f_locals.get("step")
-        if (caller.f_code.co_name == "_rescue" and step is not None
-                and step.id == held.id):
-            tries.append(1)
-            if len(tries) == 1:
-                raise liteq.Busy("database is locked (injected)")
-        return real(body)
-
-    monkeypatch.setattr(store, "write", write)
-    first = liteq.Worker(q).start()
-    try:
-        GATE.wait_entered()
-        # One claim took all nine jobs; three ran deferred, their outcomes
-        # kept; the held step runs without its start written.
-        wait_until(lambda: held.status == "running"
-                   and held.worker is not None, what="the step shown")
-        assert len(tries) >= 2  # the failed try, then the one that wrote
-        assert any("cannot record steps" in r.getMessage()
-                   for r in caplog.records)
-        # Written by that same rescue: the thread is still inside a step.
-        assert [job.status for job in before] == ["done"] * 3
-        assert [job.result(timeout=5) for job in before] == [
-            f"before{i}" for i in range(3)]
-        # The jobs claimed behind it went back in line: another worker
-        # runs them while the held step still runs.
-        with liteq.Worker(q):
-            assert [job.result(timeout=30) for job in behind] == [
-                f"behind{i}" for i in range(5)]
-        assert held.status == "running"
-        GATE.go.set()
-        assert held.result(timeout=30) == "finished anyway"
-    finally:
-        GATE.go.set()
-        assert first.stop(timeout=30)
-    # Each job ran once, each step counted once.
-    assert sorted(LOG) == sorted([f"before{i}" for i in range(3)]
-                                 + [f"behind{i}" for i in range(5)])
-    assert len(GATE.notes) == 1
-    for job in [*before, held, *behind]:
-        assert (job.status, job.attempts, job.steps) == ("done", 1, 1), job
+# Defer from the first step, keep every step short (the pacing clock does
+# not move), and let outcomes wait as long as the test likes.
+DEFER = {"streak": 0, "group_age": 3600.0, "rescue": 3600.0}
 
 
 def ready_of(queue, job):
@@ -2741,226 +2692,367 @@ def ready_of(queue, job):
                              (job.id,))[0][0]
 
 
-def test_stop_puts_the_jobs_claimed_ahead_back_in_line_unstarted(
-        q, deferring, monkeypatch):
-    monkeypatch.setattr(liteq, "_RESCUE", 3600.0)
-    held = T.gated.delay("finish")
+def test_a_thread_defers_after_a_streak_of_short_steps(q, hand):
+    worker = hand(streak=3, batch=8, group_age=3600.0)
+    jobs = [T.observe.delay(i) for i in range(20)]
+    assert worker.turn_until_idle() == worker.worker.tuning.idle_max
+    # Three steps one at a time, their starts written before they ran;
+    # then batches of eight, run before anything about them was written.
+    assert [status for _, status in LOG] == ["running"] * 3 + [
+        "pending"] * 17
+    assert [label for label, _ in LOG] == list(range(20))
+    for i, job in enumerate(jobs):
+        row = job.to_dict()
+        assert (row["status"], row["result"], row["steps"], row["attempts"],
+                row["worker"]) == ("done", i, 1, 1, None), row
+        assert row["created_at"] <= row["started_at"] <= row["finished_at"]
+
+
+def test_a_batch_is_claimed_at_once_and_its_outcomes_written_together(
+        q, hand):
+    worker = hand(batch=8, **DEFER)
+    jobs = [T.observe.delay(i) for i in range(10)]
+    assert worker.turn() == 0  # one claim takes eight
+    assert len(worker.thread.ahead) == 8
+    assert [job.status for job in jobs] == ["pending"] * 10
+    assert [ready_of(q, job) is None for job in jobs] == [True] * 8 + [
+        False] * 2
+    for _ in range(8):
+        assert worker.turn() == 0
+    # Eight ran; nothing of them is written yet.
+    assert len(LOG) == 8 and len(worker.thread.pending) == 8
+    assert [job.status for job in jobs] == ["pending"] * 10
+    assert worker.turn() == 0  # one write: eight outcomes, two claims
+    assert [job.status for job in jobs] == ["done"] * 8 + ["pending"] * 2
+
+
+def test_outcomes_wait_at_most_group_age_to_be_written(q, hand):
+    worker = hand(streak=0, group_age=0.01, rescue=3600.0)
+    first, second = T.observe.delay("a"), T.observe.delay("b")
+    worker.turn()  # claims both, to run deferred
+    worker.turn()  # runs the first
+    assert first.status == "pending"
+    worker.pace.advance(0.02)  # its outcome is now older than group_age
+    worker.turn()  # writes it, with the second's start, then runs that
+    assert first.status == "done"
+    assert LOG == [("a", "pending"), ("b", "running")]
+
+
+def test_a_step_that_is_not_short_ends_the_streak(q, hand):
+    worker = hand(streak=2, group_age=3600.0, rescue=3600.0, fast=0.5)
+    FLAGS["meanwhile"] = lambda: worker.pace.advance(1.0)  # a long step
+    T.observe.delay(0), T.observe.delay(1), T.meanwhile.delay("long")
+    T.observe.delay(2), T.observe.delay(3)
+    worker.turn_until_idle()
+    # Two short steps start a streak, the long one ends it: the two after
+    # it run one at a time again, their starts written first.
+    assert LOG == [(0, "running"), (1, "running"), "long", (2, "running"),
+                   (3, "running")]
+
+
+def test_a_continuing_job_runs_on_in_place_with_a_fresh_token_per_step(
+        q, hand):
+    worker = hand(**DEFER)
+    job = T.count_tokens.delay(99)
+    worker.turn_until_idle()
+    assert [step for step, _ in LOG] == list(range(1, 101))
+    tokens = [token for _, token in LOG]
+    assert tokens == sorted(set(tokens))  # grows with every step
+    assert (job.steps, job.attempts, job.status) == (100, 1, "done")
+
+
+def test_a_continuation_goes_behind_the_jobs_claimed_with_it(q, hand):
+    worker = hand(**DEFER)
+    T.tick.delay("a", 3)
+    T.record.delay("b")
+    T.record.delay("c")
+    worker.turn_until_idle()
+    # One claim takes all three; a's next steps wait behind b and c, then
+    # run in place once nothing else is ready.
+    assert LOG == ["a", "b", "c", "a", "a"]
+    assert q.counts()["done"] == 3
+
+
+def test_a_deferred_step_that_runs_long_is_shown_and_frees_the_jobs_behind(
+        q, hand):
+    worker = hand(streak=0, group_age=3600.0, rescue=0.05)
+    before = [T.record.delay(f"before{i}") for i in range(3)]
+    held = T.meanwhile.delay("held")
+    behind = [T.record.delay(f"behind{i}") for i in range(4)]
+    places = [ready_of(q, job) for job in behind]
+    seen = {}
+
+    def housekeeper_looks():
+        # Inside the held step: it has run past ``rescue``.
+        worker.pace.advance(0.06)
+        assert held.status == "pending"  # nothing written about it yet
+        worker.housekeeper.run_once(worker.pace())
+        seen.update(held=(held.status, held.worker),
+                    before=[job.status for job in before],
+                    behind=[ready_of(q, job) for job in behind])
+
+    FLAGS["meanwhile"] = housekeeper_looks
+    worker.turn_until_idle()
+    # The rescue wrote the outcomes before the step, showed it running,
+    # and put the jobs claimed behind it back in line at their places.
+    assert seen == {"held": ("running", worker.crew.claims.identity),
+                    "before": ["done"] * 3, "behind": places}
+    assert LOG == [*(f"before{i}" for i in range(3)), "held",
+                   *(f"behind{i}" for i in range(4))]
+    for job in [*before, held, *behind]:
+        assert (job.status, job.attempts, job.steps) == ("done", 1, 1), job
+
+
+def _fail_starts(path):
+    """Make every write of a step's start fail, as a broken disk would."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("CREATE TRIGGER fail_starts BEFORE UPDATE OF worker ON "
+                 "liteq_jobs WHEN NEW.worker IS NOT NULL BEGIN "
+                 "SELECT RAISE(ABORT, 'disk I/O error (injected)'); END")
+    conn.close()
+
+
+def _heal(path, trigger):
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute(f"DROP TRIGGER {trigger}")
+    conn.close()
+
+
+def test_a_rescue_that_cannot_write_is_tried_again_and_loses_nothing(
+        q, hand, caplog):
+    caplog.set_level(logging.WARNING, logger="liteq")
+    worker = hand(streak=0, group_age=3600.0, rescue=0.05)
+    before = [T.record.delay(f"before{i}") for i in range(3)]
+    held = T.meanwhile.delay("held")
+    behind = [T.record.delay(f"behind{i}") for i in range(2)]
+    seen = []
+
+    def housekeeper_looks():
+        _fail_starts(q.path)
+        worker.pace.advance(0.06)
+        worker.housekeeper.run_once(worker.pace())  # the rescue fails
+        seen.append([job.status for job in [*before, held]])
+        _heal(q.path, "fail_starts")
+        worker.pace.advance(0.06)
+        worker.housekeeper.run_once(worker.pace())  # and is tried again
+        seen.append([job.status for job in [*before, held]])
+
+    FLAGS["meanwhile"] = housekeeper_looks
+    worker.turn_until_idle()
+    assert seen == [["pending"] * 4, ["done"] * 3 + ["running"]]
+    errors = [r.getMessage() for r in caplog.records
+              if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "disk I/O error (injected)" in errors[0]
+    assert any("works again" in r.getMessage() for r in caplog.records)
+    for job in [*before, held, *behind]:
+        assert (job.status, job.attempts, job.steps) == ("done", 1, 1), job
+
+
+def test_stop_puts_the_jobs_claimed_ahead_back_in_line_unstarted(q, hand):
+    worker = hand(**DEFER)
+    first = T.record.delay("first")
     behind = [T.record.delay(f"r{i}") for i in range(5)]
     places = [ready_of(q, job) for job in behind]
-    worker = liteq.Worker(q).start()
-    try:
-        GATE.wait_entered()
-        # Claimed ahead: out of line, yet pending for every observer.
-        assert [ready_of(q, job) for job in behind] == [None] * 5
-        assert [job.status for job in behind] == ["pending"] * 5
-        assert [job.worker for job in behind] == [None] * 5
-        assert worker.stop(timeout=0.2) is False  # the step still runs
-    finally:
-        GATE.go.set()
-    assert worker.stop(timeout=30)
-    assert held.result(timeout=5) == "finished anyway"
+    worker.turn()  # claims all six
+    worker.turn()  # runs the first
+    # Claimed ahead: out of line, yet pending for every observer.
+    assert [ready_of(q, job) for job in behind] == [None] * 5
+    assert [(job.status, job.worker) for job in behind] == [
+        ("pending", None)] * 5
+    worker.worker._request_stop()
+    assert worker.turn() is None  # the outcome written, the rest given back
+    assert first.result(timeout=5) == "first"
     assert [ready_of(q, job) for job in behind] == places
     for job in behind:
         row = job.to_dict()
         assert (row["status"], row["attempts"], row["started_at"],
                 row["worker"]) == ("pending", 0, None, None), row
     run_all(liteq.Worker(q))
-    assert LOG == [f"r{i}" for i in range(5)]
+    assert LOG == ["first", *(f"r{i}" for i in range(5))]
 
 
-def test_a_job_cancelled_while_claimed_ahead_never_runs(
-        q, deferring, monkeypatch):
-    monkeypatch.setattr(liteq, "_RESCUE", 3600.0)
-    # Workers look for such cancels every _CANCEL_LOOK seconds: here, at
-    # every step, so that the test does not depend on its own speed.
-    monkeypatch.setattr(liteq, "_CANCEL_LOOK", 0.0)
-    held = T.gated.delay("finish")
-    victim = T.record.delay("victim")
-    after = T.record.delay("after")
-    with liteq.Worker(q):
-        GATE.wait_entered()
-        assert ready_of(q, victim) is None  # claimed ahead
-        assert victim.cancel() is True
-        assert victim.status == "cancelled"
-        GATE.go.set()
-        assert after.result(timeout=30) == "after"
-    assert held.result(timeout=5) == "finished anyway"
-    assert LOG == ["after"]
+def test_a_job_cancelled_while_claimed_ahead_never_runs(q, hand, caplog):
+    caplog.set_level(logging.INFO, logger="liteq")
+    worker = hand(cancel_look=0.0, **DEFER)
+    first, victim, after = (T.record.delay(label)
+                            for label in ("first", "victim", "after"))
+    worker.turn()  # claims all three
+    assert ready_of(q, victim) is None
+    assert victim.cancel() is True
+    assert victim.status == "cancelled"
+    worker.turn_until_idle()
+    assert LOG == ["first", "after"]
     assert victim.status == "cancelled" and victim.started_at is None
+    assert f"job {victim.id} cancelled before its step started" in [
+        r.getMessage() for r in caplog.records]
+
+
+def test_a_cancel_that_lands_while_a_step_runs_unrecorded_is_logged_as_such(
+        q, hand, caplog):
+    caplog.set_level(logging.INFO, logger="liteq")
+    worker = hand(**DEFER)
+    job = T.cancel_self.delay("ran")
+    worker.turn_until_idle()
+    # The step ran claimed ahead, its start not written: the cancel made
+    # the job cancelled at once, and its outcome is discarded.
+    assert LOG == ["ran"] and job.status == "cancelled"
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert (logging.INFO, f"job {job.id} cancelled while claimed; its "
+            f"outcome was discarded") in messages
+    assert not [m for level, m in messages if level >= logging.WARNING]
+
+
+def test_steps_claimed_ahead_by_a_worker_that_died_wait_only_the_hold(
+        q, hand):
+    worker = hand(hold=2.0, **DEFER)
+    jobs = [T.record.delay(f"j{i}") for i in range(4)]
+    worker.turn()  # claims all four; then the worker "dies"
+    assert [ready_of(q, job) for job in jobs] == [None] * 4
+    other = liteq.Worker(q)
+    assert run_all(other) == 0  # still held
+    worker.clock.advance(2.1)  # the hold lapses, not the 60 s lease
+    assert run_all(other) == 4
+    for job in jobs:
+        assert (job.status, job.attempts) == ("done", 1)
+
+
+def test_the_housekeeper_renews_held_steps_and_logs_a_lost_lease_once(
+        q, hand, caplog):
+    caplog.set_level(logging.WARNING, logger="liteq")
+    worker = hand(streak=10**9)  # one step at a time, its start written
+    job = T.meanwhile.delay("held")
+    leases = []
+
+    def meanwhile():
+        conn = sqlite3.connect(q.path, isolation_level=None)
+        lease = lambda: conn.execute(  # noqa: E731
+            "SELECT timer FROM liteq_jobs WHERE id = ?",
+            (job.id,)).fetchone()[0]
+        for _ in range(2):  # two renewals, 20 s apart (lease 60 s)
+            worker.pace.advance(20.0)
+            worker.clock.advance(20.0)
+            worker.housekeeper.run_once(worker.pace())
+            leases.append(lease())
+        # Another worker takes the step over; renewals now fail.
+        conn.execute("UPDATE liteq_jobs SET token = token + 1 WHERE id = ?",
+                     (job.id,))
+        for _ in range(3):
+            worker.pace.advance(20.0)
+            worker.housekeeper.run_once(worker.pace())
+        conn.close()
+
+    FLAGS["meanwhile"] = meanwhile
+    start = worker.clock()
+    worker.turn_until_idle()
+    assert leases == [start + 80.0, start + 100.0]
+    lost = [r.getMessage() for r in caplog.records if "lease lost" in
+            r.getMessage()]
+    assert lost == [f"job {job.id}: lease lost while running "
+                    f"{T.meanwhile.name} (step 1); its outcome will be "
+                    f"discarded"]
+    assert job.status == "running"  # the outcome was refused
+
+
+def test_an_idle_pause_is_measured_on_the_store_clock(q, hand):
+    # The store clock is far from the wall clock: the pause to the next
+    # timer is still the time between the two, not a negative number.
+    worker = hand(idle_max=3600.0)
+    T.add.apply_async((1, 2), countdown=100)
+    assert worker.turn() == pytest.approx(100.0)
 
 
 # Several workers on one file: one leads ----------------------------------
 
 
-@pytest.fixture
-def patient_followers(monkeypatch):
-    """Followers never take work the lead could take."""
-    monkeypatch.setattr(liteq, "_FOLLOW_WAIT", 3600.0)
-    monkeypatch.setattr(liteq, "_FOLLOW_LOAD", 10**9)
+def test_the_follower_policy():
+    tuning = liteq._Tuning(follow_wait=0.5, follow_load=10, follow_look=0.05)
+    hold = liteq._Lead.hold
+    assert hold([], 100.0, tuning) == 0.05  # nothing waits: look later
+    assert hold([(0, None), (1, None)], 100.0, tuning) == 0.05
+    assert hold([(3, 99.9)], 100.0, tuning) == pytest.approx(0.05)
+    assert hold([(3, 99.8)], 100.0, tuning) == pytest.approx(0.05)
+    assert hold([(3, 99.52)], 100.0, tuning) == pytest.approx(0.02)
+    assert hold([(3, 99.5)], 100.0, tuning) is None  # waited follow_wait
+    assert hold([(10, 100.0)], 100.0, tuning) is None  # follow_load wait
+    assert hold([(1, 101.0)], 100.0, tuning) == 0.05  # a timer not due
+    assert hold([(2, 100.0), (1, 99.0)], 100.0, tuning) is None
 
 
-def test_a_follower_leaves_the_work_to_the_lead(
-        q, patient_followers, deferring):
-    # Deferred steps are known short: the lead keeps the gate through them.
-    lead = liteq.Worker(q).start()
-    follower = liteq.Worker(q)
-    try:
-        wait_until(lambda: lead._gate.held, what="the first worker to lead")
-        follower.start()
-        jobs = [T.whose_thread.delay(f"j{i}") for i in range(20)]
-        assert [job.result(timeout=30) for job in jobs] == [
-            f"j{i}" for i in range(20)]
-    finally:
-        assert follower.stop(timeout=30) and lead.stop(timeout=30)
-    # Every job ran in one thread: the lead's.
+def test_a_follower_leaves_the_line_to_the_lead_until_it_needs_help(
+        q, hand):
+    lead = hand(follow_load=3, follow_wait=0.5, **DEFER)
+    follower = hand(follow_load=3, follow_wait=0.5, **DEFER)
+    assert lead.turn() == lead.worker.tuning.idle_max  # takes the lead
+    few = [T.record.delay(f"j{i}") for i in range(2)]
+    # Two wait, for no time yet: the follower leaves them to the lead.
+    assert follower.turn() == pytest.approx(0.05)
+    assert [ready_of(q, job) is not None for job in few] == [True, True]
+    more = T.record.delay("j2")  # three wait: the line needs help
+    assert follower.turn() == 0
+    assert [ready_of(q, job) for job in [*few, more]] == [None] * 3
+    follower.turn_until_idle()
+    assert LOG == ["j0", "j1", "j2"]
+    # In its help window it claims a lone job without looking.
+    assert follower.thread.helping == follower.pace() + 0.5
+    T.record.delay("j3")
+    follower.turn_until_idle()
+    assert LOG[-1] == "j3"
+    # Once the window is over, a lone job is the lead's again.
+    follower.pace.advance(0.6)
+    late = T.record.delay("late")
+    assert follower.turn() == pytest.approx(0.05)
+    assert late.status == "pending" and ready_of(q, late) is not None
+    lead.turn_until_idle()
+    assert LOG[-1] == "late"
+
+
+def test_a_follower_helps_once_a_job_has_waited_follow_wait(q, hand):
+    lead = hand(follow_wait=0.5, **DEFER)
+    follower = hand(follow_wait=0.5, **DEFER)
+    lead.turn()
+    job = T.record.delay("waited")
+    assert follower.turn() == pytest.approx(0.05)
+    follower.clock.advance(0.47)  # the store clock: how long it waited
+    assert follower.turn() == pytest.approx(0.03)  # looks when it is due
+    follower.clock.advance(0.03)
+    follower.turn_until_idle()
+    assert job.status == "done" and LOG == ["waited"]
+
+
+def test_a_lead_whose_threads_all_run_long_steps_lets_another_lead(
+        q, hand):
+    worker = hand(streak=10**9, rescue=0.05)
+    seen = []
+
+    def meanwhile():
+        assert worker.crew.lead.held
+        worker.pace.advance(0.06)
+        worker.housekeeper.run_once(worker.pace())
+        seen.append(worker.crew.lead.held)
+
+    FLAGS["meanwhile"] = meanwhile
+    T.meanwhile.delay("long")
+    worker.turn_until_idle()
+    assert seen == [False]  # it let go while the step ran
+    assert worker.crew.lead.take()  # and leads again once it claims
+
+
+def test_a_lead_that_runs_only_short_steps_keeps_the_lead(q):
+    # Real threads: of two workers, every job runs in the lead's thread
+    # (the follower never finds a job that waited, nor a thousand).
+    lead, follower = liteq.Worker(q), liteq.Worker(q)
+    lead.tuning = liteq._Tuning(rescue=3600.0)
+    follower.tuning = liteq._Tuning(follow_wait=3600.0, follow_load=10**9)
+    with lead:
+        wait_until(lambda: lead._lead.held, what="the first to lead")
+        with follower:
+            jobs = [T.whose_thread.delay(f"j{i}") for i in range(20)]
+            assert [job.result(timeout=30) for job in jobs] == [
+                f"j{i}" for i in range(20)]
     assert len({ident for _, ident in LOG}) == 1, LOG
 
 
-def test_a_lead_in_a_long_step_hands_over_to_a_follower(
-        q, patient_followers):
-    held = T.gated.delay("finish")
-    lead = liteq.Worker(q).start()
-    follower = liteq.Worker(q)
-    try:
-        GATE.wait_entered()  # a step whose start was written: maybe long
-        wait_until(lambda: not lead._gate.held, what="the lead to step aside")
-        follower.start()
-        assert T.add.delay(2, 3).result(timeout=30) == 5
-        assert follower._gate.held
-        assert held.status == "running"
-    finally:
-        GATE.go.set()
-        assert lead.stop(timeout=30) and follower.stop(timeout=30)
-    assert held.result(timeout=5) == "finished anyway"
-
-
-def test_a_follower_helps_once_work_has_waited(q, monkeypatch):
-    monkeypatch.setattr(liteq, "_FOLLOW_LOAD", 10**9)
-    monkeypatch.setattr(liteq, "_FOLLOW_WAIT", 0.2)
-    monkeypatch.setattr(liteq, "_RESCUE", 3600.0)
-    monkeypatch.setattr(liteq, "_FAST", 3600.0)
-    monkeypatch.setattr(liteq, "_STREAK", 0)
-    # The lead runs a deferred step that blocks: it keeps the gate.
-    held = T.gated.delay("finish")
-    lead = liteq.Worker(q).start()
-    follower = liteq.Worker(q)
-    try:
-        GATE.wait_entered()
-        follower.start()
-        assert lead._gate.held and not follower._gate.held
-        job = T.add.delay(1, 1)
-        assert job.result(timeout=30) == 2  # after it waited 0.2 s
-        assert job.started_at - job.created_at >= dt.timedelta(seconds=0.2)
-    finally:
-        GATE.go.set()
-        assert lead.stop(timeout=30) and follower.stop(timeout=30)
-    assert held.result(timeout=5) == "finished anyway"
-
-
-# A follower that helps keeps claiming, without looking at the line, until
-# its lane's help window (lane.helping, _FOLLOW_WAIT from its claim) ends.
-# These tests freeze the store clock: no job ever waits _FOLLOW_WAIT by it,
-# so only _FOLLOW_LOAD waiting jobs, or the window, make a follower claim.
-
-
-def watch_looks(monkeypatch, follower):
-    """Record what each look of ``follower`` at the line decided (None:
-    claim now; else seconds to leave the line to the lead)."""
-    looks, real = [], follower._follower_hold
-
-    def look():
-        hold = real()
-        looks.append(hold)
-        return hold
-
-    monkeypatch.setattr(follower, "_follower_hold", look)
-    return looks
-
-
-@pytest.fixture
-def helping(q, clock, deferring, monkeypatch):
-    """A lead whose one thread is inside a deferred step that blocks (so
-    it keeps the gate), and a follower, not started, whose looks are
-    recorded.  _FOLLOW_LOAD is 5."""
-    monkeypatch.setattr(liteq, "_FOLLOW_LOAD", 5)
-    monkeypatch.setattr(liteq, "_RESCUE", 3600.0)
-    held = T.gated.delay("finish")
-    lead = liteq.Worker(q).start()
-    follower = liteq.Worker(q)
-    try:
-        GATE.wait_entered()
-        yield types.SimpleNamespace(
-            held=held, lead=lead, follower=follower,
-            looks=watch_looks(monkeypatch, follower))
-    finally:
-        GATE.go.set()
-        assert follower.stop(timeout=30) and lead.stop(timeout=30)
-    assert held.result(timeout=5) == "finished anyway"
-
-
-def wait_left_to_the_lead(looks, what):
-    """Wait for two looks that decided to leave the line to the lead, both
-    begun after this call (so after anything delayed before it)."""
-    n = len(looks)
-    wait_until(lambda: sum(hold is not None for hold in looks[n:]) >= 2,
-               what=what)
-
-
-def test_a_follower_helps_once_follow_load_jobs_wait_then_claims_freely(
-        q, helping, monkeypatch):
-    monkeypatch.setattr(liteq, "_FOLLOW_WAIT", 3600.0)  # a long window
-    lead, follower, looks = helping.lead, helping.follower, helping.looks
-    follower.start()
-    assert lead._gate.held and not follower._gate.held
-    (helper,) = [t.ident for t in follower._threads]
-    few = [T.whose_thread.delay(f"j{i}") for i in range(4)]
-    wait_left_to_the_lead(looks, "the follower to look at 4 jobs")
-    assert [job.status for job in few] == ["pending"] * 4
-    assert None not in [ready_of(q, job) for job in few]  # in line
-    start = time.monotonic()
-    jobs = [*few, T.whose_thread.delay("j4")]  # _FOLLOW_LOAD wait
-    assert [job.result(timeout=30) for job in jobs] == [
-        f"j{i}" for i in range(5)]
-    assert LOG == [(f"j{i}", helper) for i in range(5)]
-    (lane,) = follower._lanes
-    assert lane.helping >= start + 3600.0  # set when it claimed
-    assert looks[-1] is None  # the look that made it claim
-    # In its window it claims one waiting job, without looking first.
-    seen = len(looks)
-    assert T.whose_thread.delay("j5").result(timeout=30) == "j5"
-    assert LOG[-1] == ("j5", helper)
-    assert len(looks) == seen
-    # All along, the lead's one thread was inside the held step.
-    assert [lane.running.id for lane in lead._lanes] == [helping.held.id]
-
-
-def test_a_follower_leaves_the_work_to_the_lead_again_once_its_help_ends(
-        q, helping, monkeypatch):
-    monkeypatch.setattr(liteq, "_FOLLOW_WAIT", 0.3)  # a short window
-    lead, follower, looks = helping.lead, helping.follower, helping.looks
-    (leader,) = [t.ident for t in lead._threads]
-    jobs = [T.whose_thread.delay(f"j{i}") for i in range(5)]
-    start = time.monotonic()
-    follower.start()
-    assert lead._gate.held and not follower._gate.held
-    (helper,) = [t.ident for t in follower._threads]
-    assert [job.result(timeout=30) for job in jobs] == [
-        f"j{i}" for i in range(5)]
-    assert LOG == [(f"j{i}", helper) for i in range(5)]
-    lanes = list(follower._lanes)
-    assert lanes and all(lane.helping >= start + 0.3 for lane in lanes)
-    wait_until(lambda: all(time.monotonic() > lane.helping
-                           for lane in lanes), what="the window to end")
-    # The window over, the follower looks again: one job waiting is the
-    # lead's, even while the lead is busy.
-    late = T.whose_thread.delay("late")
-    wait_left_to_the_lead(looks, "the follower to leave the late job")
-    assert late.status == "pending" and ready_of(q, late) is not None
-    assert len(LOG) == 5
-    assert [lane.running.id for lane in lead._lanes] == [helping.held.id]
-    GATE.go.set()  # the lead, free, takes it
-    assert late.result(timeout=30) == "late"
-    assert LOG == [*((f"j{i}", helper) for i in range(5)), ("late", leader)]
+# Idle threads wake for commits --------------------------------------------
 
 
 def _make_due_elsewhere(path, job_id):
@@ -2974,58 +3066,144 @@ def _make_due_elsewhere(path, job_id):
         conn.close()
 
 
+def _idle_threads(worker):
+    return [unit for unit in worker._running.housekeeper.threads
+            if unit.idle and not unit.writes_seen]
+
+
 def _wait_asleep(worker):
-    """Wait until every thread of ``worker`` waits, past the looks that
-    follow a stream of writes.  The short sleep only lets the threads
-    reach their select(); if it is too short, the test checks less."""
-    wait_until(lambda: worker._idle == worker.threads
-               and not worker._writes_seen, what="the worker to go idle")
-    time.sleep(0.1)
+    """Wait until every thread of ``worker`` waits for a commit, past the
+    looks that follow a stream of writes.  A commit that lands before a
+    thread enters its select() still wakes it: the watch keeps it."""
+    wait_until(lambda: len(_idle_threads(worker)) == worker.threads,
+               what="the worker to go idle")
 
 
-@pytest.mark.parametrize("mode", ["bell", "watcher", "poll"])
-def test_an_idle_worker_wakes_for_another_connections_commit(
-        q, start_worker, monkeypatch, mode):
+@pytest.mark.parametrize("mode", ["inotify, 1 thread", "inotify, 2 threads",
+                                  "poll"])
+def test_an_idle_worker_wakes_for_another_connections_commit(q, mode):
     # With idle waits of an hour, only the wake-up under test can start
-    # the jobs: "bell", one thread waiting on the -wal file's inotify
-    # watch and on this process's signal in one select(); "watcher", two
-    # threads woken by the watcher thread; "poll", no inotify.
-    monkeypatch.setattr(liteq, "_IDLE_MAX", 3600.0)
-    if mode == "poll":
-        monkeypatch.setattr(liteq._Inotify, "watch",
-                            classmethod(lambda cls, path: None))
-    threads = 2 if mode == "watcher" else 1
-    # A thread's first idle wait must already listen to the file: note
-    # whether each thread, as it began, found the bell.
-    bells, serve = [], liteq.Worker._serve
-
-    def serve_noting_the_bell(self, lane):
-        bells.append(self._watcher.bell is not None)
-        return serve(self, lane)
-
-    monkeypatch.setattr(liteq.Worker, "_serve", serve_noting_the_bell)
-    worker = start_worker(q, threads=threads)
-    if sys.platform.startswith("linux"):
-        assert (worker._watcher.bell is not None) == (mode == "bell")
-        wait_until(lambda: len(bells) == threads, what="the threads")
-        assert bells == [mode == "bell"] * threads
-    for n in range(3):
-        job = T.add.apply_async((n, 1), countdown=3600)
-        _wait_asleep(worker)
-        _make_due_elsewhere(q.path, job.id)
-        assert job.result(timeout=30) == n + 1
+    # the jobs: each thread waits on the -wal file's inotify watch and on
+    # this process's wake-ups in one select(), or polls data_version.
+    worker = liteq.Worker(q, threads=2 if "2" in mode else 1)
+    worker.tuning = liteq._Tuning(idle_max=3600.0,
+                                  inotify=mode != "poll")
+    with worker:
+        if sys.platform.startswith("linux"):
+            assert (worker._running.watch is None) == (mode == "poll")
+        for n in range(3):
+            job = T.add.apply_async((n, 1), countdown=3600)
+            _wait_asleep(worker)
+            _make_due_elsewhere(q.path, job.id)
+            assert job.result(timeout=30) == n + 1
 
 
-def test_a_bell_worker_wakes_at_once_for_its_own_process(
-        q, start_worker, monkeypatch):
-    monkeypatch.setattr(liteq, "_IDLE_MAX", 3600.0)
-    worker = start_worker(q)
+def test_an_idle_worker_still_hears_other_processes_after_the_wal_is_gone(
+        q):
+    # Closing every connection to the file deletes its -wal; the next
+    # commit makes a new one, which the watch must follow.
+    worker = liteq.Worker(q)
+    worker.tuning = liteq._Tuning(idle_max=3600.0)
+    with worker:
+        for n in range(2):
+            job = T.add.apply_async((n, 1), countdown=3600)
+            _wait_asleep(worker)
+            q.close()  # the worker's connection too: the -wal goes
+            _wait_asleep(worker)
+            _make_due_elsewhere(q.path, job.id)
+            assert job.result(timeout=30) == n + 1
+
+
+def test_an_idle_worker_wakes_at_once_for_its_own_process(q):
+    worker = liteq.Worker(q)
+    worker.tuning = liteq._Tuning(idle_max=3600.0)
+    worker.start()
     for n in range(3):
         _wait_asleep(worker)
         assert T.add.delay(n, 1).result(timeout=30) == n + 1
     _wait_asleep(worker)
-    # A stop writes nothing: only the bell can end the wait.
+    # A stop writes nothing: only this process's wake-up ends the wait.
     assert worker.stop(timeout=30)
+
+
+# Faults are logged quietly ------------------------------------------------
+
+
+def test_a_lasting_fault_is_logged_when_it_starts_now_and_then_and_when_it_ends(
+        caplog):
+    caplog.set_level(logging.INFO, logger="liteq")
+    pace = Pacing()
+    fault = liteq._Fault("cannot write things", pace)
+    delays = []
+    for _ in range(600):  # a failure every 0.5 s for 300 s
+        delays.append(fault.failed(OSError("disk full")))
+        pace.advance(0.5)
+    fault.ok()
+    fault.ok()  # nothing more to say
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert lines[0] == ("ERROR", "cannot write things: disk full; retrying")
+    # Then every 10, 20, 40, 80 s (the report period doubles), counted.
+    assert [m for _, m in lines[1:-1]] == [
+        f"cannot write things: disk full ({n} failures in {s}s); still "
+        f"retrying" for n, s in ((21, 10), (61, 30), (141, 70),
+                                 (301, 150))]
+    assert lines[-1] == ("WARNING", "cannot write things: works again "
+                         "after 600 failure(s) in 300.0s")
+    assert all(0 < delay <= 2.0 for delay in delays)
+
+
+def test_a_worker_whose_lease_writes_fail_logs_it_once_not_every_beat(
+        q, start_worker, caplog):
+    caplog.set_level(logging.WARNING, logger="liteq")
+    register(q, gated, lease=0.3)  # renewed every 0.1 s
+    job = T.gated.delay("finish")
+    worker = liteq.Worker(q)
+    worker.tuning = liteq._Tuning(streak=10**9)
+    try:
+        worker.start()
+        GATE.wait_entered()
+        conn = sqlite3.connect(q.path, isolation_level=None)
+        conn.execute("CREATE TRIGGER fail_leases BEFORE UPDATE OF timer ON "
+                     "liteq_jobs BEGIN SELECT RAISE(ABORT, 'disk I/O "
+                     "error (injected)'); END")
+        conn.close()
+        fault = worker._running.lease_fault
+        wait_until(lambda: fault.count >= 5, what="five failed renewals")
+        _heal(q.path, "fail_leases")
+        wait_until(lambda: fault.count == 0, what="a renewal that works")
+        GATE.go.set()
+        assert job.result(timeout=30) == "finished anyway"
+    finally:
+        GATE.go.set()
+        assert worker.stop(timeout=30)
+    messages = [r.getMessage() for r in caplog.records
+                if "leases" in r.getMessage()]
+    assert len(messages) == 2, messages
+    assert "disk I/O error (injected); retrying" in messages[0]
+    assert "works again after" in messages[1]
+
+
+# A worker started in a forked child ---------------------------------------
+
+
+def whose_worker():
+    return liteq.current_job().worker
+
+
+def test_a_worker_started_in_a_forked_child_records_the_childs_pid(q):
+    register(q, whose_worker)
+    job = T.whose_worker.delay()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            with liteq.Worker(q):
+                job.result(timeout=30)
+            code = 0
+        finally:
+            os._exit(code)
+    assert reap(pid) == 0
+    assert job.result(timeout=5) == f"{socket.gethostname()}:{pid}"
 
 
 # ---------------------------------------------------------------------------
