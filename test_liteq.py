@@ -3206,6 +3206,146 @@ def test_a_worker_started_in_a_forked_child_records_the_childs_pid(q):
     assert job.result(timeout=5) == f"{socket.gethostname()}:{pid}"
 
 
+# Stopping and dying with steps held, in real worker processes -------------
+
+HELD_TASKS = r'''
+import os
+import signal
+import time
+
+from liteq import task
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    return os.path.join(HERE, name)
+
+
+@task(lease=2.0)
+def hold(name):
+    """Note that the step started, then wait for NAME.go."""
+    open(_flag(name + ".started"), "w").close()
+    while not os.path.exists(_flag(name + ".go")):
+        time.sleep(0.01)
+    return name
+
+
+@task(lease=60.0)
+def short(n, die_at):
+    """A short step; the first time it runs as job number die_at, its
+    worker is killed (kill -9) in the middle of the batch it claimed."""
+    if n == die_at and not os.path.exists(_flag("died")):
+        open(_flag("died"), "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return n
+'''
+
+
+def _held_setup(tmp_path):
+    (tmp_path / "heldtasks.py").write_text(HELD_TASKS)
+    return tmp_path / "held.db"
+
+
+def _held_delay(tmp_path, db, body):
+    env = _chaos_env()
+    env["LITEQ_DB"] = str(db)
+    done = subprocess.run(
+        [sys.executable, "-c", f"import heldtasks\n{body}"], cwd=tmp_path,
+        env=env, capture_output=True, timeout=CHAOS_DEADLINE)
+    assert done.returncode == 0, done.stderr.decode()
+
+
+def _held_worker(tmp_path, db, procs, name):
+    err_path = tmp_path / f"{name}.err"
+    with open(err_path, "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "liteq", "run", "heldtasks", "--db",
+             str(db), "--log-level", "INFO"],
+            cwd=tmp_path, env=_chaos_env(), stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=err)
+    proc.chaos_err = err_path
+    procs.append(proc)
+    return proc
+
+
+# Writes that fail as a broken disk's would: every UPDATE is refused, or a
+# column the outcome writes is gone.
+STORAGE_FAULTS = {
+    "refused writes": ("CREATE TRIGGER broken BEFORE UPDATE ON liteq_jobs "
+                       "BEGIN SELECT RAISE(ABORT, 'disk I/O error "
+                       "(injected)'); END", "DROP TRIGGER broken"),
+    "a dropped column": ("ALTER TABLE liteq_jobs DROP COLUMN percent",
+                         "ALTER TABLE liteq_jobs ADD COLUMN percent REAL"),
+}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="signals and /proc")
+@pytest.mark.parametrize("fault", sorted(STORAGE_FAULTS))
+def test_sigterm_stops_a_worker_whose_writes_fail(tmp_path, fault):
+    db = _held_setup(tmp_path)
+    _held_delay(tmp_path, db, "heldtasks.hold.delay('a')")
+    procs = []
+    queue = liteq.Queue(db)
+    try:
+        worker = _held_worker(tmp_path, db, procs, "w1")
+        _chaos_wait(lambda: (tmp_path / "a.started").exists(),
+                    "the step to start", alive=[worker])
+        breaks, heals = STORAGE_FAULTS[fault]
+        conn = sqlite3.connect(db, isolation_level=None, timeout=30)
+        conn.execute(breaks)
+        worker.send_signal(signal.SIGTERM)
+        _chaos_wait(lambda: "signal 15" in _chaos_stderr(worker),
+                    "the worker to take the signal", alive=[worker])
+        (tmp_path / "a.go").touch()  # the step ends; its outcome can't
+        # be written, and the stop does not wait for the disk.
+        assert _chaos_exit(worker, None, "worker after SIGTERM") == 1
+        err = _chaos_stderr(worker)
+        assert "worker stopping without writing 1 step(s)" in err, err
+        assert "Traceback" not in err, err
+        conn.execute(heals)
+        conn.close()
+        # The step runs again once its lease (2 s) expires.
+        again = _held_worker(tmp_path, db, procs, "w2")
+        _chaos_wait(lambda: queue.get(1).status == "done",
+                    "the job to finish", alive=[again])
+        assert queue.get(1).attempts == 2
+    finally:
+        _chaos_reap(procs)
+        queue.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="signals and /proc")
+def test_jobs_claimed_by_a_worker_killed_mid_batch_wait_only_seconds(
+        tmp_path):
+    db = _held_setup(tmp_path)
+    # 60 short jobs of lease 60 s; the 30th kills its worker, which by
+    # then runs them in claimed batches, their starts unwritten.
+    _held_delay(tmp_path, db, "with __import__('liteq').default_queue()"
+                ".batch():\n    for n in range(60):\n"
+                "        heldtasks.short.delay(n, 30)")
+    procs = []
+    queue = liteq.Queue(db)
+    try:
+        first = _held_worker(tmp_path, db, procs, "w1")
+        assert _chaos_exit(first, None, "the worker that kills itself") \
+            == -signal.SIGKILL
+        pending = queue.counts()["pending"]
+        assert pending > 1, queue.counts()  # a batch was held unstarted
+        # Not the 60 s lease: the jobs it held unstarted (and the step it
+        # ran unrecorded) come back after their 2 s claim.
+        second = _held_worker(tmp_path, db, procs, "w2")
+        _chaos_wait(lambda: queue.counts()["done"] == 60,
+                    "every job to finish", timeout=30, alive=[second])
+        lost = [job for job in queue.jobs(limit=100) if job.attempts != 1]
+        assert lost == [], [job.to_dict() for job in lost]
+    finally:
+        _chaos_reap(procs)
+        queue.close()
+
+
 # ---------------------------------------------------------------------------
 # 9. Storage and upgrades
 # ---------------------------------------------------------------------------
