@@ -915,9 +915,9 @@ class _Store:
         try:
             if not self._schema_ok:
                 self._prepare(conn)
-            conn.execute("PRAGMA synchronous = "
-                         + ("FULL" if self.durable else "NORMAL"))
-            conn.execute(f"PRAGMA journal_size_limit = {_WAL_LIMIT}")
+            _execute(conn, "PRAGMA synchronous = "
+                     + ("FULL" if self.durable else "NORMAL"))
+            _execute(conn, f"PRAGMA journal_size_limit = {_WAL_LIMIT}")
         except BaseException:
             conn.close()
             raise
@@ -957,7 +957,7 @@ class _Store:
         if version < _SCHEMA_VERSION:
             self._retry(lambda: self._migrate(conn))
         elif self._journal_mode(conn) != "wal":
-            self._retry(lambda: conn.execute("PRAGMA journal_mode = WAL"))
+            self._retry(lambda: _execute(conn, "PRAGMA journal_mode = WAL"))
         self._schema_ok = True
 
     def _check_header(self, conn: sqlite3.Connection) -> int:
@@ -981,23 +981,23 @@ class _Store:
 
     @staticmethod
     def _journal_mode(conn: sqlite3.Connection) -> str:
-        return conn.execute("PRAGMA journal_mode").fetchone()[0].lower()
+        return _execute(conn, "PRAGMA journal_mode").fetchone()[0].lower()
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         if self._journal_mode(conn) != "wal":
-            conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("BEGIN IMMEDIATE")
+            _execute(conn, "PRAGMA journal_mode = WAL")
+        _execute(conn, "BEGIN IMMEDIATE")
         try:
             # Another process may have migrated since we looked.
             version = self._check_header(conn)
             for migration in _MIGRATIONS[version:]:
                 for statement in migration:
                     _execute(conn, statement)
-            conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
-            conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
-            conn.execute("COMMIT")
+            _execute(conn, f"PRAGMA application_id = {_APPLICATION_ID}")
+            _execute(conn, f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            _execute(conn, "COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            _execute(conn, "ROLLBACK")
             raise
 
     # Transactions ---------------------------------------------------------
@@ -1031,17 +1031,17 @@ class _Store:
         lock; any exception rolls it back.  Nothing else may run inside.
         """
         def attempt(conn: _Connection) -> Any:
-            conn.execute("BEGIN IMMEDIATE")
+            _execute(conn, "BEGIN IMMEDIATE")
             try:
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                version = _execute(conn, "PRAGMA user_version").fetchone()[0]
                 if version != _SCHEMA_VERSION:
                     self._check_header(conn)
                 result = body(conn)
-                conn.execute("COMMIT")
+                _execute(conn, "COMMIT")
                 return result
             except BaseException:
                 if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                    _execute(conn, "ROLLBACK")
                 raise
 
         return self._retry(lambda: self._using(attempt))
@@ -1068,7 +1068,7 @@ class _Store:
     def read(self, sql: str, params: Any = ()) -> list:
         """Run one query outside any transaction and return its rows."""
         def attempt(conn: _Connection) -> list:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            version = _execute(conn, "PRAGMA user_version").fetchone()[0]
             if version != _SCHEMA_VERSION:
                 self._check_header(conn)
             return _execute(conn, sql, params).fetchall()
@@ -1097,7 +1097,11 @@ class _Store:
 
 def _execute(conn: sqlite3.Connection, sql: str,
              params: Any = ()) -> sqlite3.Cursor:
-    """Run one statement; the single place SQL is sent, logged at DEBUG."""
+    """Run one statement: the single place SQL is sent.
+
+    At DEBUG, logger "liteq" gets one ``sql: TEXT PARAMS`` record per
+    statement, to see or count what a call sends.
+    """
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("sql: %s %r", " ".join(sql.split()), params)
     return conn.execute(sql, params)

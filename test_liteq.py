@@ -3295,6 +3295,25 @@ def test_claim_queries_use_the_ready_index(q, sql):
     assert "TEMP B-TREE" not in details
 
 
+def sent_sql(caplog, action):
+    """The statements ``action()`` sends, from liteq's DEBUG records."""
+    caplog.set_level(logging.DEBUG, logger="liteq")
+    caplog.clear()
+    action()
+    return [r.getMessage()[5:] for r in caplog.records
+            if r.getMessage().startswith("sql: ")]
+
+
+def test_delay_sends_one_statement_and_a_write_five(q, caplog):
+    job = T.add.delay(1, 2)  # the connection is open and checked
+    assert len(sent_sql(caplog, lambda: T.add.delay(3, 4))) == 1
+    sent = sent_sql(caplog, job.cancel)
+    assert len(sent) == 5
+    assert sent[0].startswith("BEGIN IMMEDIATE")
+    assert sent[1].startswith("PRAGMA user_version")
+    assert sent[-1].startswith("COMMIT")
+
+
 CLOSE_WHILE_IN_USE = """
 import sys, threading
 sys.path.insert(0, {liteq_dir!r})
