@@ -25,7 +25,7 @@ Sections (``grep -n '^# [0-9]*\\. ' liteq.py``):
  1. Header: imports, version, public names
  2. Constants and defaults
  3. Errors
- 4. Utilities: clock, durations, JSON codec
+ 4. Utilities: process state, clock, durations, JSON codec
  5. Storage: SQL, schema, connections, transactions
  6. Tasks: Task, task functions, registry, chain
  7. Jobs and queues: Job, Queue, the default queue
@@ -210,8 +210,63 @@ class SchemaError(Error):
 
 
 # ---------------------------------------------------------------------------
-# 4. Utilities: clock, durations, JSON codec
+# 4. Utilities: process state, clock, durations, JSON codec
 # ---------------------------------------------------------------------------
+
+
+class _Process:
+    """This process's mutable state, and what a forked child renews.
+
+    A lock that another thread held at fork() stays held in the child
+    forever, and the child has none of the parent's threads: so the child
+    gets a fresh lock and fresh wake-up signals, then runs the callbacks
+    given to on_fork().  Tasks, the default Queue, warnings and
+    current_job() carry over.
+    """
+
+    def __init__(self) -> None:
+        #: Task functions by stored name.  Only these ever run: a stored
+        #: row never makes liteq import anything.
+        self.tasks: dict[str, TaskFunction] = {}
+        self.default_queue: Queue | None = None  # made on first use
+        self.warned: set[str] = set()  # keys _warn_once has logged
+        self.current = threading.local()  # .job: see current_job()
+        self._on_fork: dict[int, Callable[[], Any]] = {}
+        self._renew()
+
+    def _renew(self) -> None:
+        # Held briefly to change tasks, default_queue, warned or signals.
+        self.lock = threading.RLock()
+        #: The _Signal of each (path, kind).
+        self.signals: dict[tuple[str, str], _Signal] = {}
+
+    def on_fork(self, callback: Callable[[], Any]) -> None:
+        """Call ``callback()`` in each child this process forks.
+
+        A bound method is held weakly: it keeps nothing alive, and is
+        dropped with its object.
+        """
+        if inspect.ismethod(callback):
+            ref = weakref.WeakMethod(callback, self._drop)
+        else:
+            def ref() -> Callable[[], Any]:
+                return callback
+        self._on_fork[id(ref)] = ref
+
+    def _drop(self, ref: weakref.WeakMethod) -> None:
+        self._on_fork.pop(id(ref), None)
+
+    def _after_fork_in_child(self) -> None:
+        self._renew()
+        for ref in list(self._on_fork.values()):
+            callback = ref()
+            if callback is not None:
+                callback()
+
+
+_PROCESS = _Process()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_PROCESS._after_fork_in_child)
 
 
 def _error_line(error: str | None) -> str:
@@ -883,13 +938,11 @@ class _Store:
         # (a thread-per-request server would otherwise leak one each).
         self._connections: weakref.WeakSet = weakref.WeakSet()
         self._schema_ok = False
-        self._pid = os.getpid()
+        _PROCESS.on_fork(self._after_fork)
 
     # Connections ----------------------------------------------------------
 
     def connection(self) -> sqlite3.Connection:
-        if self._pid != os.getpid():
-            self._after_fork()
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._open()
@@ -902,7 +955,6 @@ class _Store:
         self._local = threading.local()
         self._connections = weakref.WeakSet()
         self._lock = threading.Lock()
-        self._pid = os.getpid()
 
     def _open(self) -> sqlite3.Connection:
         try:
@@ -1202,7 +1254,7 @@ class Task:
     @property
     def function(self) -> TaskFunction:
         """The registered task function, or LookupError if there is none."""
-        found = _REGISTRY.get(self.name)
+        found = _PROCESS.tasks.get(self.name)
         if found is None:
             raise LookupError(
                 f"unknown task {self.name!r}: not registered in this "
@@ -1211,7 +1263,7 @@ class Task:
 
     def percent(self) -> float | None:
         """Progress of the job whose current call this is, or None."""
-        fn = _REGISTRY.get(self.name)
+        fn = _PROCESS.tasks.get(self.name)
         own = fn._percent_of(self.args, self.kwargs) if fn else None
         for frame in self._then:  # each enclosing chain scales it
             members, done = _chain_state(frame)
@@ -1421,15 +1473,11 @@ def _simple_arity(signature: inspect.Signature) -> tuple[int, int] | None:
     return required, len(params)
 
 
-_WARNED: set = set()  # task names whose percent failure was logged
-_WARNED_LOCK = threading.Lock()
-
-
 def _warn_once(key: str, message: str) -> None:
-    with _WARNED_LOCK:
-        if key in _WARNED:
+    with _PROCESS.lock:
+        if key in _PROCESS.warned:
             return
-        _WARNED.add(key)
+        _PROCESS.warned.add(key)
     logger.warning(message)
 
 
@@ -1449,10 +1497,7 @@ def _default_name(function: Callable) -> str | None:
     return f"{module}:{function.__qualname__}"
 
 
-# The process-wide registry of tasks, by stored name.  Only functions found
-# here ever run; a stored row never makes liteq import anything.
-_REGISTRY: dict[str, TaskFunction] = {}
-_REGISTRY_LOCK = threading.Lock()
+_REGISTRY = _PROCESS.tasks  # the name the worker (sections 8-9) reads
 
 
 def _check_function(function: Any) -> None:
@@ -1510,14 +1555,14 @@ def _register(function: Callable, queue: Queue | None,
     wrapper = TaskFunction(function, queue, _check_options(options))
     if wrapper.name is None:
         return wrapper  # interactive: usable once given a name
-    with _REGISTRY_LOCK:
-        taken = _REGISTRY.get(wrapper.name)
+    with _PROCESS.lock:
+        taken = _PROCESS.tasks.get(wrapper.name)
         if taken is not None and taken._identity != wrapper._identity:
             raise ValueError(
                 f"task name {wrapper.name!r} is taken by "
                 f"{taken._identity}: give {wrapper._identity} another "
                 f"name=")
-        _REGISTRY[wrapper.name] = wrapper
+        _PROCESS.tasks[wrapper.name] = wrapper
     return wrapper
 
 
@@ -1607,7 +1652,7 @@ def _options_function(call: Task) -> TaskFunction:
 
 
 def _member_queue(call: Task) -> Queue | None:
-    fn = _REGISTRY.get(call.name)
+    fn = _PROCESS.tasks.get(call.name)
     if fn is None:
         return None
     if fn.name == _CHAIN_NAME:
@@ -1654,9 +1699,6 @@ class _Signal:
     since, so no wake-up is lost between the look and the wait.
     """
 
-    _by_path: dict[tuple[str, str], _Signal] = {}
-    _registry_lock = threading.Lock()
-
     def __init__(self) -> None:
         self.condition = threading.Condition(threading.Lock())
         self.generation = 0
@@ -1668,10 +1710,10 @@ class _Signal:
 
     @classmethod
     def of(cls, path: str, kind: str = "work") -> _Signal:
-        found = cls._by_path.get((path, kind))
+        found = _PROCESS.signals.get((path, kind))
         if found is None:
-            with cls._registry_lock:
-                found = cls._by_path.setdefault((path, kind), cls())
+            with _PROCESS.lock:
+                found = _PROCESS.signals.setdefault((path, kind), cls())
         return found
 
     def notify(self, local: bool = True) -> None:
@@ -1876,12 +1918,12 @@ class _CurrentJob(Job):
         return bool(rows and rows[0][0])
 
 
-_CURRENT = threading.local()
+_CURRENT = _PROCESS.current  # the name the worker (sections 8-9) reads
 
 
 def current_job() -> _CurrentJob | None:
     """The Job of the step running in this thread, or None outside one."""
-    return getattr(_CURRENT, "job", None)
+    return getattr(_PROCESS.current, "job", None)
 
 
 class Queue:
@@ -2091,48 +2133,40 @@ def _start_time(countdown: Any, eta: Any, now: float) -> float:
     return max(now, _check_number("eta", eta, -math.inf))
 
 
-_DEFAULT_QUEUE: list = []  # the default Queue, made on first use
-_DEFAULT_LOCK = threading.Lock()
-
-
 def default_queue() -> Queue:
     """The Queue behind module-level @task: $LITEQ_DB, else ./liteq.db."""
-    with _DEFAULT_LOCK:
-        if not _DEFAULT_QUEUE:
-            _DEFAULT_QUEUE.append(
-                Queue(os.environ.get("LITEQ_DB") or _DEFAULT_DB))
-        return _DEFAULT_QUEUE[0]
-
-
-def _after_fork_in_child() -> None:
-    # A lock held by another thread at fork() stays held in the child
-    # forever: give the child fresh ones.  Worker threads are not copied.
-    global _REGISTRY_LOCK, _WARNED_LOCK, _DEFAULT_LOCK
-    _REGISTRY_LOCK = threading.Lock()
-    _WARNED_LOCK = threading.Lock()
-    _DEFAULT_LOCK = threading.Lock()
-    _Signal._by_path = {}
-    _Signal._registry_lock = threading.Lock()
-    for gate in list(_Gate.opened):  # the parent's lead is not the child's
-        gate.forget()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    queue = _PROCESS.default_queue
+    if queue is not None:
+        return queue
+    with _PROCESS.lock:
+        if _PROCESS.default_queue is None:
+            _PROCESS.default_queue = Queue(
+                os.environ.get("LITEQ_DB") or _DEFAULT_DB)
+        return _PROCESS.default_queue
 
 
 def configure(path: str | os.PathLike, **options: Any) -> Queue:
     """Point the default Queue at ``path`` (before it is first used)."""
     queue = Queue(path, **options)
-    with _DEFAULT_LOCK:
-        if _DEFAULT_QUEUE and _DEFAULT_QUEUE[0]._store._connections:
-            old = _DEFAULT_QUEUE[0]
+    with _PROCESS.lock:
+        old = _PROCESS.default_queue
+        if old is not None and old._store._connections:
             if old.path != queue.path:
                 raise RuntimeError(
                     f"the default queue is already in use at {old.path}; "
                     f"call configure() before the first delay()")
-        _DEFAULT_QUEUE[:] = [queue]
+        _PROCESS.default_queue = queue
     return queue
+
+
+def _forget_leads() -> None:
+    # The parent's lead is not the child's.  (Until _Gate registers each
+    # gate with _PROCESS.on_fork itself.)
+    for gate in list(_Gate.opened):
+        gate.forget()
+
+
+_PROCESS.on_fork(_forget_leads)
 
 # ---------------------------------------------------------------------------
 # 8. Worker: claiming, running and recording steps

@@ -327,11 +327,11 @@ def fresh_state(tmp_path, monkeypatch):
     FLAGS.clear()
     GATE = Gate()
     monkeypatch.setenv("LITEQ_DB", str(tmp_path / "default.db"))
-    monkeypatch.setattr(liteq, "_DEFAULT_QUEUE", [])
+    monkeypatch.setattr(liteq._PROCESS, "default_queue", None)
     yield
     GATE.go.set()  # never leave a step blocked
-    for queue in liteq._DEFAULT_QUEUE:
-        queue.close()
+    if liteq._PROCESS.default_queue is not None:
+        liteq._PROCESS.default_queue.close()
 
 
 @pytest.fixture
@@ -3237,6 +3237,48 @@ def test_queue_used_in_a_forked_child_opens_its_own_connections(q):
     run_all(liteq.Worker(q))
     assert sorted(job.result(timeout=5) for job in q.jobs()) == [3, 7, 11]
     assert first.status == "done"
+
+
+class ForkProbe:
+    def __init__(self, path):
+        self.path = path
+
+    def after_fork(self):
+        with open(self.path, "a") as file:
+            file.write("ran\n")
+
+
+def test_forked_child_renews_the_lock_and_runs_on_fork_callbacks(
+        q, tmp_path):
+    kept = ForkProbe(tmp_path / "kept")
+    liteq._PROCESS.on_fork(kept.after_fork)
+    dropped = ForkProbe(tmp_path / "dropped")
+    liteq._PROCESS.on_fork(dropped.after_fork)
+    del dropped  # held weakly: nothing keeps it
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with liteq._PROCESS.lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        held.wait(30)
+        pid = os.fork()
+        if pid == 0:  # the holder is not here: the lock must be fresh
+            code = 1
+            try:
+                code = 0 if T.add.delay(1, 2).status == "pending" else 2
+            finally:
+                os._exit(code)
+        assert reap(pid) == 0
+    finally:
+        release.set()
+        holder.join()
+    assert (tmp_path / "kept").read_text() == "ran\n"
+    assert not (tmp_path / "dropped").exists()
 
 
 def test_wal_file_stays_bounded(make_queue):
