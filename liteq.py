@@ -1202,11 +1202,13 @@ class Task:
         # Chain frames to resume, innermost first, when this call finishes.
         self._then = tuple(_then)
 
-    @classmethod
-    def _made(cls, name: str, args: list, kwargs: dict) -> Task:
-        """A Task of a registered name: no checks, nothing copied."""
-        task = cls.__new__(cls)
-        task.name, task.args, task.kwargs, task._then = name, args, kwargs, ()
+    @staticmethod
+    def _made(name: str, args: list, kwargs: dict, then: tuple = ()) -> Task:
+        """A Task of a checked name (a chain, for the chain's name) from
+        its parts: nothing is checked or copied."""
+        task = object.__new__(chain if name == _CHAIN_NAME else Task)
+        task.name, task.args, task.kwargs = name, args, kwargs
+        task._then = then
         return task
 
     # Identity and form ----------------------------------------------------
@@ -1236,8 +1238,8 @@ class Task:
                     raise
         return out
 
-    @classmethod
-    def _from_json(cls, value: dict) -> Task:
+    @staticmethod
+    def _from_json(value: dict) -> Task:
         name, args = value.get(_TAG_TASK), value.get("args", [])
         kwargs, then = value.get("kwargs", {}), value.get("then", [])
         if not (isinstance(name, str) and isinstance(args, list)
@@ -1245,9 +1247,9 @@ class Task:
             raise ValueError(f"not a serialized task: {value!r:.200}")
         frames = tuple(deserialize_task(f) for f in then)
         # The kwargs object itself is never tagged: decode its values only.
-        return cls(name, _from_json(args),
-                   {k: _from_json(v) for k, v in kwargs.items()},
-                   _then=frames)
+        return Task._made(_check_name("task name", name), _from_json(args),
+                          {k: _from_json(v) for k, v in kwargs.items()},
+                          frames)
 
     # Options of the registered function -----------------------------------
 
@@ -1266,9 +1268,7 @@ class Task:
         fn = _PROCESS.tasks.get(self.name)
         own = fn._percent_of(self.args, self.kwargs) if fn else None
         for frame in self._then:  # each enclosing chain scales it
-            members, done = _chain_state(frame)
-            total = done + len(members)
-            own = 100.0 * ((done - 1) + (own or 0.0) / 100.0) / total
+            own = frame._scaled(own)
         return own
 
     # Storing and running --------------------------------------------------
@@ -1308,15 +1308,48 @@ class Task:
         args, kwargs = fn._bind_stored(self.args, self.kwargs)
         return _roundtrip(fn.__wrapped__(*args, **kwargs), "result")
 
+    # What a chain does differently (see chain) ----------------------------
+
+    def _home(self) -> Queue | None:
+        """The Queue a job of this call is stored in; None if its task is
+        not registered here."""
+        fn = _PROCESS.tasks.get(self.name)
+        if fn is None:
+            return None
+        return fn._queue if fn._queue is not None else default_queue()
+
+    def _options(self, own: TaskFunction) -> TaskFunction:
+        """The task whose queue name and priority a new job takes; ``own``
+        is this call's task."""
+        return own
+
+    def _description(self, own: TaskFunction) -> str:
+        """The description of a new job; ``own`` is this call's task."""
+        return own._description(self.args, self.kwargs)
+
+    def _followed_by(self, frames: tuple) -> Task:
+        """A copy of this call that resumes ``frames`` once it finishes."""
+        return Task._made(_check_name("task name", self.name),
+                          list(self.args), dict(self.kwargs or {}),
+                          self._then + frames)
+
+    def _resumes(self) -> bool:
+        """As a frame: whether it has a step left to run (see _advance)."""
+        return True
+
+    def _scaled(self, percent: float | None) -> float | None:
+        """As a frame: its progress while the call it waits on is at
+        ``percent``."""
+        return percent
+
 
 def _decode_call(text: str) -> Task:
     """A stored call as a Task; quick when no argument needs decoding."""
     value = _parse(text)
     if text.count('"__') > 1 or not isinstance(value, dict):
         return deserialize_task(value)
-    task = Task.__new__(Task)  # only the __task__ tag: plain JSON inside
-    task.name, task.args = value[_TAG_TASK], value["args"]
-    task.kwargs, task._then = value["kwargs"], ()
+    # Only the __task__ tag: plain JSON inside.
+    task = Task._made(value[_TAG_TASK], value["args"], value["kwargs"])
     if not (isinstance(task.name, str) and isinstance(task.args, list)
             and isinstance(task.kwargs, dict)):
         raise ValueError(f"not a serialized task: {text:.200}")
@@ -1338,13 +1371,11 @@ def _advance(call: Task, value: Any) -> Task | None:
     value is then dropped, since a chain keeps only its last result.
     """
     if isinstance(value, Task):
-        return Task(value.name, value.args, value.kwargs,
-                    _then=value._then + call._then)
+        return value._followed_by(call._then)
     frames = call._then
     for i, frame in enumerate(frames):
-        if frame.name != _CHAIN_NAME or _chain_state(frame)[0]:
-            return Task(frame.name, frame.args, frame.kwargs,
-                        _then=frame._then + frames[i + 1:])
+        if frame._resumes():
+            return frame._followed_by(frames[i + 1:])
     return None
 
 
@@ -1422,7 +1453,7 @@ class TaskFunction:
         return self.name
 
     def _queue_for(self, call: Task) -> Queue:
-        return _member_queue(call) or default_queue()
+        return call._home() or default_queue()
 
     def _bind_stored(self, args: list, kwargs: dict) -> tuple[list, dict]:
         """Bind stored arguments, or raise TypeError naming the task."""
@@ -1452,9 +1483,6 @@ class TaskFunction:
 
     def _description(self, args: Sequence, kwargs: dict) -> str:
         template = self.description
-        if self.name == _CHAIN_NAME and args:
-            names = [t.name.rpartition(":")[2] for t in args[0]]
-            return f"chain of {len(names)}: {', '.join(names)}"
         if template is None:
             return self.__name__.replace("_", " ")
         try:
@@ -1596,9 +1624,65 @@ def task(function: Callable | None = None, *args: Any,
 _CHAIN_NAME = "liteq:chain"
 
 
-def _chain_state(frame: Task) -> tuple[list, int]:
-    members = frame.args[0] if frame.args else []
-    return members, frame.kwargs.get("done", 0)
+class chain(Task):
+    """A Task that runs each task's steps to completion, in order.
+
+    It finishes with the last task's result; it can be delayed, returned
+    as a continuation, or nested in another chain.
+    """
+
+    # Stored as a call of the task liteq:chain on the list of members.  Its
+    # step makes the first member current, with the chain, holding the
+    # members left and how many are ``done``, as that call's next frame
+    # (docs/format.md).  Decoding any call of that name gives a chain.
+
+    def __init__(self, tasks: Sequence[Task]) -> None:
+        if isinstance(tasks, (str, bytes, dict)) or not hasattr(
+                tasks, "__iter__"):
+            raise TypeError(f"chain() takes a list of Tasks, got {tasks!r}")
+        members = [deserialize_task(t) for t in tasks]
+        queues = {q.path for q in (m._home() for m in members)
+                  if q is not None}
+        if len(queues) > 1:
+            raise ValueError("chain() members belong to different Queues: "
+                             "chain tasks of one database only")
+        super().__init__(_CHAIN_NAME, [members])
+
+    @property
+    def _members(self) -> list:
+        return self.args[0] if self.args else []
+
+    def _home(self) -> Queue | None:
+        """The first member's Queue: a chain belongs to it."""
+        members = self._members
+        return deserialize_task(members[0])._home() if members else None
+
+    def _options(self, own: TaskFunction) -> TaskFunction:
+        """The first member's task, as for the Queue."""
+        if not self._members:
+            return own
+        first = deserialize_task(self._members[0])
+        return first._options(first.function)
+
+    def _description(self, own: TaskFunction) -> str:
+        names = [t.name.rpartition(":")[2] for t in self._members]
+        return f"chain of {len(names)}: {', '.join(names)}"
+
+    def _resumes(self) -> bool:
+        return bool(self._members)
+
+    def _scaled(self, percent: float | None) -> float:
+        done = self.kwargs.get("done", 0)
+        total = done + len(self._members)
+        return 100.0 * ((done - 1) + (percent or 0.0) / 100.0) / total
+
+
+def _chain_step(members: list, done: int = 0) -> Any:
+    """Make the next member current; resume here when it finishes."""
+    if not members:
+        return None
+    rest = Task._made(_CHAIN_NAME, [members[1:]], {"done": done + 1})
+    return deserialize_task(members[0])._followed_by((rest,))
 
 
 def _chain_percent(members: list, done: int = 0) -> float:
@@ -1606,59 +1690,8 @@ def _chain_percent(members: list, done: int = 0) -> float:
     return 100.0 * done / total if total else 0.0
 
 
-def _chain_step(members: list, done: int = 0) -> Any:
-    """Make the next member current; resume here when it finishes."""
-    if not members:
-        return None
-    head = deserialize_task(members[0])
-    rest = Task(_CHAIN_NAME, [members[1:]], {"done": done + 1})
-    return Task(head.name, head.args, head.kwargs,
-                _then=head._then + (rest,))
-
-
 _register(_chain_step, None, {
     "name": _CHAIN_NAME, "percent": _chain_percent, "description": "chain"})
-
-
-def chain(tasks: Sequence[Task]) -> Task:
-    """A Task that runs each task's steps to completion, in order.
-
-    It finishes with the last task's result; it can be delayed, returned
-    as a continuation, or nested in another chain.
-    """
-    if isinstance(tasks, (str, bytes, dict)) or not hasattr(
-            tasks, "__iter__"):
-        raise TypeError(f"chain() takes a list of Tasks, got {tasks!r}")
-    members = [deserialize_task(t) for t in tasks]
-    queues = {q.path for q in map(_member_queue, members) if q is not None}
-    if len(queues) > 1:
-        raise ValueError("chain() members belong to different Queues: "
-                         "chain tasks of one database only")
-    return Task(_CHAIN_NAME, [members])
-
-
-def _options_function(call: Task) -> TaskFunction:
-    """The task whose queue name and priority a new job of ``call`` takes.
-
-    A chain takes them from its first member, as it takes its Queue.
-    """
-    fn = call.function
-    if fn.name == _CHAIN_NAME:
-        members = _chain_state(call)[0]
-        if members:
-            first = _options_function(deserialize_task(members[0]))
-            fn = first if first.name != _CHAIN_NAME else fn
-    return fn
-
-
-def _member_queue(call: Task) -> Queue | None:
-    fn = _PROCESS.tasks.get(call.name)
-    if fn is None:
-        return None
-    if fn.name == _CHAIN_NAME:
-        members = _chain_state(call)[0]
-        return _member_queue(members[0]) if members else None
-    return fn._queue if fn._queue is not None else default_queue()
 
 
 def serialize_task(t: Task) -> dict:
@@ -2070,11 +2103,11 @@ class Queue:
                  queue: Any, key: Any) -> _NewJob:
         """Validate a call and its options into the row to insert."""
         own = call.function
-        fn = own if own.name != _CHAIN_NAME else _options_function(call)
         text = _encode(call, "", self.max_payload)
         if own.percent is not None or own.description is not None:
             # They see the arguments as a worker will, decoded from JSON.
             call = Task._from_json(_parse(text))
+        fn = call._options(own)
         now = self._store.clock()
         start = _start_time(countdown, eta, now)
         if priority is not None:
@@ -2085,7 +2118,7 @@ class Queue:
             _check_name("key", key)
         return _NewJob(
             call.name, text,
-            _storable_text(own._description(call.args, call.kwargs)),
+            _storable_text(call._description(own)),
             fn.queue if queue is None else queue,
             fn.priority if priority is None else priority,
             key, call.percent() if call._then else own._percent_of(

@@ -1569,6 +1569,25 @@ def test_nested_chains_run_every_member_in_order(q):
     assert job.result(timeout=5) == "d"
 
 
+def test_chain_is_a_task_stored_as_a_call_of_liteq_chain(q):
+    made = liteq.chain([T.wait(2), T.hello("x")])
+    assert isinstance(made, liteq.Task)
+    members = [liteq.serialize_task(T.wait(2)),
+               liteq.serialize_task(T.hello("x"))]
+    top = {"__task__": "liteq:chain", "args": [members], "kwargs": {}}
+    assert liteq.serialize_task(made) == top  # as in docs/format.md
+    frame = {"__task__": "liteq:chain", "args": [members[1:]],
+             "kwargs": {"done": 1}}
+    follow = made.run_once()
+    assert liteq.serialize_task(follow) == dict(members[0], then=[frame])
+    empty = {"__task__": "liteq:chain", "args": [[]], "kwargs": {"done": 2}}
+    for value in (top, frame, empty):  # stored rows decode to chains
+        assert type(liteq.deserialize_task(value)) is liteq.chain
+        assert liteq.serialize_task(liteq.deserialize_task(value)) == value
+    assert type(liteq._decode_call(json.dumps(empty))) is liteq.chain
+    assert type(follow._then[0]) is liteq.chain
+
+
 def test_ready_jobs_run_by_priority_then_ready_order(q):
     T.record.delay("a")
     T.record.delay("b")
