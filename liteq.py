@@ -1772,6 +1772,14 @@ class _Signal:
                 self.waiting -= 1
 
 
+def _job_field(column: str, doc: str,
+               convert: Callable = lambda v: v) -> property:
+    """A read-only Job field: its column of the job's row, read fresh."""
+    def read(self: Job) -> Any:
+        return convert(self._row()[column])
+    return property(read, doc=doc)
+
+
 class Job:
     """A handle on one stored job; every field read is fresh.
 
@@ -1783,6 +1791,29 @@ class Job:
     def __init__(self, queue: Queue, job_id: int | None) -> None:
         self._q = queue
         self._id = job_id
+
+    # Fields: each read is a query of the job's row ------------------------
+
+    name = _job_field("name", "Stored name of the task first delayed.")
+    current = _job_field("current", "Stored name of the current call.")
+    description = _job_field("description", "What the job does, in words.")
+    queue = _job_field("queue", "Name of the queue it waits in.")
+    priority = _job_field("priority", "Higher runs first.")
+    key = _job_field("key", "Its idempotency key, or None.")
+    status = _job_field(
+        "status", "pending, running, done, failed or cancelled.")
+    percent = _job_field("percent", "Progress, 0 to 100, or None.")
+    steps = _job_field("steps", "Steps completed so far.")
+    attempts = _job_field("attempts", "Starts of the current step.")
+    error = _job_field("error", "Traceback text of the last error, or None.")
+    worker = _job_field("worker", '"host:pid" while a step runs, else None.')
+    eta = _job_field("eta", "When its current step is due.", _utc)
+    created_at = _job_field("created_at", "When it was stored.", _utc)
+    started_at = _job_field(
+        "started_at", "When its first step started, or None.", _utc)
+    updated_at = _job_field("updated_at", "When its row last changed.", _utc)
+    finished_at = _job_field(
+        "finished_at", "When it finished, or None.", _utc)
 
     def __repr__(self) -> str:
         return f"<Job {self._id if self._id is not None else '(batched)'}>"
@@ -1885,22 +1916,8 @@ class Job:
         return self
 
 
-def _job_field(column: str, convert: Callable = lambda v: v) -> property:
-    def read(self: Job) -> Any:
-        return convert(self._row()[column])
-    read.__doc__ = f"The job's {column.replace('_', ' ')} (read fresh)."
-    return property(read)
-
-
-for _column in ("name", "current", "description", "queue", "priority",
-                "key", "status", "percent", "steps", "attempts", "error",
-                "worker"):
-    setattr(Job, _column, _job_field(_column))
 _TIME_COLUMNS = ("eta", "created_at", "started_at", "updated_at",
                  "finished_at")
-for _column in _TIME_COLUMNS:
-    setattr(Job, _column, _job_field(_column, _utc))
-del _column
 
 
 def _row_dict(row: tuple) -> dict:
