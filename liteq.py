@@ -3654,498 +3654,11 @@ def _http_respond(environ: dict, start_response: Callable, code: int,
 
 
 def _dashboard_page(environ: dict) -> bytes:
-    # The page fetches BASE + "tasks", so it works under any mount point.
+    # The page, _DASHBOARD, is long: it has section 12 to itself.  It
+    # fetches BASE + "tasks", so it works under any mount point.
     base = environ.get("SCRIPT_NAME", "").rstrip("/") + "/"
     return _DASHBOARD.replace("__LITEQ_BASE__",
                               html.escape(base, quote=True)).encode()
-
-
-# The dashboard: one page, no external assets.  It polls /counts and
-# /tasks and builds every row with textContent, so job text is never
-# parsed as HTML.  The CSP below allows only this script and this style.
-_DASHBOARD = r"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="liteq-base" content="__LITEQ_BASE__">
-<link rel="icon" href="data:,">
-<title>liteq</title>
-<style>
-:root {
-  --bg: #f6f7f9; --card: #fff; --text: #1f2328; --muted: #656d76;
-  --line: #d0d7de; --soft: #eaeef2; --pending: #9a6700;
-  --running: #0969da; --done: #1a7f37; --failed: #cf222e;
-  --cancelled: #6e7781;
-}
-* { box-sizing: border-box; }
-[hidden] { display: none !important; }
-body {
-  margin: 0; background: var(--bg); color: var(--text);
-  font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto,
-        "Helvetica Neue", Arial, sans-serif;
-}
-header {
-  display: flex; align-items: center; gap: 16px; padding: 10px 24px;
-  background: #24292f; color: #fff;
-}
-header h1 { margin: 0; font-size: 18px; letter-spacing: .5px; }
-header select {
-  font: inherit; padding: 3px 6px; border-radius: 6px;
-  border: 1px solid #57606a; background: #32383f; color: #fff;
-}
-#live { margin-left: auto; font-size: 12px; color: #d0d7de; }
-#live::before {
-  content: ""; display: inline-block; width: 8px; height: 8px;
-  margin-right: 6px; border-radius: 50%; background: #8c959f;
-}
-#live.ok::before { background: #2da44e; }
-#live.down { color: #ffb3ad; }
-#live.down::before { background: #fa4549; }
-main { max-width: 1240px; margin: 0 auto; padding: 20px 24px 40px; }
-.counts {
-  display: grid; grid-template-columns: repeat(6, minmax(0, 1fr));
-  gap: 12px; margin-bottom: 20px;
-}
-.count {
-  font: inherit; text-align: left; cursor: pointer; padding: 10px 14px;
-  color: var(--muted); background: var(--card);
-  border: 1px solid var(--line); border-top: 3px solid var(--line);
-  border-radius: 8px;
-}
-.count b {
-  display: block; font-size: 24px; color: var(--text);
-  font-variant-numeric: tabular-nums;
-}
-.count:hover { border-color: #8c959f; }
-.count.active { box-shadow: 0 0 0 2px var(--running); }
-.count.pending { border-top-color: var(--pending); }
-.count.running { border-top-color: var(--running); }
-.count.done { border-top-color: var(--done); }
-.count.failed { border-top-color: var(--failed); }
-.count.cancelled { border-top-color: var(--cancelled); }
-.panel {
-  background: var(--card); border: 1px solid var(--line);
-  border-radius: 8px; overflow: hidden; margin-bottom: 20px;
-}
-.panel-head {
-  display: flex; align-items: baseline; gap: 12px; padding: 10px 14px;
-  border-bottom: 1px solid var(--line);
-}
-.panel-head h2 { margin: 0; font-size: 15px; }
-.muted { color: var(--muted); font-size: 12px; }
-.panel-head a { margin-left: auto; color: var(--running); }
-table { width: 100%; border-collapse: collapse; table-layout: fixed; }
-th {
-  text-align: left; font-size: 12px; font-weight: 600;
-  color: var(--muted); background: #f6f8fa; padding: 8px 12px;
-  border-bottom: 1px solid var(--line);
-}
-td {
-  padding: 8px 12px; border-bottom: 1px solid var(--soft);
-  overflow: hidden; text-overflow: ellipsis; white-space: nowrap;
-}
-tbody tr:last-child td { border-bottom: 0; }
-tbody tr { cursor: pointer; }
-tbody tr:hover { background: #f6f8fa; }
-tbody tr.selected { background: #ddf4ff; }
-.num { text-align: right; font-variant-numeric: tabular-nums; }
-.mono {
-  font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
-  font-size: 12.5px;
-}
-.c-id { width: 64px; } .c-task { width: 17%; } .c-status { width: 112px; }
-.c-progress { width: 210px; } .c-steps { width: 64px; }
-.c-updated { width: 96px; }
-.status {
-  display: inline-block; padding: 1px 9px; border-radius: 999px;
-  font-size: 12px; font-weight: 600;
-}
-.status.pending { color: var(--pending); background: #fff8c5; }
-.status.running { color: var(--running); background: #ddf4ff; }
-.status.done { color: var(--done); background: #dafbe1; }
-.status.failed { color: var(--failed); background: #ffebe9; }
-.status.cancelled { color: #57606a; background: var(--soft); }
-.progress { display: flex; align-items: center; gap: 8px; }
-.bar {
-  flex: 1; height: 8px; border-radius: 4px; overflow: hidden;
-  background: var(--soft);
-}
-.fill { height: 100%; border-radius: 4px; transition: width .4s ease; }
-.bar.pending .fill { background: #d4a72c; }
-.bar.running .fill { background: var(--running); }
-.bar.done .fill { background: var(--done); }
-.bar.failed .fill { background: var(--failed); }
-.bar.cancelled .fill { background: #8c959f; }
-.bar.unknown .fill {
-  width: 100% !important; opacity: .35;
-  background: repeating-linear-gradient(45deg, var(--running) 0 6px,
-                                        transparent 6px 12px);
-}
-.pct { width: 40px; text-align: right; font-variant-numeric: tabular-nums; }
-.empty { margin: 0; padding: 24px; text-align: center; color: var(--muted); }
-.why, .note {
-  display: block; font-size: 12px; color: var(--failed);
-  overflow: hidden; text-overflow: ellipsis;
-}
-.note { color: var(--muted); }
-#detail {
-  position: fixed; top: 0; right: 0; bottom: 0; z-index: 10;
-  width: min(520px, 100%); margin: 0; border-radius: 0; border-width: 0;
-  border-left: 1px solid var(--line); overflow-y: auto;
-  box-shadow: -8px 0 24px rgba(31, 35, 40, .15);
-}
-#detail .panel-head {
-  position: sticky; top: 0; background: var(--card); padding: 14px;
-}
-dl {
-  display: grid; grid-template-columns: max-content 1fr; gap: 6px 20px;
-  margin: 0; padding: 14px;
-}
-dt { color: var(--muted); }
-dd .progress { max-width: 280px; }
-dd { margin: 0; overflow-wrap: anywhere; }
-pre.error {
-  margin: 0 14px 14px; padding: 12px; overflow: auto;
-  background: #fff5f5; border: 1px solid #ffcecb; border-radius: 6px;
-  color: #82071e; font-size: 12.5px; white-space: pre-wrap;
-}
-@media (max-width: 800px) {
-  .counts { grid-template-columns: repeat(3, minmax(0, 1fr)); }
-  .c-task, .c-updated { display: none; }
-  .c-progress { width: 130px; } .c-status { width: 96px; }
-  main { padding: 12px; }
-}
-</style>
-</head>
-<body>
-<header>
-  <h1>liteq</h1>
-  <select id="queue" aria-label="queue name">
-    <option value="">all queues</option>
-  </select>
-  <span id="live">connecting&hellip;</span>
-</header>
-<main>
-  <section id="counts" class="counts" aria-label="jobs per status"></section>
-  <section class="panel">
-    <div class="panel-head">
-      <h2 id="title">Recent jobs</h2><span id="shown" class="muted"></span>
-    </div>
-    <table>
-      <colgroup>
-        <col class="c-id"><col class="c-task"><col><col class="c-status">
-        <col class="c-progress"><col class="c-steps"><col class="c-updated">
-      </colgroup>
-      <thead><tr>
-        <th class="num">ID</th><th class="c-task">Task</th>
-        <th>Description</th><th>Status</th><th>Progress</th>
-        <th class="num">Steps</th><th class="c-updated">Updated</th>
-      </tr></thead>
-      <tbody id="jobs"></tbody>
-    </table>
-    <p id="empty" class="empty" hidden>No jobs.</p>
-  </section>
-  <section id="detail" class="panel" hidden>
-    <div class="panel-head">
-      <h2 id="detail-title"></h2><span id="detail-status"></span>
-      <a href="#" id="close">close</a>
-    </div>
-    <dl id="fields"></dl>
-    <pre id="error" class="error" hidden></pre>
-  </section>
-</main>
-<script>
-"use strict";
-const BASE = document.querySelector('meta[name="liteq-base"]').content;
-const STATUSES = ["pending", "running", "done", "failed", "cancelled"];
-const LIMIT = 50, PERIOD = 1500;
-const view = {status: "", queue: "", selected: null};
-const loop = {timer: null, busy: false, again: false};
-const $ = (id) => document.getElementById(id);
-
-function node(tag, cls, text) {
-  const el = document.createElement(tag);
-  if (cls) el.className = cls;
-  if (text !== undefined && text !== null) el.textContent = String(text);
-  return el;
-}
-
-async function getJSON(path) {
-  const response = await fetch(BASE + path, {
-    cache: "no-store", headers: {Accept: "application/json"}});
-  let body = null;
-  try { body = await response.json(); } catch (e) { body = null; }
-  if (response.status === 404 && body) return null;
-  if (!response.ok) {
-    throw new Error((body && body.error) || "HTTP " + response.status);
-  }
-  return body;
-}
-
-function when(iso) {
-  return iso ? Date.parse(iso.replace(/(\.\d{3})\d+/, "$1")) : NaN;
-}
-
-function ago(iso) {
-  const t = when(iso);
-  if (isNaN(t)) return "";
-  const s = Math.max(0, Math.floor((Date.now() - t) / 1000));
-  if (s < 60) return s + "s ago";
-  if (s < 3600) return Math.floor(s / 60) + "m ago";
-  if (s < 86400) return Math.floor(s / 3600) + "h ago";
-  return Math.floor(s / 86400) + "d ago";
-}
-
-function ahead(iso) {
-  const s = Math.max(0, Math.round((when(iso) - Date.now()) / 1000));
-  const m = Math.round(s / 60), h = Math.round(s / 3600);
-  if (s < 60) return "in " + s + "s";
-  if (m < 60) return "in " + m + "m";
-  return h < 24 ? "in " + h + "h" : "in " + Math.round(s / 86400) + "d";
-}
-
-function localTime(iso) {
-  const t = when(iso);
-  return isNaN(t) ? "" : new Date(t).toLocaleString();
-}
-
-function progress(job) {
-  const known = typeof job.percent === "number";
-  const percent = known ? Math.max(0, Math.min(100, job.percent)) : 0;
-  const unknown = !known && job.status === "running";
-  const bar = node("div", "bar " + (unknown ? "unknown" : job.status));
-  const fill = node("div", "fill");
-  fill.style.width = percent + "%";
-  bar.appendChild(fill);
-  bar.setAttribute("role", "progressbar");
-  bar.setAttribute("aria-valuemin", "0");
-  bar.setAttribute("aria-valuemax", "100");
-  if (known) bar.setAttribute("aria-valuenow", String(percent));
-  const box = node("div", "progress");
-  box.append(bar, node("span", "pct",
-                       known ? Math.floor(percent) + "%" : "\u2014"));
-  return box;
-}
-
-function lastLine(text) {
-  const lines = text.trim().split("\n");
-  return lines[lines.length - 1];
-}
-
-function statusWord(status) {
-  return node("span", "status " + status, status);
-}
-
-function renderQueues(names) {
-  const select = $("queue");
-  if (view.queue && !names.includes(view.queue)) names.push(view.queue);
-  const known = Array.from(select.options).slice(1).map((o) => o.value);
-  if (known.join("\n") !== names.join("\n")) {
-    const options = [node("option", "", "all queues")];
-    options[0].value = "";
-    for (const name of names) {
-      const option = node("option", "", name);
-      option.value = name;
-      options.push(option);
-    }
-    select.replaceChildren(...options);
-  }
-  select.value = view.queue;
-}
-
-function countCards() {
-  if ($("counts").children.length) return $("counts").children;
-  for (const s of ["all"].concat(STATUSES)) {
-    const card = node("button", "count " + s);
-    card.type = "button";
-    card.dataset.status = s;
-    card.append(node("b", "", "0"), node("span", "", s));
-    card.addEventListener("click", () => {
-      view.status = s === "all" || view.status === s ? "" : s;
-      refreshSoon();
-    });
-    $("counts").appendChild(card);
-  }
-  return $("counts").children;
-}
-
-function renderCounts(byQueue) {
-  const names = Object.keys(byQueue).sort();
-  renderQueues(names.slice());
-  const totals = {all: 0};
-  for (const s of STATUSES) totals[s] = 0;
-  for (const name of names) {
-    if (view.queue && name !== view.queue) continue;
-    for (const s of STATUSES) {
-      const n = byQueue[name][s] || 0;
-      totals[s] += n;
-      totals.all += n;
-    }
-  }
-  for (const card of countCards()) {
-    const s = card.dataset.status;
-    card.firstChild.textContent = String(totals[s]);
-    card.classList.toggle("active", (view.status || "all") === s);
-  }
-}
-
-function jobRow(job) {
-  const row = node("tr");
-  row.dataset.id = job.id;
-  row.dataset.status = job.status;
-  if (job.id === view.selected) row.className = "selected";
-  const updated = node("td", "c-updated", ago(job.updated_at));
-  updated.title = localTime(job.updated_at);
-  const task = node("td", "c-task mono", job.name);
-  task.title = job.name;
-  const description = node("td", "", job.description);
-  description.title = job.description;
-  if (job.status === "failed" && job.error) {
-    const why = node("span", "why", lastLine(job.error));
-    description.appendChild(why);
-    description.title = job.description + "\n" + why.textContent;
-  } else if (job.status === "pending" && when(job.eta) > Date.now()) {
-    description.appendChild(node("span", "note", "runs " + ahead(job.eta)));
-  }
-  const status = node("td");
-  status.appendChild(statusWord(job.status));
-  const bar = node("td");
-  bar.appendChild(progress(job));
-  row.append(node("td", "num", job.id), task, description, status, bar,
-             node("td", "num", job.steps), updated);
-  row.tabIndex = 0;
-  row.addEventListener("click", () => { location.hash = "job-" + job.id; });
-  row.addEventListener("keydown", (event) => {
-    if (event.key === "Enter") location.hash = "job-" + job.id;
-  });
-  return row;
-}
-
-function renderJobs(jobs) {
-  $("jobs").replaceChildren(...jobs.map(jobRow));
-  $("empty").hidden = jobs.length > 0;
-  const words = [view.status || "recent", "jobs"];
-  if (view.queue) words.push("in " + view.queue);
-  $("title").textContent = words.join(" ").replace(/^./, (c) =>
-    c.toUpperCase());
-  $("shown").textContent = jobs.length >= LIMIT ?
-    "newest " + LIMIT + " shown" : "";
-}
-
-const FIELDS = ["id", "name", "current", "description", "queue",
-                "priority", "key", "status", "percent", "steps", "attempts",
-                "worker", "eta", "created_at", "started_at", "updated_at",
-                "finished_at", "args", "kwargs", "result"];
-
-function fieldValue(job, field) {
-  const value = job[field];
-  if (field === "percent") return progress(job);
-  if (field === "status") return statusWord(value);
-  if (["args", "kwargs", "result"].includes(field)) {
-    return node("span", "mono", JSON.stringify(value));
-  }
-  if (value === null || value === undefined) return node("span", "", "-");
-  if (field.endsWith("_at") || field === "eta") {
-    return node("span", "", localTime(value) + " (" + ago(value) + ")");
-  }
-  return node("span", field === "name" || field === "current" ?
-              "mono" : "", value);
-}
-
-function renderDetail(job, id) {
-  $("detail").hidden = false;
-  $("detail-title").textContent = "Job " + id;
-  if (job === null) {
-    $("detail-status").textContent = "not found (never stored, or purged)";
-    $("fields").replaceChildren();
-    $("error").hidden = true;
-    return;
-  }
-  $("detail-status").replaceChildren(statusWord(job.status));
-  const items = [];
-  for (const field of FIELDS) {
-    const dd = node("dd");
-    dd.appendChild(fieldValue(job, field));
-    items.push(node("dt", "", field), dd);
-  }
-  $("fields").replaceChildren(...items);
-  $("error").hidden = !job.error;
-  $("error").textContent = job.error || "";
-}
-
-function selectedId() {
-  const match = /^#job-(\d+)$/.exec(location.hash);
-  return match ? Number(match[1]) : null;
-}
-
-async function refresh() {
-  loop.busy = true;
-  const query = new URLSearchParams({limit: String(LIMIT)});
-  if (view.status) query.set("status", view.status);
-  if (view.queue) query.set("queue", view.queue);
-  view.selected = selectedId();
-  try {
-    const [counts, jobs] = await Promise.all(
-      [getJSON("counts"), getJSON("tasks?" + query)]);
-    renderCounts(counts);
-    renderJobs(jobs);
-    if (view.selected === null) $("detail").hidden = true;
-    else renderDetail(await getJSON("tasks/" + view.selected),
-                      view.selected);
-    $("live").className = "ok";
-    $("live").textContent = "live \u00b7 " +
-      new Date().toLocaleTimeString();
-  } catch (err) {
-    $("live").className = "down";
-    $("live").textContent = "cannot reach the server (" + err.message +
-      "): retrying";
-  }
-  loop.busy = false;
-  loop.timer = setTimeout(refresh, loop.again ? 0 : PERIOD);
-  loop.again = false;
-}
-
-function refreshSoon() {
-  if (loop.busy) { loop.again = true; return; }
-  clearTimeout(loop.timer);
-  refresh();
-}
-
-$("queue").addEventListener("change", (event) => {
-  view.queue = event.target.value;
-  refreshSoon();
-});
-function closeDetail(event) {
-  event.preventDefault();
-  history.replaceState(null, "", location.pathname + location.search);
-  refreshSoon();
-}
-
-$("close").addEventListener("click", closeDetail);
-document.addEventListener("keydown", (event) => {
-  if (event.key === "Escape" && selectedId() !== null) closeDetail(event);
-});
-window.addEventListener("hashchange", refreshSoon);
-refresh();
-</script>
-</body>
-</html>
-"""
-
-
-def _csp_source(page: str, tag: str) -> str:
-    """The CSP hash source allowing the page's one inline ``tag``."""
-    body = page.split(f"<{tag}>", 1)[1].split(f"</{tag}>", 1)[0]
-    digest = hashlib.sha256(body.encode()).digest()
-    return f"'sha256-{base64.b64encode(digest).decode()}'"
-
-
-_DASHBOARD_CSP = (
-    f"default-src 'none'; script-src {_csp_source(_DASHBOARD, 'script')}; "
-    f"style-src {_csp_source(_DASHBOARD, 'style')}; connect-src 'self'; "
-    f"img-src data:; base-uri 'none'; form-action 'none'; "
-    f"frame-ancestors 'none'")
 
 
 # ---------------------------------------------------------------------------
@@ -4771,7 +4284,499 @@ def _loopback_only(app: Callable, bound: str) -> Callable:
 
 
 # ---------------------------------------------------------------------------
-# 12. python -m liteq
+# 12. Dashboard page: HTML, script and style
+# ---------------------------------------------------------------------------
+
+# The dashboard: one page, no external assets.  It polls /counts and
+# /tasks and builds every row with textContent, so job text is never
+# parsed as HTML.  The CSP below allows only this script and this style.
+_DASHBOARD = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="liteq-base" content="__LITEQ_BASE__">
+<link rel="icon" href="data:,">
+<title>liteq</title>
+<style>
+:root {
+  --bg: #f6f7f9; --card: #fff; --text: #1f2328; --muted: #656d76;
+  --line: #d0d7de; --soft: #eaeef2; --pending: #9a6700;
+  --running: #0969da; --done: #1a7f37; --failed: #cf222e;
+  --cancelled: #6e7781;
+}
+* { box-sizing: border-box; }
+[hidden] { display: none !important; }
+body {
+  margin: 0; background: var(--bg); color: var(--text);
+  font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto,
+        "Helvetica Neue", Arial, sans-serif;
+}
+header {
+  display: flex; align-items: center; gap: 16px; padding: 10px 24px;
+  background: #24292f; color: #fff;
+}
+header h1 { margin: 0; font-size: 18px; letter-spacing: .5px; }
+header select {
+  font: inherit; padding: 3px 6px; border-radius: 6px;
+  border: 1px solid #57606a; background: #32383f; color: #fff;
+}
+#live { margin-left: auto; font-size: 12px; color: #d0d7de; }
+#live::before {
+  content: ""; display: inline-block; width: 8px; height: 8px;
+  margin-right: 6px; border-radius: 50%; background: #8c959f;
+}
+#live.ok::before { background: #2da44e; }
+#live.down { color: #ffb3ad; }
+#live.down::before { background: #fa4549; }
+main { max-width: 1240px; margin: 0 auto; padding: 20px 24px 40px; }
+.counts {
+  display: grid; grid-template-columns: repeat(6, minmax(0, 1fr));
+  gap: 12px; margin-bottom: 20px;
+}
+.count {
+  font: inherit; text-align: left; cursor: pointer; padding: 10px 14px;
+  color: var(--muted); background: var(--card);
+  border: 1px solid var(--line); border-top: 3px solid var(--line);
+  border-radius: 8px;
+}
+.count b {
+  display: block; font-size: 24px; color: var(--text);
+  font-variant-numeric: tabular-nums;
+}
+.count:hover { border-color: #8c959f; }
+.count.active { box-shadow: 0 0 0 2px var(--running); }
+.count.pending { border-top-color: var(--pending); }
+.count.running { border-top-color: var(--running); }
+.count.done { border-top-color: var(--done); }
+.count.failed { border-top-color: var(--failed); }
+.count.cancelled { border-top-color: var(--cancelled); }
+.panel {
+  background: var(--card); border: 1px solid var(--line);
+  border-radius: 8px; overflow: hidden; margin-bottom: 20px;
+}
+.panel-head {
+  display: flex; align-items: baseline; gap: 12px; padding: 10px 14px;
+  border-bottom: 1px solid var(--line);
+}
+.panel-head h2 { margin: 0; font-size: 15px; }
+.muted { color: var(--muted); font-size: 12px; }
+.panel-head a { margin-left: auto; color: var(--running); }
+table { width: 100%; border-collapse: collapse; table-layout: fixed; }
+th {
+  text-align: left; font-size: 12px; font-weight: 600;
+  color: var(--muted); background: #f6f8fa; padding: 8px 12px;
+  border-bottom: 1px solid var(--line);
+}
+td {
+  padding: 8px 12px; border-bottom: 1px solid var(--soft);
+  overflow: hidden; text-overflow: ellipsis; white-space: nowrap;
+}
+tbody tr:last-child td { border-bottom: 0; }
+tbody tr { cursor: pointer; }
+tbody tr:hover { background: #f6f8fa; }
+tbody tr.selected { background: #ddf4ff; }
+.num { text-align: right; font-variant-numeric: tabular-nums; }
+.mono {
+  font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
+  font-size: 12.5px;
+}
+.c-id { width: 64px; } .c-task { width: 17%; } .c-status { width: 112px; }
+.c-progress { width: 210px; } .c-steps { width: 64px; }
+.c-updated { width: 96px; }
+.status {
+  display: inline-block; padding: 1px 9px; border-radius: 999px;
+  font-size: 12px; font-weight: 600;
+}
+.status.pending { color: var(--pending); background: #fff8c5; }
+.status.running { color: var(--running); background: #ddf4ff; }
+.status.done { color: var(--done); background: #dafbe1; }
+.status.failed { color: var(--failed); background: #ffebe9; }
+.status.cancelled { color: #57606a; background: var(--soft); }
+.progress { display: flex; align-items: center; gap: 8px; }
+.bar {
+  flex: 1; height: 8px; border-radius: 4px; overflow: hidden;
+  background: var(--soft);
+}
+.fill { height: 100%; border-radius: 4px; transition: width .4s ease; }
+.bar.pending .fill { background: #d4a72c; }
+.bar.running .fill { background: var(--running); }
+.bar.done .fill { background: var(--done); }
+.bar.failed .fill { background: var(--failed); }
+.bar.cancelled .fill { background: #8c959f; }
+.bar.unknown .fill {
+  width: 100% !important; opacity: .35;
+  background: repeating-linear-gradient(45deg, var(--running) 0 6px,
+                                        transparent 6px 12px);
+}
+.pct { width: 40px; text-align: right; font-variant-numeric: tabular-nums; }
+.empty { margin: 0; padding: 24px; text-align: center; color: var(--muted); }
+.why, .note {
+  display: block; font-size: 12px; color: var(--failed);
+  overflow: hidden; text-overflow: ellipsis;
+}
+.note { color: var(--muted); }
+#detail {
+  position: fixed; top: 0; right: 0; bottom: 0; z-index: 10;
+  width: min(520px, 100%); margin: 0; border-radius: 0; border-width: 0;
+  border-left: 1px solid var(--line); overflow-y: auto;
+  box-shadow: -8px 0 24px rgba(31, 35, 40, .15);
+}
+#detail .panel-head {
+  position: sticky; top: 0; background: var(--card); padding: 14px;
+}
+dl {
+  display: grid; grid-template-columns: max-content 1fr; gap: 6px 20px;
+  margin: 0; padding: 14px;
+}
+dt { color: var(--muted); }
+dd .progress { max-width: 280px; }
+dd { margin: 0; overflow-wrap: anywhere; }
+pre.error {
+  margin: 0 14px 14px; padding: 12px; overflow: auto;
+  background: #fff5f5; border: 1px solid #ffcecb; border-radius: 6px;
+  color: #82071e; font-size: 12.5px; white-space: pre-wrap;
+}
+@media (max-width: 800px) {
+  .counts { grid-template-columns: repeat(3, minmax(0, 1fr)); }
+  .c-task, .c-updated { display: none; }
+  .c-progress { width: 130px; } .c-status { width: 96px; }
+  main { padding: 12px; }
+}
+</style>
+</head>
+<body>
+<header>
+  <h1>liteq</h1>
+  <select id="queue" aria-label="queue name">
+    <option value="">all queues</option>
+  </select>
+  <span id="live">connecting&hellip;</span>
+</header>
+<main>
+  <section id="counts" class="counts" aria-label="jobs per status"></section>
+  <section class="panel">
+    <div class="panel-head">
+      <h2 id="title">Recent jobs</h2><span id="shown" class="muted"></span>
+    </div>
+    <table>
+      <colgroup>
+        <col class="c-id"><col class="c-task"><col><col class="c-status">
+        <col class="c-progress"><col class="c-steps"><col class="c-updated">
+      </colgroup>
+      <thead><tr>
+        <th class="num">ID</th><th class="c-task">Task</th>
+        <th>Description</th><th>Status</th><th>Progress</th>
+        <th class="num">Steps</th><th class="c-updated">Updated</th>
+      </tr></thead>
+      <tbody id="jobs"></tbody>
+    </table>
+    <p id="empty" class="empty" hidden>No jobs.</p>
+  </section>
+  <section id="detail" class="panel" hidden>
+    <div class="panel-head">
+      <h2 id="detail-title"></h2><span id="detail-status"></span>
+      <a href="#" id="close">close</a>
+    </div>
+    <dl id="fields"></dl>
+    <pre id="error" class="error" hidden></pre>
+  </section>
+</main>
+<script>
+"use strict";
+const BASE = document.querySelector('meta[name="liteq-base"]').content;
+const STATUSES = ["pending", "running", "done", "failed", "cancelled"];
+const LIMIT = 50, PERIOD = 1500;
+const view = {status: "", queue: "", selected: null};
+const loop = {timer: null, busy: false, again: false};
+const $ = (id) => document.getElementById(id);
+
+function node(tag, cls, text) {
+  const el = document.createElement(tag);
+  if (cls) el.className = cls;
+  if (text !== undefined && text !== null) el.textContent = String(text);
+  return el;
+}
+
+async function getJSON(path) {
+  const response = await fetch(BASE + path, {
+    cache: "no-store", headers: {Accept: "application/json"}});
+  let body = null;
+  try { body = await response.json(); } catch (e) { body = null; }
+  if (response.status === 404 && body) return null;
+  if (!response.ok) {
+    throw new Error((body && body.error) || "HTTP " + response.status);
+  }
+  return body;
+}
+
+function when(iso) {
+  return iso ? Date.parse(iso.replace(/(\.\d{3})\d+/, "$1")) : NaN;
+}
+
+function ago(iso) {
+  const t = when(iso);
+  if (isNaN(t)) return "";
+  const s = Math.max(0, Math.floor((Date.now() - t) / 1000));
+  if (s < 60) return s + "s ago";
+  if (s < 3600) return Math.floor(s / 60) + "m ago";
+  if (s < 86400) return Math.floor(s / 3600) + "h ago";
+  return Math.floor(s / 86400) + "d ago";
+}
+
+function ahead(iso) {
+  const s = Math.max(0, Math.round((when(iso) - Date.now()) / 1000));
+  const m = Math.round(s / 60), h = Math.round(s / 3600);
+  if (s < 60) return "in " + s + "s";
+  if (m < 60) return "in " + m + "m";
+  return h < 24 ? "in " + h + "h" : "in " + Math.round(s / 86400) + "d";
+}
+
+function localTime(iso) {
+  const t = when(iso);
+  return isNaN(t) ? "" : new Date(t).toLocaleString();
+}
+
+function progress(job) {
+  const known = typeof job.percent === "number";
+  const percent = known ? Math.max(0, Math.min(100, job.percent)) : 0;
+  const unknown = !known && job.status === "running";
+  const bar = node("div", "bar " + (unknown ? "unknown" : job.status));
+  const fill = node("div", "fill");
+  fill.style.width = percent + "%";
+  bar.appendChild(fill);
+  bar.setAttribute("role", "progressbar");
+  bar.setAttribute("aria-valuemin", "0");
+  bar.setAttribute("aria-valuemax", "100");
+  if (known) bar.setAttribute("aria-valuenow", String(percent));
+  const box = node("div", "progress");
+  box.append(bar, node("span", "pct",
+                       known ? Math.floor(percent) + "%" : "\u2014"));
+  return box;
+}
+
+function lastLine(text) {
+  const lines = text.trim().split("\n");
+  return lines[lines.length - 1];
+}
+
+function statusWord(status) {
+  return node("span", "status " + status, status);
+}
+
+function renderQueues(names) {
+  const select = $("queue");
+  if (view.queue && !names.includes(view.queue)) names.push(view.queue);
+  const known = Array.from(select.options).slice(1).map((o) => o.value);
+  if (known.join("\n") !== names.join("\n")) {
+    const options = [node("option", "", "all queues")];
+    options[0].value = "";
+    for (const name of names) {
+      const option = node("option", "", name);
+      option.value = name;
+      options.push(option);
+    }
+    select.replaceChildren(...options);
+  }
+  select.value = view.queue;
+}
+
+function countCards() {
+  if ($("counts").children.length) return $("counts").children;
+  for (const s of ["all"].concat(STATUSES)) {
+    const card = node("button", "count " + s);
+    card.type = "button";
+    card.dataset.status = s;
+    card.append(node("b", "", "0"), node("span", "", s));
+    card.addEventListener("click", () => {
+      view.status = s === "all" || view.status === s ? "" : s;
+      refreshSoon();
+    });
+    $("counts").appendChild(card);
+  }
+  return $("counts").children;
+}
+
+function renderCounts(byQueue) {
+  const names = Object.keys(byQueue).sort();
+  renderQueues(names.slice());
+  const totals = {all: 0};
+  for (const s of STATUSES) totals[s] = 0;
+  for (const name of names) {
+    if (view.queue && name !== view.queue) continue;
+    for (const s of STATUSES) {
+      const n = byQueue[name][s] || 0;
+      totals[s] += n;
+      totals.all += n;
+    }
+  }
+  for (const card of countCards()) {
+    const s = card.dataset.status;
+    card.firstChild.textContent = String(totals[s]);
+    card.classList.toggle("active", (view.status || "all") === s);
+  }
+}
+
+function jobRow(job) {
+  const row = node("tr");
+  row.dataset.id = job.id;
+  row.dataset.status = job.status;
+  if (job.id === view.selected) row.className = "selected";
+  const updated = node("td", "c-updated", ago(job.updated_at));
+  updated.title = localTime(job.updated_at);
+  const task = node("td", "c-task mono", job.name);
+  task.title = job.name;
+  const description = node("td", "", job.description);
+  description.title = job.description;
+  if (job.status === "failed" && job.error) {
+    const why = node("span", "why", lastLine(job.error));
+    description.appendChild(why);
+    description.title = job.description + "\n" + why.textContent;
+  } else if (job.status === "pending" && when(job.eta) > Date.now()) {
+    description.appendChild(node("span", "note", "runs " + ahead(job.eta)));
+  }
+  const status = node("td");
+  status.appendChild(statusWord(job.status));
+  const bar = node("td");
+  bar.appendChild(progress(job));
+  row.append(node("td", "num", job.id), task, description, status, bar,
+             node("td", "num", job.steps), updated);
+  row.tabIndex = 0;
+  row.addEventListener("click", () => { location.hash = "job-" + job.id; });
+  row.addEventListener("keydown", (event) => {
+    if (event.key === "Enter") location.hash = "job-" + job.id;
+  });
+  return row;
+}
+
+function renderJobs(jobs) {
+  $("jobs").replaceChildren(...jobs.map(jobRow));
+  $("empty").hidden = jobs.length > 0;
+  const words = [view.status || "recent", "jobs"];
+  if (view.queue) words.push("in " + view.queue);
+  $("title").textContent = words.join(" ").replace(/^./, (c) =>
+    c.toUpperCase());
+  $("shown").textContent = jobs.length >= LIMIT ?
+    "newest " + LIMIT + " shown" : "";
+}
+
+const FIELDS = ["id", "name", "current", "description", "queue",
+                "priority", "key", "status", "percent", "steps", "attempts",
+                "worker", "eta", "created_at", "started_at", "updated_at",
+                "finished_at", "args", "kwargs", "result"];
+
+function fieldValue(job, field) {
+  const value = job[field];
+  if (field === "percent") return progress(job);
+  if (field === "status") return statusWord(value);
+  if (["args", "kwargs", "result"].includes(field)) {
+    return node("span", "mono", JSON.stringify(value));
+  }
+  if (value === null || value === undefined) return node("span", "", "-");
+  if (field.endsWith("_at") || field === "eta") {
+    return node("span", "", localTime(value) + " (" + ago(value) + ")");
+  }
+  return node("span", field === "name" || field === "current" ?
+              "mono" : "", value);
+}
+
+function renderDetail(job, id) {
+  $("detail").hidden = false;
+  $("detail-title").textContent = "Job " + id;
+  if (job === null) {
+    $("detail-status").textContent = "not found (never stored, or purged)";
+    $("fields").replaceChildren();
+    $("error").hidden = true;
+    return;
+  }
+  $("detail-status").replaceChildren(statusWord(job.status));
+  const items = [];
+  for (const field of FIELDS) {
+    const dd = node("dd");
+    dd.appendChild(fieldValue(job, field));
+    items.push(node("dt", "", field), dd);
+  }
+  $("fields").replaceChildren(...items);
+  $("error").hidden = !job.error;
+  $("error").textContent = job.error || "";
+}
+
+function selectedId() {
+  const match = /^#job-(\d+)$/.exec(location.hash);
+  return match ? Number(match[1]) : null;
+}
+
+async function refresh() {
+  loop.busy = true;
+  const query = new URLSearchParams({limit: String(LIMIT)});
+  if (view.status) query.set("status", view.status);
+  if (view.queue) query.set("queue", view.queue);
+  view.selected = selectedId();
+  try {
+    const [counts, jobs] = await Promise.all(
+      [getJSON("counts"), getJSON("tasks?" + query)]);
+    renderCounts(counts);
+    renderJobs(jobs);
+    if (view.selected === null) $("detail").hidden = true;
+    else renderDetail(await getJSON("tasks/" + view.selected),
+                      view.selected);
+    $("live").className = "ok";
+    $("live").textContent = "live \u00b7 " +
+      new Date().toLocaleTimeString();
+  } catch (err) {
+    $("live").className = "down";
+    $("live").textContent = "cannot reach the server (" + err.message +
+      "): retrying";
+  }
+  loop.busy = false;
+  loop.timer = setTimeout(refresh, loop.again ? 0 : PERIOD);
+  loop.again = false;
+}
+
+function refreshSoon() {
+  if (loop.busy) { loop.again = true; return; }
+  clearTimeout(loop.timer);
+  refresh();
+}
+
+$("queue").addEventListener("change", (event) => {
+  view.queue = event.target.value;
+  refreshSoon();
+});
+function closeDetail(event) {
+  event.preventDefault();
+  history.replaceState(null, "", location.pathname + location.search);
+  refreshSoon();
+}
+
+$("close").addEventListener("click", closeDetail);
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Escape" && selectedId() !== null) closeDetail(event);
+});
+window.addEventListener("hashchange", refreshSoon);
+refresh();
+</script>
+</body>
+</html>
+"""
+
+
+def _csp_source(page: str, tag: str) -> str:
+    """The CSP hash source allowing the page's one inline ``tag``."""
+    body = page.split(f"<{tag}>", 1)[1].split(f"</{tag}>", 1)[0]
+    digest = hashlib.sha256(body.encode()).digest()
+    return f"'sha256-{base64.b64encode(digest).decode()}'"
+
+
+_DASHBOARD_CSP = (
+    f"default-src 'none'; script-src {_csp_source(_DASHBOARD, 'script')}; "
+    f"style-src {_csp_source(_DASHBOARD, 'style')}; connect-src 'self'; "
+    f"img-src data:; base-uri 'none'; form-action 'none'; "
+    f"frame-ancestors 'none'")
+
+
+# ---------------------------------------------------------------------------
+# 13. python -m liteq
 # ---------------------------------------------------------------------------
 
 if __name__ == "__main__":
