@@ -29,10 +29,12 @@ Sections (``grep -n '^# [0-9]*\\. ' liteq.py``):
  5. Storage: SQL, schema, connections, transactions
  6. Tasks: Task, task functions, registry, chain
  7. Jobs and queues: Job, Queue, the default queue
- 8. Worker: threads, leases, heartbeats, wake-ups
- 9. HTTP: status resource and dashboard
-10. Command line
-11. ``python -m liteq``
+ 8. Worker: claiming, running and recording steps
+ 9. Worker helpers: the lead, heartbeats, wake-ups
+10. HTTP: status resource and dashboard
+11. Command line
+12. Dashboard page: HTML, script and style
+13. python -m liteq
 
 Licensed under the MIT licence (see LICENSE).
 """

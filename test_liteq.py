@@ -3443,6 +3443,17 @@ def test_module_docstring_example_runs():
     assert results.failed == 0
 
 
+def test_module_docstring_lists_the_section_banners_exactly():
+    listed = liteq.__doc__.split("Sections (", 1)[1].split("\n\n")[1]
+    contents = [line.strip() for line in listed.splitlines()]
+    with open(liteq.__file__, encoding="utf-8") as file:
+        banners = [line[2:].rstrip("\n") for line in file
+                   if re.match(r"# [0-9]+\. ", line)]
+    assert contents == banners
+    numbers = [int(line.split(".")[0]) for line in banners]
+    assert numbers == list(range(1, len(banners) + 1))
+
+
 # ---------------------------------------------------------------------------
 # 6b. Multi-process guarantees: kill -9, SIGSTOP, signals, contention
 # ---------------------------------------------------------------------------
