@@ -25,14 +25,16 @@ Sections (``grep -n '^# [0-9]*\\. ' liteq.py``):
  1. Header: imports, version, public names
  2. Constants and defaults
  3. Errors
- 4. Utilities: clock, durations, JSON codec
+ 4. Utilities: process state, clock, durations, JSON codec
  5. Storage: SQL, schema, connections, transactions
  6. Tasks: Task, task functions, registry, chain
  7. Jobs and queues: Job, Queue, the default queue
- 8. Worker: threads, leases, heartbeats, wake-ups
- 9. HTTP: status resource and dashboard
-10. Command line
-11. ``python -m liteq``
+ 8. Worker: claiming, running and recording steps
+ 9. Worker helpers: the lead, heartbeats, wake-ups
+10. HTTP: status resource and dashboard
+11. Command line
+12. Dashboard page: HTML, script and style
+13. python -m liteq
 
 Licensed under the MIT licence (see LICENSE).
 """
@@ -194,8 +196,63 @@ class SchemaError(Error):
 
 
 # ---------------------------------------------------------------------------
-# 4. Utilities: clock, durations, JSON codec
+# 4. Utilities: process state, clock, durations, JSON codec
 # ---------------------------------------------------------------------------
+
+
+class _Process:
+    """This process's mutable state, and what a forked child renews.
+
+    A lock that another thread held at fork() stays held in the child
+    forever, and the child has none of the parent's threads: so the child
+    gets a fresh lock and fresh wake-up signals, then runs the callbacks
+    given to on_fork().  Tasks, the default Queue, warnings and
+    current_job() carry over.
+    """
+
+    def __init__(self) -> None:
+        #: Task functions by stored name.  Only these ever run: a stored
+        #: row never makes liteq import anything.
+        self.tasks: dict[str, TaskFunction] = {}
+        self.default_queue: Queue | None = None  # made on first use
+        self.warned: set[str] = set()  # keys _warn_once has logged
+        self.current = threading.local()  # .job: see current_job()
+        self._on_fork: dict[int, Callable[[], Any]] = {}
+        self._renew()
+
+    def _renew(self) -> None:
+        # Held briefly to change tasks, default_queue, warned or signals.
+        self.lock = threading.RLock()
+        #: The _Signal of each (path, kind).
+        self.signals: dict[tuple[str, str], _Signal] = {}
+
+    def on_fork(self, callback: Callable[[], Any]) -> None:
+        """Call ``callback()`` in each child this process forks.
+
+        A bound method is held weakly: it keeps nothing alive, and is
+        dropped with its object.
+        """
+        if inspect.ismethod(callback):
+            ref = weakref.WeakMethod(callback, self._drop)
+        else:
+            def ref() -> Callable[[], Any]:
+                return callback
+        self._on_fork[id(ref)] = ref
+
+    def _drop(self, ref: weakref.WeakMethod) -> None:
+        self._on_fork.pop(id(ref), None)
+
+    def _after_fork_in_child(self) -> None:
+        self._renew()
+        for ref in list(self._on_fork.values()):
+            callback = ref()
+            if callback is not None:
+                callback()
+
+
+_PROCESS = _Process()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_PROCESS._after_fork_in_child)
 
 
 def _error_line(error: str | None) -> str:
@@ -309,26 +366,36 @@ def _to_json(value: Any, depth: int = 0, active: set | None = None) -> Any:
     kind = type(value)
     if kind is str or value is None or kind is bool:
         return value
-    if kind is int:
-        if not _int_ok(value):
-            raise _Unstorable(f"is an int of more than {_MAX_INT_DIGITS} "
-                              f"digits")
-        return value
-    if kind is float:
-        if not math.isfinite(value):
-            raise _Unstorable(f"is {value!r}: only finite floats are JSON")
-        return value
-    if isinstance(value, (int, float, str)):  # subclasses: base value
-        # Not str(value): an Enum mixin overrides __str__.
-        convert = (int.__int__ if isinstance(value, int) else
-                   float.__float__ if isinstance(value, float) else
-                   str.__str__)
-        return _to_json(convert(value), depth, active)
+    if isinstance(value, (int, float, str)):
+        return _scalar_to_json(value)
     if not isinstance(value, (list, tuple, dict, Task)):
         raise _Unstorable(
             f"is a {type(value).__name__}, which liteq cannot store: use "
             f"None, bool, int, float, str, list, tuple, dict with str keys,"
             f" or a Task")
+    return _container_to_json(value, depth, active)
+
+
+def _scalar_to_json(value: int | float | str) -> int | float | str:
+    """An int, float or str, or a subclass's value as its base type."""
+    if type(value) is int:
+        if not _int_ok(value):
+            raise _Unstorable(f"is an int of more than {_MAX_INT_DIGITS} "
+                              f"digits")
+        return value
+    if type(value) is float:
+        if not math.isfinite(value):
+            raise _Unstorable(f"is {value!r}: only finite floats are JSON")
+        return value
+    if type(value) is str:
+        return value
+    # Not str(value): an Enum mixin overrides __str__.
+    convert = (int.__int__ if isinstance(value, int) else
+               float.__float__ if isinstance(value, float) else str.__str__)
+    return _scalar_to_json(convert(value))
+
+
+def _container_to_json(value: Any, depth: int, active: set | None) -> Any:
     if depth > _MAX_DEPTH:
         raise _Unstorable(f"is nested deeper than {_MAX_DEPTH} levels")
     active = set() if active is None else active
@@ -874,13 +941,11 @@ class _Store:
         # (a thread-per-request server would otherwise leak one each).
         self._connections: weakref.WeakSet = weakref.WeakSet()
         self._schema_ok = False
-        self._pid = os.getpid()
+        _PROCESS.on_fork(self._after_fork)
 
     # Connections ----------------------------------------------------------
 
     def connection(self) -> sqlite3.Connection:
-        if self._pid != os.getpid():
-            self._after_fork()
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._open()
@@ -893,7 +958,6 @@ class _Store:
         self._local = threading.local()
         self._connections = weakref.WeakSet()
         self._lock = threading.Lock()
-        self._pid = os.getpid()
 
     def _open(self) -> sqlite3.Connection:
         try:
@@ -906,9 +970,9 @@ class _Store:
         try:
             if not self._schema_ok:
                 self._prepare(conn)
-            conn.execute("PRAGMA synchronous = "
-                         + ("FULL" if self.durable else "NORMAL"))
-            conn.execute(f"PRAGMA journal_size_limit = {_WAL_LIMIT}")
+            _execute(conn, "PRAGMA synchronous = "
+                     + ("FULL" if self.durable else "NORMAL"))
+            _execute(conn, f"PRAGMA journal_size_limit = {_WAL_LIMIT}")
         except BaseException:
             conn.close()
             raise
@@ -948,7 +1012,7 @@ class _Store:
         if version < _SCHEMA_VERSION:
             self._retry(lambda: self._migrate(conn))
         elif self._journal_mode(conn) != "wal":
-            self._retry(lambda: conn.execute("PRAGMA journal_mode = WAL"))
+            self._retry(lambda: _execute(conn, "PRAGMA journal_mode = WAL"))
         self._schema_ok = True
 
     def _check_header(self, conn: sqlite3.Connection) -> int:
@@ -972,23 +1036,23 @@ class _Store:
 
     @staticmethod
     def _journal_mode(conn: sqlite3.Connection) -> str:
-        return conn.execute("PRAGMA journal_mode").fetchone()[0].lower()
+        return _execute(conn, "PRAGMA journal_mode").fetchone()[0].lower()
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         if self._journal_mode(conn) != "wal":
-            conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("BEGIN IMMEDIATE")
+            _execute(conn, "PRAGMA journal_mode = WAL")
+        _execute(conn, "BEGIN IMMEDIATE")
         try:
             # Another process may have migrated since we looked.
             version = self._check_header(conn)
             for migration in _MIGRATIONS[version:]:
                 for statement in migration:
                     _execute(conn, statement)
-            conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
-            conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
-            conn.execute("COMMIT")
+            _execute(conn, f"PRAGMA application_id = {_APPLICATION_ID}")
+            _execute(conn, f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            _execute(conn, "COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            _execute(conn, "ROLLBACK")
             raise
 
     # Transactions ---------------------------------------------------------
@@ -1022,17 +1086,17 @@ class _Store:
         lock; any exception rolls it back.  Nothing else may run inside.
         """
         def attempt(conn: _Connection) -> Any:
-            conn.execute("BEGIN IMMEDIATE")
+            _execute(conn, "BEGIN IMMEDIATE")
             try:
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                version = _execute(conn, "PRAGMA user_version").fetchone()[0]
                 if version != _SCHEMA_VERSION:
                     self._check_header(conn)
                 result = body(conn)
-                conn.execute("COMMIT")
+                _execute(conn, "COMMIT")
                 return result
             except BaseException:
                 if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                    _execute(conn, "ROLLBACK")
                 raise
 
         return self._retry(lambda: self._using(attempt))
@@ -1058,40 +1122,32 @@ class _Store:
 
     def read(self, sql: str, params: Any = ()) -> list:
         """Run one query outside any transaction and return its rows."""
-        def attempt(conn: _Connection) -> list:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version != _SCHEMA_VERSION:
-                self._check_header(conn)
-            return _execute(conn, sql, params).fetchall()
-
-        return self._retry(lambda: self._using(attempt))
+        return self.query(lambda conn: _execute(conn, sql, params).fetchall())
 
     def query(self, body: Callable[[sqlite3.Connection], Any]) -> Any:
-        """Run ``body(conn)`` outside any transaction, as read() does."""
+        """Run ``body(conn)`` outside any transaction, after a schema
+        check, retried whole while the database is busy."""
         def attempt(conn: _Connection) -> Any:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            version = _execute(conn, "PRAGMA user_version").fetchone()[0]
             if version != _SCHEMA_VERSION:
                 self._check_header(conn)
             return body(conn)
 
         return self._retry(lambda: self._using(attempt))
 
-    def peek_with(self, body: Callable[[sqlite3.Connection], Any]) -> Any:
-        """What ``body(conn)`` returns, or None if it failed (see peek)."""
-        try:
-            return self._using(body)
-        except (sqlite3.Error, Error):
-            return None
-
     def peek(self, sql: str, params: Any = ()) -> tuple | None:
-        """One row of an advisory query; None if it failed.
+        """One row of an advisory query; None if it failed."""
+        return self.peek_with(
+            lambda conn: _execute(conn, sql, params).fetchone())
+
+    def peek_with(self, body: Callable[[sqlite3.Connection], Any]) -> Any:
+        """What ``body(conn)`` returns; None if it failed.
 
         No separate schema check and no retry: the caller treats None as
         "go and see", and the write it then makes checks and reports.
         """
         try:
-            return self._using(
-                lambda conn: _execute(conn, sql, params).fetchone())
+            return self._using(body)
         except (sqlite3.Error, Error):
             return None
 
@@ -1105,7 +1161,11 @@ class _Store:
 
 def _execute(conn: sqlite3.Connection, sql: str,
              params: Any = ()) -> sqlite3.Cursor:
-    """Run one statement; the single place SQL is sent, logged at DEBUG."""
+    """Run one statement: the single place SQL is sent.
+
+    At DEBUG, logger "liteq" gets one ``sql: TEXT PARAMS`` record per
+    statement, to see or count what a call sends.
+    """
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("sql: %s %r", " ".join(sql.split()), params)
     return conn.execute(sql, params)
@@ -1154,11 +1214,13 @@ class Task:
         # Chain frames to resume, innermost first, when this call finishes.
         self._then = tuple(_then)
 
-    @classmethod
-    def _made(cls, name: str, args: list, kwargs: dict) -> Task:
-        """A Task of a registered name: no checks, nothing copied."""
-        task = cls.__new__(cls)
-        task.name, task.args, task.kwargs, task._then = name, args, kwargs, ()
+    @staticmethod
+    def _made(name: str, args: list, kwargs: dict, then: tuple = ()) -> Task:
+        """A Task of a checked name (a chain, for the chain's name) from
+        its parts: nothing is checked or copied."""
+        task = object.__new__(chain if name == _CHAIN_NAME else Task)
+        task.name, task.args, task.kwargs = name, args, kwargs
+        task._then = then
         return task
 
     # Identity and form ----------------------------------------------------
@@ -1188,8 +1250,8 @@ class Task:
                     raise
         return out
 
-    @classmethod
-    def _from_json(cls, value: dict) -> Task:
+    @staticmethod
+    def _from_json(value: dict) -> Task:
         name, args = value.get(_TAG_TASK), value.get("args", [])
         kwargs, then = value.get("kwargs", {}), value.get("then", [])
         if not (isinstance(name, str) and isinstance(args, list)
@@ -1197,16 +1259,16 @@ class Task:
             raise ValueError(f"not a serialized task: {value!r:.200}")
         frames = tuple(deserialize_task(f) for f in then)
         # The kwargs object itself is never tagged: decode its values only.
-        return cls(name, _from_json(args),
-                   {k: _from_json(v) for k, v in kwargs.items()},
-                   _then=frames)
+        return Task._made(_check_name("task name", name), _from_json(args),
+                          {k: _from_json(v) for k, v in kwargs.items()},
+                          frames)
 
     # Options of the registered function -----------------------------------
 
     @property
     def function(self) -> TaskFunction:
         """The registered task function, or LookupError if there is none."""
-        found = _REGISTRY.get(self.name)
+        found = _PROCESS.tasks.get(self.name)
         if found is None:
             raise LookupError(
                 f"unknown task {self.name!r}: not registered in this "
@@ -1215,12 +1277,10 @@ class Task:
 
     def percent(self) -> float | None:
         """Progress of the job whose current call this is, or None."""
-        fn = _REGISTRY.get(self.name)
+        fn = _PROCESS.tasks.get(self.name)
         own = fn._percent_of(self.args, self.kwargs) if fn else None
         for frame in self._then:  # each enclosing chain scales it
-            members, done = _chain_state(frame)
-            total = done + len(members)
-            own = 100.0 * ((done - 1) + (own or 0.0) / 100.0) / total
+            own = frame._scaled(own)
         return own
 
     # Storing and running --------------------------------------------------
@@ -1260,15 +1320,48 @@ class Task:
         args, kwargs = fn._bind_stored(self.args, self.kwargs)
         return _roundtrip(fn.__wrapped__(*args, **kwargs), "result")
 
+    # What a chain does differently (see chain) ----------------------------
+
+    def _home(self) -> Queue | None:
+        """The Queue a job of this call is stored in; None if its task is
+        not registered here."""
+        fn = _PROCESS.tasks.get(self.name)
+        if fn is None:
+            return None
+        return fn._queue if fn._queue is not None else default_queue()
+
+    def _options(self, own: TaskFunction) -> TaskFunction:
+        """The task whose queue name and priority a new job takes; ``own``
+        is this call's task."""
+        return own
+
+    def _description(self, own: TaskFunction) -> str:
+        """The description of a new job; ``own`` is this call's task."""
+        return own._description(self.args, self.kwargs)
+
+    def _followed_by(self, frames: tuple) -> Task:
+        """A copy of this call that resumes ``frames`` once it finishes."""
+        return Task._made(_check_name("task name", self.name),
+                          list(self.args), dict(self.kwargs or {}),
+                          self._then + frames)
+
+    def _resumes(self) -> bool:
+        """As a frame: whether it has a step left to run (see _advance)."""
+        return True
+
+    def _scaled(self, percent: float | None) -> float | None:
+        """As a frame: its progress while the call it waits on is at
+        ``percent``."""
+        return percent
+
 
 def _decode_call(text: str) -> Task:
     """A stored call as a Task; quick when no argument needs decoding."""
     value = _parse(text)
     if text.count('"__') > 1 or not isinstance(value, dict):
         return deserialize_task(value)
-    task = Task.__new__(Task)  # only the __task__ tag: plain JSON inside
-    task.name, task.args = value[_TAG_TASK], value["args"]
-    task.kwargs, task._then = value["kwargs"], ()
+    # Only the __task__ tag: plain JSON inside.
+    task = Task._made(value[_TAG_TASK], value["args"], value["kwargs"])
     if not (isinstance(task.name, str) and isinstance(task.args, list)
             and isinstance(task.kwargs, dict)):
         raise ValueError(f"not a serialized task: {text:.200}")
@@ -1290,13 +1383,11 @@ def _advance(call: Task, value: Any) -> Task | None:
     value is then dropped, since a chain keeps only its last result.
     """
     if isinstance(value, Task):
-        return Task(value.name, value.args, value.kwargs,
-                    _then=value._then + call._then)
+        return value._followed_by(call._then)
     frames = call._then
     for i, frame in enumerate(frames):
-        if frame.name != _CHAIN_NAME or _chain_state(frame)[0]:
-            return Task(frame.name, frame.args, frame.kwargs,
-                        _then=frame._then + frames[i + 1:])
+        if frame._resumes():
+            return frame._followed_by(frames[i + 1:])
     return None
 
 
@@ -1374,7 +1465,7 @@ class TaskFunction:
         return self.name
 
     def _queue_for(self, call: Task) -> Queue:
-        return _member_queue(call) or default_queue()
+        return call._home() or default_queue()
 
     def _bind_stored(self, args: list, kwargs: dict) -> tuple[list, dict]:
         """Bind stored arguments, or raise TypeError naming the task."""
@@ -1404,9 +1495,6 @@ class TaskFunction:
 
     def _description(self, args: Sequence, kwargs: dict) -> str:
         template = self.description
-        if self.name == _CHAIN_NAME and args:
-            names = [t.name.rpartition(":")[2] for t in args[0]]
-            return f"chain of {len(names)}: {', '.join(names)}"
         if template is None:
             return self.__name__.replace("_", " ")
         try:
@@ -1425,15 +1513,11 @@ def _simple_arity(signature: inspect.Signature) -> tuple[int, int] | None:
     return required, len(params)
 
 
-_WARNED: set = set()  # task names whose percent failure was logged
-_WARNED_LOCK = threading.Lock()
-
-
 def _warn_once(key: str, message: str) -> None:
-    with _WARNED_LOCK:
-        if key in _WARNED:
+    with _PROCESS.lock:
+        if key in _PROCESS.warned:
             return
-        _WARNED.add(key)
+        _PROCESS.warned.add(key)
     logger.warning(message)
 
 
@@ -1453,10 +1537,6 @@ def _default_name(function: Callable) -> str | None:
     return f"{module}:{function.__qualname__}"
 
 
-# The process-wide registry of tasks, by stored name.  Only functions found
-# here ever run; a stored row never makes liteq import anything.
-_REGISTRY: dict[str, TaskFunction] = {}
-_REGISTRY_LOCK = threading.Lock()
 
 
 def _check_function(function: Any) -> None:
@@ -1514,14 +1594,14 @@ def _register(function: Callable, queue: Queue | None,
     wrapper = TaskFunction(function, queue, _check_options(options))
     if wrapper.name is None:
         return wrapper  # interactive: usable once given a name
-    with _REGISTRY_LOCK:
-        taken = _REGISTRY.get(wrapper.name)
+    with _PROCESS.lock:
+        taken = _PROCESS.tasks.get(wrapper.name)
         if taken is not None and taken._identity != wrapper._identity:
             raise ValueError(
                 f"task name {wrapper.name!r} is taken by "
                 f"{taken._identity}: give {wrapper._identity} another "
                 f"name=")
-        _REGISTRY[wrapper.name] = wrapper
+        _PROCESS.tasks[wrapper.name] = wrapper
     return wrapper
 
 
@@ -1555,9 +1635,65 @@ def task(function: Callable | None = None, *args: Any,
 _CHAIN_NAME = "liteq:chain"
 
 
-def _chain_state(frame: Task) -> tuple[list, int]:
-    members = frame.args[0] if frame.args else []
-    return members, frame.kwargs.get("done", 0)
+class chain(Task):
+    """A Task that runs each task's steps to completion, in order.
+
+    It finishes with the last task's result; it can be delayed, returned
+    as a continuation, or nested in another chain.
+    """
+
+    # Stored as a call of the task liteq:chain on the list of members.  Its
+    # step makes the first member current, with the chain, holding the
+    # members left and how many are ``done``, as that call's next frame
+    # (docs/format.md).  Decoding any call of that name gives a chain.
+
+    def __init__(self, tasks: Sequence[Task]) -> None:
+        if isinstance(tasks, (str, bytes, dict)) or not hasattr(
+                tasks, "__iter__"):
+            raise TypeError(f"chain() takes a list of Tasks, got {tasks!r}")
+        members = [deserialize_task(t) for t in tasks]
+        queues = {q.path for q in (m._home() for m in members)
+                  if q is not None}
+        if len(queues) > 1:
+            raise ValueError("chain() members belong to different Queues: "
+                             "chain tasks of one database only")
+        super().__init__(_CHAIN_NAME, [members])
+
+    @property
+    def _members(self) -> list:
+        return self.args[0] if self.args else []
+
+    def _home(self) -> Queue | None:
+        """The first member's Queue: a chain belongs to it."""
+        members = self._members
+        return deserialize_task(members[0])._home() if members else None
+
+    def _options(self, own: TaskFunction) -> TaskFunction:
+        """The first member's task, as for the Queue."""
+        if not self._members:
+            return own
+        first = deserialize_task(self._members[0])
+        return first._options(first.function)
+
+    def _description(self, own: TaskFunction) -> str:
+        names = [t.name.rpartition(":")[2] for t in self._members]
+        return f"chain of {len(names)}: {', '.join(names)}"
+
+    def _resumes(self) -> bool:
+        return bool(self._members)
+
+    def _scaled(self, percent: float | None) -> float:
+        done = self.kwargs.get("done", 0)
+        total = done + len(self._members)
+        return 100.0 * ((done - 1) + (percent or 0.0) / 100.0) / total
+
+
+def _chain_step(members: list, done: int = 0) -> Any:
+    """Make the next member current; resume here when it finishes."""
+    if not members:
+        return None
+    rest = Task._made(_CHAIN_NAME, [members[1:]], {"done": done + 1})
+    return deserialize_task(members[0])._followed_by((rest,))
 
 
 def _chain_percent(members: list, done: int = 0) -> float:
@@ -1565,59 +1701,8 @@ def _chain_percent(members: list, done: int = 0) -> float:
     return 100.0 * done / total if total else 0.0
 
 
-def _chain_step(members: list, done: int = 0) -> Any:
-    """Make the next member current; resume here when it finishes."""
-    if not members:
-        return None
-    head = deserialize_task(members[0])
-    rest = Task(_CHAIN_NAME, [members[1:]], {"done": done + 1})
-    return Task(head.name, head.args, head.kwargs,
-                _then=head._then + (rest,))
-
-
 _register(_chain_step, None, {
     "name": _CHAIN_NAME, "percent": _chain_percent, "description": "chain"})
-
-
-def chain(tasks: Sequence[Task]) -> Task:
-    """A Task that runs each task's steps to completion, in order.
-
-    It finishes with the last task's result; it can be delayed, returned
-    as a continuation, or nested in another chain.
-    """
-    if isinstance(tasks, (str, bytes, dict)) or not hasattr(
-            tasks, "__iter__"):
-        raise TypeError(f"chain() takes a list of Tasks, got {tasks!r}")
-    members = [deserialize_task(t) for t in tasks]
-    queues = {q.path for q in map(_member_queue, members) if q is not None}
-    if len(queues) > 1:
-        raise ValueError("chain() members belong to different Queues: "
-                         "chain tasks of one database only")
-    return Task(_CHAIN_NAME, [members])
-
-
-def _options_function(call: Task) -> TaskFunction:
-    """The task whose queue name and priority a new job of ``call`` takes.
-
-    A chain takes them from its first member, as it takes its Queue.
-    """
-    fn = call.function
-    if fn.name == _CHAIN_NAME:
-        members = _chain_state(call)[0]
-        if members:
-            first = _options_function(deserialize_task(members[0]))
-            fn = first if first.name != _CHAIN_NAME else fn
-    return fn
-
-
-def _member_queue(call: Task) -> Queue | None:
-    fn = _REGISTRY.get(call.name)
-    if fn is None:
-        return None
-    if fn.name == _CHAIN_NAME:
-        members = _chain_state(call)[0]
-        return _member_queue(members[0]) if members else None
-    return fn._queue if fn._queue is not None else default_queue()
 
 
 def serialize_task(t: Task) -> dict:
@@ -1658,9 +1743,6 @@ class _Signal:
     since, so no wake-up is lost between the look and the wait.
     """
 
-    _by_path: dict[tuple[str, str], _Signal] = {}
-    _registry_lock = threading.Lock()
-
     def __init__(self) -> None:
         self.condition = threading.Condition(threading.Lock())
         self.generation = 0
@@ -1677,10 +1759,10 @@ class _Signal:
 
     @classmethod
     def of(cls, path: str, kind: str = "work") -> _Signal:
-        found = cls._by_path.get((path, kind))
+        found = _PROCESS.signals.get((path, kind))
         if found is None:
-            with cls._registry_lock:
-                found = cls._by_path.setdefault((path, kind), cls())
+            with _PROCESS.lock:
+                found = _PROCESS.signals.setdefault((path, kind), cls())
         return found
 
     def notify(self, local: bool = True) -> None:
@@ -1707,6 +1789,14 @@ class _Signal:
                 self.waiting -= 1
 
 
+def _job_field(column: str, doc: str,
+               convert: Callable = lambda v: v) -> property:
+    """A read-only Job field: its column of the job's row, read fresh."""
+    def read(self: Job) -> Any:
+        return convert(self._row()[column])
+    return property(read, doc=doc)
+
+
 class Job:
     """A handle on one stored job; every field read is fresh.
 
@@ -1718,6 +1808,29 @@ class Job:
     def __init__(self, queue: Queue, job_id: int | None) -> None:
         self._q = queue
         self._id = job_id
+
+    # Fields: each read is a query of the job's row ------------------------
+
+    name = _job_field("name", "Stored name of the task first delayed.")
+    current = _job_field("current", "Stored name of the current call.")
+    description = _job_field("description", "What the job does, in words.")
+    queue = _job_field("queue", "Name of the queue it waits in.")
+    priority = _job_field("priority", "Higher runs first.")
+    key = _job_field("key", "Its idempotency key, or None.")
+    status = _job_field(
+        "status", "pending, running, done, failed or cancelled.")
+    percent = _job_field("percent", "Progress, 0 to 100, or None.")
+    steps = _job_field("steps", "Steps completed so far.")
+    attempts = _job_field("attempts", "Starts of the current step.")
+    error = _job_field("error", "Traceback text of the last error, or None.")
+    worker = _job_field("worker", '"host:pid" while a step runs, else None.')
+    eta = _job_field("eta", "When its current step is due.", _utc)
+    created_at = _job_field("created_at", "When it was stored.", _utc)
+    started_at = _job_field(
+        "started_at", "When its first step started, or None.", _utc)
+    updated_at = _job_field("updated_at", "When its row last changed.", _utc)
+    finished_at = _job_field(
+        "finished_at", "When it finished, or None.", _utc)
 
     def __repr__(self) -> str:
         return f"<Job {self._id if self._id is not None else '(batched)'}>"
@@ -1820,22 +1933,8 @@ class Job:
         return self
 
 
-def _job_field(column: str, convert: Callable = lambda v: v) -> property:
-    def read(self: Job) -> Any:
-        return convert(self._row()[column])
-    read.__doc__ = f"The job's {column.replace('_', ' ')} (read fresh)."
-    return property(read)
-
-
-for _column in ("name", "current", "description", "queue", "priority",
-                "key", "status", "percent", "steps", "attempts", "error",
-                "worker"):
-    setattr(Job, _column, _job_field(_column))
 _TIME_COLUMNS = ("eta", "created_at", "started_at", "updated_at",
                  "finished_at")
-for _column in _TIME_COLUMNS:
-    setattr(Job, _column, _job_field(_column, _utc))
-del _column
 
 
 def _row_dict(row: tuple) -> dict:
@@ -1886,12 +1985,11 @@ class _CurrentJob(Job):
         return bool(rows and rows[0][0])
 
 
-_CURRENT = threading.local()
 
 
 def current_job() -> _CurrentJob | None:
     """The Job of the step running in this thread, or None outside one."""
-    return getattr(_CURRENT, "job", None)
+    return getattr(_PROCESS.current, "job", None)
 
 
 class Queue:
@@ -2038,11 +2136,11 @@ class Queue:
                  queue: Any, key: Any) -> _NewJob:
         """Validate a call and its options into the row to insert."""
         own = call.function
-        fn = own if own.name != _CHAIN_NAME else _options_function(call)
         text = _encode(call, "", self.max_payload)
         if own.percent is not None or own.description is not None:
             # They see the arguments as a worker will, decoded from JSON.
             call = Task._from_json(_parse(text))
+        fn = call._options(own)
         now = self._store.clock()
         start = _start_time(countdown, eta, now)
         if priority is not None:
@@ -2053,7 +2151,7 @@ class Queue:
             _check_name("key", key)
         return _NewJob(
             call.name, text,
-            _storable_text(own._description(call.args, call.kwargs)),
+            _storable_text(call._description(own)),
             fn.queue if queue is None else queue,
             fn.priority if priority is None else priority,
             key, call.percent() if call._then else own._percent_of(
@@ -2101,48 +2199,31 @@ def _start_time(countdown: Any, eta: Any, now: float) -> float:
     return max(now, _check_number("eta", eta, -math.inf))
 
 
-_DEFAULT_QUEUE: list = []  # the default Queue, made on first use
-_DEFAULT_LOCK = threading.Lock()
-
-
 def default_queue() -> Queue:
     """The Queue behind module-level @task: $LITEQ_DB, else ./liteq.db."""
-    with _DEFAULT_LOCK:
-        if not _DEFAULT_QUEUE:
-            _DEFAULT_QUEUE.append(
-                Queue(os.environ.get("LITEQ_DB") or _DEFAULT_DB))
-        return _DEFAULT_QUEUE[0]
-
-
-def _after_fork_in_child() -> None:
-    # A lock held by another thread at fork() stays held in the child
-    # forever: give the child fresh ones.  Worker threads are not copied.
-    global _REGISTRY_LOCK, _WARNED_LOCK, _DEFAULT_LOCK
-    _REGISTRY_LOCK = threading.Lock()
-    _WARNED_LOCK = threading.Lock()
-    _DEFAULT_LOCK = threading.Lock()
-    _Signal._by_path = {}
-    _Signal._registry_lock = threading.Lock()
-    for lead in list(_Lead.opened):  # the parent's lead is not the child's
-        lead.forget()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    queue = _PROCESS.default_queue
+    if queue is not None:
+        return queue
+    with _PROCESS.lock:
+        if _PROCESS.default_queue is None:
+            _PROCESS.default_queue = Queue(
+                os.environ.get("LITEQ_DB") or _DEFAULT_DB)
+        return _PROCESS.default_queue
 
 
 def configure(path: str | os.PathLike, **options: Any) -> Queue:
     """Point the default Queue at ``path`` (before it is first used)."""
     queue = Queue(path, **options)
-    with _DEFAULT_LOCK:
-        if _DEFAULT_QUEUE and _DEFAULT_QUEUE[0]._store._connections:
-            old = _DEFAULT_QUEUE[0]
+    with _PROCESS.lock:
+        old = _PROCESS.default_queue
+        if old is not None and old._store._connections:
             if old.path != queue.path:
                 raise RuntimeError(
                     f"the default queue is already in use at {old.path}; "
                     f"call configure() before the first delay()")
-        _DEFAULT_QUEUE[:] = [queue]
+        _PROCESS.default_queue = queue
     return queue
+
 
 # ---------------------------------------------------------------------------
 # 8. Worker: steps, claims, the loop of each thread
@@ -2286,7 +2367,7 @@ def _run_step(step: _Step, queue: Queue) -> _Outcome:
     open); ``current_job()`` is its job while the function runs."""
     try:
         call = _decode_call(step.call)
-        fn = _REGISTRY.get(call.name)
+        fn = _PROCESS.tasks.get(call.name)
         if fn is None:
             raise LookupError(f"unknown task {call.name!r}: not "
                               f"registered in this worker")
@@ -2299,7 +2380,7 @@ def _run_step(step: _Step, queue: Queue) -> _Outcome:
                  f"{type(exc).__name__}: {exc}")
         logger.error("%s", error)
         return _Outcome(step, "fail", error=error)
-    _CURRENT.job = _CurrentJob(queue, step.id, step.number, step.attempt,
+    _PROCESS.current.job = _CurrentJob(queue, step.id, step.number, step.attempt,
                                step.token)
     try:
         value = fn.__wrapped__(*args, **kwargs)
@@ -2308,7 +2389,7 @@ def _run_step(step: _Step, queue: Queue) -> _Outcome:
     except BaseException:  # SystemExit too: it fails this step only
         return _failed_step(step, fn, traceback.format_exc())
     finally:
-        _CURRENT.job = None
+        _PROCESS.current.job = None
     return _finished_step(step, call, value, queue.max_payload)
 
 
@@ -2326,7 +2407,7 @@ def _finished_step(step: _Step, call: Task, value: Any,
         if follow is None:
             return _Outcome(step, "done", _encode(value, "result", limit))
         text = _encode(follow, "continuation", limit)
-        fn = _REGISTRY.get(follow.name)
+        fn = _PROCESS.tasks.get(follow.name)
         if follow._then or (fn is not None and fn.percent is not None):
             follow = deserialize_task(_parse(text))  # as stored
         percent = follow.percent()
@@ -2339,7 +2420,7 @@ def _finished_step(step: _Step, call: Task, value: Any,
 
 def _task_limits(current: str) -> tuple[float, int]:
     """The lease and max_lost of the task a stored call names."""
-    fn = _REGISTRY.get(current)
+    fn = _PROCESS.tasks.get(current)
     if fn is None:
         return _TASK_DEFAULTS["lease"], _TASK_DEFAULTS["max_lost"]
     return fn.lease, fn.max_lost
@@ -2832,7 +2913,7 @@ class _WorkerThread:
     def _may_continue_here(self, step: _Step, outcome: _Outcome) -> bool:
         """Whether the job's next step would be this thread's next claim."""
         if (self.solo or self.stopping.is_set()
-                or outcome.current not in _REGISTRY
+                or outcome.current not in _PROCESS.tasks
                 or _task_limits(outcome.current) != step.limits
                 or (step.token + 1) >> _TOKEN_BITS != step.token >> _TOKEN_BITS
                 or any(other.priority >= step.priority
@@ -3068,6 +3149,30 @@ class _WorkerThread:
             step.lease, step.renewed = step.limits[0], self.tick()
         self._after_write(outcomes, rows, release, 0)
 
+    def survey(self, now: float) -> tuple[list[_Step], bool, float]:
+        """For the housekeeper at pacing time ``now``: the held steps whose
+        lease is due for renewal, whether the running step has just run
+        past ``rescue``, and when to look again."""
+        due: list[_Step] = []
+        wake, rescue = math.inf, self.tuning.rescue
+        with self.lock:
+            for step in self.held():
+                at = step.renewed + step.lease / 3
+                if at <= now:
+                    due.append(step)
+                    at = now + step.lease / 3
+                wake = min(wake, at)
+            step = self.running
+            busy = step is not None or bool(self.ahead or self.pending)
+            turned_long = False
+            if step is not None and not step.long:
+                turned_long = step.long = now - step.began >= rescue
+                if not turned_long:
+                    wake = min(wake, step.began + rescue)
+        if busy:  # look again soon, so that each step need not poke
+            wake = min(wake, now + rescue)
+        return due, turned_long, wake
+
     def drop_lapsed(self, step: _Step) -> bool:
         """Forget a step claimed ahead whose claim lapsed (another worker
         may hold it now); True if it was still ahead (call under lock)."""
@@ -3202,26 +3307,12 @@ class _Housekeeper:
         due: list[tuple[_WorkerThread, _Step]] = []
         long: list[_WorkerThread] = []
         wake = math.inf
-        rescue = self.tuning.rescue
         for thread in self.threads:
-            with thread.lock:
-                for step in thread.held():
-                    at = step.renewed + step.lease / 3
-                    if at <= now:
-                        due.append((thread, step))
-                        at = now + step.lease / 3
-                    wake = min(wake, at)
-                step = thread.running
-                if step is not None and not step.long:
-                    if now - step.began >= rescue:
-                        step.long = True
-                        long.append(thread)
-                    else:
-                        wake = min(wake, step.began + rescue)
-                if step is not None or thread.ahead or thread.pending:
-                    # Busy: look again soon, so that each step need not
-                    # wake this thread (see poke).
-                    wake = min(wake, now + rescue)
+            steps, turned_long, at = thread.survey(now)
+            due += [(thread, step) for step in steps]
+            if turned_long:
+                long.append(thread)
+            wake = min(wake, at)
         if due and now >= self._renew_at:
             self._renew(due, now)
         elif due:
@@ -3530,14 +3621,12 @@ class _Lead:
     worker leads.
     """
 
-    opened: weakref.WeakSet = weakref.WeakSet()
-
     def __init__(self, path: str) -> None:
         self._path = path + "-lead"
         self._lock = threading.Lock()  # guards _fd and held
         self._fd: int | None = None
         self.held = False
-        _Lead.opened.add(self)
+        _PROCESS.on_fork(self.forget)  # the parent's lead is not the child's
 
     def take(self) -> bool:
         """Lead if nobody else does; True if this worker leads."""
@@ -3903,498 +3992,11 @@ def _http_respond(environ: dict, start_response: Callable, code: int,
 
 
 def _dashboard_page(environ: dict) -> bytes:
-    # The page fetches BASE + "tasks", so it works under any mount point.
+    # The page, _DASHBOARD, is long: it has section 12 to itself.  It
+    # fetches BASE + "tasks", so it works under any mount point.
     base = environ.get("SCRIPT_NAME", "").rstrip("/") + "/"
     return _DASHBOARD.replace("__LITEQ_BASE__",
                               html.escape(base, quote=True)).encode()
-
-
-# The dashboard: one page, no external assets.  It polls /counts and
-# /tasks and builds every row with textContent, so job text is never
-# parsed as HTML.  The CSP below allows only this script and this style.
-_DASHBOARD = r"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="liteq-base" content="__LITEQ_BASE__">
-<link rel="icon" href="data:,">
-<title>liteq</title>
-<style>
-:root {
-  --bg: #f6f7f9; --card: #fff; --text: #1f2328; --muted: #656d76;
-  --line: #d0d7de; --soft: #eaeef2; --pending: #9a6700;
-  --running: #0969da; --done: #1a7f37; --failed: #cf222e;
-  --cancelled: #6e7781;
-}
-* { box-sizing: border-box; }
-[hidden] { display: none !important; }
-body {
-  margin: 0; background: var(--bg); color: var(--text);
-  font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto,
-        "Helvetica Neue", Arial, sans-serif;
-}
-header {
-  display: flex; align-items: center; gap: 16px; padding: 10px 24px;
-  background: #24292f; color: #fff;
-}
-header h1 { margin: 0; font-size: 18px; letter-spacing: .5px; }
-header select {
-  font: inherit; padding: 3px 6px; border-radius: 6px;
-  border: 1px solid #57606a; background: #32383f; color: #fff;
-}
-#live { margin-left: auto; font-size: 12px; color: #d0d7de; }
-#live::before {
-  content: ""; display: inline-block; width: 8px; height: 8px;
-  margin-right: 6px; border-radius: 50%; background: #8c959f;
-}
-#live.ok::before { background: #2da44e; }
-#live.down { color: #ffb3ad; }
-#live.down::before { background: #fa4549; }
-main { max-width: 1240px; margin: 0 auto; padding: 20px 24px 40px; }
-.counts {
-  display: grid; grid-template-columns: repeat(6, minmax(0, 1fr));
-  gap: 12px; margin-bottom: 20px;
-}
-.count {
-  font: inherit; text-align: left; cursor: pointer; padding: 10px 14px;
-  color: var(--muted); background: var(--card);
-  border: 1px solid var(--line); border-top: 3px solid var(--line);
-  border-radius: 8px;
-}
-.count b {
-  display: block; font-size: 24px; color: var(--text);
-  font-variant-numeric: tabular-nums;
-}
-.count:hover { border-color: #8c959f; }
-.count.active { box-shadow: 0 0 0 2px var(--running); }
-.count.pending { border-top-color: var(--pending); }
-.count.running { border-top-color: var(--running); }
-.count.done { border-top-color: var(--done); }
-.count.failed { border-top-color: var(--failed); }
-.count.cancelled { border-top-color: var(--cancelled); }
-.panel {
-  background: var(--card); border: 1px solid var(--line);
-  border-radius: 8px; overflow: hidden; margin-bottom: 20px;
-}
-.panel-head {
-  display: flex; align-items: baseline; gap: 12px; padding: 10px 14px;
-  border-bottom: 1px solid var(--line);
-}
-.panel-head h2 { margin: 0; font-size: 15px; }
-.muted { color: var(--muted); font-size: 12px; }
-.panel-head a { margin-left: auto; color: var(--running); }
-table { width: 100%; border-collapse: collapse; table-layout: fixed; }
-th {
-  text-align: left; font-size: 12px; font-weight: 600;
-  color: var(--muted); background: #f6f8fa; padding: 8px 12px;
-  border-bottom: 1px solid var(--line);
-}
-td {
-  padding: 8px 12px; border-bottom: 1px solid var(--soft);
-  overflow: hidden; text-overflow: ellipsis; white-space: nowrap;
-}
-tbody tr:last-child td { border-bottom: 0; }
-tbody tr { cursor: pointer; }
-tbody tr:hover { background: #f6f8fa; }
-tbody tr.selected { background: #ddf4ff; }
-.num { text-align: right; font-variant-numeric: tabular-nums; }
-.mono {
-  font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
-  font-size: 12.5px;
-}
-.c-id { width: 64px; } .c-task { width: 17%; } .c-status { width: 112px; }
-.c-progress { width: 210px; } .c-steps { width: 64px; }
-.c-updated { width: 96px; }
-.status {
-  display: inline-block; padding: 1px 9px; border-radius: 999px;
-  font-size: 12px; font-weight: 600;
-}
-.status.pending { color: var(--pending); background: #fff8c5; }
-.status.running { color: var(--running); background: #ddf4ff; }
-.status.done { color: var(--done); background: #dafbe1; }
-.status.failed { color: var(--failed); background: #ffebe9; }
-.status.cancelled { color: #57606a; background: var(--soft); }
-.progress { display: flex; align-items: center; gap: 8px; }
-.bar {
-  flex: 1; height: 8px; border-radius: 4px; overflow: hidden;
-  background: var(--soft);
-}
-.fill { height: 100%; border-radius: 4px; transition: width .4s ease; }
-.bar.pending .fill { background: #d4a72c; }
-.bar.running .fill { background: var(--running); }
-.bar.done .fill { background: var(--done); }
-.bar.failed .fill { background: var(--failed); }
-.bar.cancelled .fill { background: #8c959f; }
-.bar.unknown .fill {
-  width: 100% !important; opacity: .35;
-  background: repeating-linear-gradient(45deg, var(--running) 0 6px,
-                                        transparent 6px 12px);
-}
-.pct { width: 40px; text-align: right; font-variant-numeric: tabular-nums; }
-.empty { margin: 0; padding: 24px; text-align: center; color: var(--muted); }
-.why, .note {
-  display: block; font-size: 12px; color: var(--failed);
-  overflow: hidden; text-overflow: ellipsis;
-}
-.note { color: var(--muted); }
-#detail {
-  position: fixed; top: 0; right: 0; bottom: 0; z-index: 10;
-  width: min(520px, 100%); margin: 0; border-radius: 0; border-width: 0;
-  border-left: 1px solid var(--line); overflow-y: auto;
-  box-shadow: -8px 0 24px rgba(31, 35, 40, .15);
-}
-#detail .panel-head {
-  position: sticky; top: 0; background: var(--card); padding: 14px;
-}
-dl {
-  display: grid; grid-template-columns: max-content 1fr; gap: 6px 20px;
-  margin: 0; padding: 14px;
-}
-dt { color: var(--muted); }
-dd .progress { max-width: 280px; }
-dd { margin: 0; overflow-wrap: anywhere; }
-pre.error {
-  margin: 0 14px 14px; padding: 12px; overflow: auto;
-  background: #fff5f5; border: 1px solid #ffcecb; border-radius: 6px;
-  color: #82071e; font-size: 12.5px; white-space: pre-wrap;
-}
-@media (max-width: 800px) {
-  .counts { grid-template-columns: repeat(3, minmax(0, 1fr)); }
-  .c-task, .c-updated { display: none; }
-  .c-progress { width: 130px; } .c-status { width: 96px; }
-  main { padding: 12px; }
-}
-</style>
-</head>
-<body>
-<header>
-  <h1>liteq</h1>
-  <select id="queue" aria-label="queue name">
-    <option value="">all queues</option>
-  </select>
-  <span id="live">connecting&hellip;</span>
-</header>
-<main>
-  <section id="counts" class="counts" aria-label="jobs per status"></section>
-  <section class="panel">
-    <div class="panel-head">
-      <h2 id="title">Recent jobs</h2><span id="shown" class="muted"></span>
-    </div>
-    <table>
-      <colgroup>
-        <col class="c-id"><col class="c-task"><col><col class="c-status">
-        <col class="c-progress"><col class="c-steps"><col class="c-updated">
-      </colgroup>
-      <thead><tr>
-        <th class="num">ID</th><th class="c-task">Task</th>
-        <th>Description</th><th>Status</th><th>Progress</th>
-        <th class="num">Steps</th><th class="c-updated">Updated</th>
-      </tr></thead>
-      <tbody id="jobs"></tbody>
-    </table>
-    <p id="empty" class="empty" hidden>No jobs.</p>
-  </section>
-  <section id="detail" class="panel" hidden>
-    <div class="panel-head">
-      <h2 id="detail-title"></h2><span id="detail-status"></span>
-      <a href="#" id="close">close</a>
-    </div>
-    <dl id="fields"></dl>
-    <pre id="error" class="error" hidden></pre>
-  </section>
-</main>
-<script>
-"use strict";
-const BASE = document.querySelector('meta[name="liteq-base"]').content;
-const STATUSES = ["pending", "running", "done", "failed", "cancelled"];
-const LIMIT = 50, PERIOD = 1500;
-const view = {status: "", queue: "", selected: null};
-const loop = {timer: null, busy: false, again: false};
-const $ = (id) => document.getElementById(id);
-
-function node(tag, cls, text) {
-  const el = document.createElement(tag);
-  if (cls) el.className = cls;
-  if (text !== undefined && text !== null) el.textContent = String(text);
-  return el;
-}
-
-async function getJSON(path) {
-  const response = await fetch(BASE + path, {
-    cache: "no-store", headers: {Accept: "application/json"}});
-  let body = null;
-  try { body = await response.json(); } catch (e) { body = null; }
-  if (response.status === 404 && body) return null;
-  if (!response.ok) {
-    throw new Error((body && body.error) || "HTTP " + response.status);
-  }
-  return body;
-}
-
-function when(iso) {
-  return iso ? Date.parse(iso.replace(/(\.\d{3})\d+/, "$1")) : NaN;
-}
-
-function ago(iso) {
-  const t = when(iso);
-  if (isNaN(t)) return "";
-  const s = Math.max(0, Math.floor((Date.now() - t) / 1000));
-  if (s < 60) return s + "s ago";
-  if (s < 3600) return Math.floor(s / 60) + "m ago";
-  if (s < 86400) return Math.floor(s / 3600) + "h ago";
-  return Math.floor(s / 86400) + "d ago";
-}
-
-function ahead(iso) {
-  const s = Math.max(0, Math.round((when(iso) - Date.now()) / 1000));
-  const m = Math.round(s / 60), h = Math.round(s / 3600);
-  if (s < 60) return "in " + s + "s";
-  if (m < 60) return "in " + m + "m";
-  return h < 24 ? "in " + h + "h" : "in " + Math.round(s / 86400) + "d";
-}
-
-function localTime(iso) {
-  const t = when(iso);
-  return isNaN(t) ? "" : new Date(t).toLocaleString();
-}
-
-function progress(job) {
-  const known = typeof job.percent === "number";
-  const percent = known ? Math.max(0, Math.min(100, job.percent)) : 0;
-  const unknown = !known && job.status === "running";
-  const bar = node("div", "bar " + (unknown ? "unknown" : job.status));
-  const fill = node("div", "fill");
-  fill.style.width = percent + "%";
-  bar.appendChild(fill);
-  bar.setAttribute("role", "progressbar");
-  bar.setAttribute("aria-valuemin", "0");
-  bar.setAttribute("aria-valuemax", "100");
-  if (known) bar.setAttribute("aria-valuenow", String(percent));
-  const box = node("div", "progress");
-  box.append(bar, node("span", "pct",
-                       known ? Math.floor(percent) + "%" : "\u2014"));
-  return box;
-}
-
-function lastLine(text) {
-  const lines = text.trim().split("\n");
-  return lines[lines.length - 1];
-}
-
-function statusWord(status) {
-  return node("span", "status " + status, status);
-}
-
-function renderQueues(names) {
-  const select = $("queue");
-  if (view.queue && !names.includes(view.queue)) names.push(view.queue);
-  const known = Array.from(select.options).slice(1).map((o) => o.value);
-  if (known.join("\n") !== names.join("\n")) {
-    const options = [node("option", "", "all queues")];
-    options[0].value = "";
-    for (const name of names) {
-      const option = node("option", "", name);
-      option.value = name;
-      options.push(option);
-    }
-    select.replaceChildren(...options);
-  }
-  select.value = view.queue;
-}
-
-function countCards() {
-  if ($("counts").children.length) return $("counts").children;
-  for (const s of ["all"].concat(STATUSES)) {
-    const card = node("button", "count " + s);
-    card.type = "button";
-    card.dataset.status = s;
-    card.append(node("b", "", "0"), node("span", "", s));
-    card.addEventListener("click", () => {
-      view.status = s === "all" || view.status === s ? "" : s;
-      refreshSoon();
-    });
-    $("counts").appendChild(card);
-  }
-  return $("counts").children;
-}
-
-function renderCounts(byQueue) {
-  const names = Object.keys(byQueue).sort();
-  renderQueues(names.slice());
-  const totals = {all: 0};
-  for (const s of STATUSES) totals[s] = 0;
-  for (const name of names) {
-    if (view.queue && name !== view.queue) continue;
-    for (const s of STATUSES) {
-      const n = byQueue[name][s] || 0;
-      totals[s] += n;
-      totals.all += n;
-    }
-  }
-  for (const card of countCards()) {
-    const s = card.dataset.status;
-    card.firstChild.textContent = String(totals[s]);
-    card.classList.toggle("active", (view.status || "all") === s);
-  }
-}
-
-function jobRow(job) {
-  const row = node("tr");
-  row.dataset.id = job.id;
-  row.dataset.status = job.status;
-  if (job.id === view.selected) row.className = "selected";
-  const updated = node("td", "c-updated", ago(job.updated_at));
-  updated.title = localTime(job.updated_at);
-  const task = node("td", "c-task mono", job.name);
-  task.title = job.name;
-  const description = node("td", "", job.description);
-  description.title = job.description;
-  if (job.status === "failed" && job.error) {
-    const why = node("span", "why", lastLine(job.error));
-    description.appendChild(why);
-    description.title = job.description + "\n" + why.textContent;
-  } else if (job.status === "pending" && when(job.eta) > Date.now()) {
-    description.appendChild(node("span", "note", "runs " + ahead(job.eta)));
-  }
-  const status = node("td");
-  status.appendChild(statusWord(job.status));
-  const bar = node("td");
-  bar.appendChild(progress(job));
-  row.append(node("td", "num", job.id), task, description, status, bar,
-             node("td", "num", job.steps), updated);
-  row.tabIndex = 0;
-  row.addEventListener("click", () => { location.hash = "job-" + job.id; });
-  row.addEventListener("keydown", (event) => {
-    if (event.key === "Enter") location.hash = "job-" + job.id;
-  });
-  return row;
-}
-
-function renderJobs(jobs) {
-  $("jobs").replaceChildren(...jobs.map(jobRow));
-  $("empty").hidden = jobs.length > 0;
-  const words = [view.status || "recent", "jobs"];
-  if (view.queue) words.push("in " + view.queue);
-  $("title").textContent = words.join(" ").replace(/^./, (c) =>
-    c.toUpperCase());
-  $("shown").textContent = jobs.length >= LIMIT ?
-    "newest " + LIMIT + " shown" : "";
-}
-
-const FIELDS = ["id", "name", "current", "description", "queue",
-                "priority", "key", "status", "percent", "steps", "attempts",
-                "worker", "eta", "created_at", "started_at", "updated_at",
-                "finished_at", "args", "kwargs", "result"];
-
-function fieldValue(job, field) {
-  const value = job[field];
-  if (field === "percent") return progress(job);
-  if (field === "status") return statusWord(value);
-  if (["args", "kwargs", "result"].includes(field)) {
-    return node("span", "mono", JSON.stringify(value));
-  }
-  if (value === null || value === undefined) return node("span", "", "-");
-  if (field.endsWith("_at") || field === "eta") {
-    return node("span", "", localTime(value) + " (" + ago(value) + ")");
-  }
-  return node("span", field === "name" || field === "current" ?
-              "mono" : "", value);
-}
-
-function renderDetail(job, id) {
-  $("detail").hidden = false;
-  $("detail-title").textContent = "Job " + id;
-  if (job === null) {
-    $("detail-status").textContent = "not found (never stored, or purged)";
-    $("fields").replaceChildren();
-    $("error").hidden = true;
-    return;
-  }
-  $("detail-status").replaceChildren(statusWord(job.status));
-  const items = [];
-  for (const field of FIELDS) {
-    const dd = node("dd");
-    dd.appendChild(fieldValue(job, field));
-    items.push(node("dt", "", field), dd);
-  }
-  $("fields").replaceChildren(...items);
-  $("error").hidden = !job.error;
-  $("error").textContent = job.error || "";
-}
-
-function selectedId() {
-  const match = /^#job-(\d+)$/.exec(location.hash);
-  return match ? Number(match[1]) : null;
-}
-
-async function refresh() {
-  loop.busy = true;
-  const query = new URLSearchParams({limit: String(LIMIT)});
-  if (view.status) query.set("status", view.status);
-  if (view.queue) query.set("queue", view.queue);
-  view.selected = selectedId();
-  try {
-    const [counts, jobs] = await Promise.all(
-      [getJSON("counts"), getJSON("tasks?" + query)]);
-    renderCounts(counts);
-    renderJobs(jobs);
-    if (view.selected === null) $("detail").hidden = true;
-    else renderDetail(await getJSON("tasks/" + view.selected),
-                      view.selected);
-    $("live").className = "ok";
-    $("live").textContent = "live \u00b7 " +
-      new Date().toLocaleTimeString();
-  } catch (err) {
-    $("live").className = "down";
-    $("live").textContent = "cannot reach the server (" + err.message +
-      "): retrying";
-  }
-  loop.busy = false;
-  loop.timer = setTimeout(refresh, loop.again ? 0 : PERIOD);
-  loop.again = false;
-}
-
-function refreshSoon() {
-  if (loop.busy) { loop.again = true; return; }
-  clearTimeout(loop.timer);
-  refresh();
-}
-
-$("queue").addEventListener("change", (event) => {
-  view.queue = event.target.value;
-  refreshSoon();
-});
-function closeDetail(event) {
-  event.preventDefault();
-  history.replaceState(null, "", location.pathname + location.search);
-  refreshSoon();
-}
-
-$("close").addEventListener("click", closeDetail);
-document.addEventListener("keydown", (event) => {
-  if (event.key === "Escape" && selectedId() !== null) closeDetail(event);
-});
-window.addEventListener("hashchange", refreshSoon);
-refresh();
-</script>
-</body>
-</html>
-"""
-
-
-def _csp_source(page: str, tag: str) -> str:
-    """The CSP hash source allowing the page's one inline ``tag``."""
-    body = page.split(f"<{tag}>", 1)[1].split(f"</{tag}>", 1)[0]
-    digest = hashlib.sha256(body.encode()).digest()
-    return f"'sha256-{base64.b64encode(digest).decode()}'"
-
-
-_DASHBOARD_CSP = (
-    f"default-src 'none'; script-src {_csp_source(_DASHBOARD, 'script')}; "
-    f"style-src {_csp_source(_DASHBOARD, 'style')}; connect-src 'self'; "
-    f"img-src data:; base-uri 'none'; form-action 'none'; "
-    f"frame-ancestors 'none'")
 
 
 # ---------------------------------------------------------------------------
@@ -5020,7 +4622,499 @@ def _loopback_only(app: Callable, bound: str) -> Callable:
 
 
 # ---------------------------------------------------------------------------
-# 12. python -m liteq
+# 12. Dashboard page: HTML, script and style
+# ---------------------------------------------------------------------------
+
+# The dashboard: one page, no external assets.  It polls /counts and
+# /tasks and builds every row with textContent, so job text is never
+# parsed as HTML.  The CSP below allows only this script and this style.
+_DASHBOARD = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="liteq-base" content="__LITEQ_BASE__">
+<link rel="icon" href="data:,">
+<title>liteq</title>
+<style>
+:root {
+  --bg: #f6f7f9; --card: #fff; --text: #1f2328; --muted: #656d76;
+  --line: #d0d7de; --soft: #eaeef2; --pending: #9a6700;
+  --running: #0969da; --done: #1a7f37; --failed: #cf222e;
+  --cancelled: #6e7781;
+}
+* { box-sizing: border-box; }
+[hidden] { display: none !important; }
+body {
+  margin: 0; background: var(--bg); color: var(--text);
+  font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto,
+        "Helvetica Neue", Arial, sans-serif;
+}
+header {
+  display: flex; align-items: center; gap: 16px; padding: 10px 24px;
+  background: #24292f; color: #fff;
+}
+header h1 { margin: 0; font-size: 18px; letter-spacing: .5px; }
+header select {
+  font: inherit; padding: 3px 6px; border-radius: 6px;
+  border: 1px solid #57606a; background: #32383f; color: #fff;
+}
+#live { margin-left: auto; font-size: 12px; color: #d0d7de; }
+#live::before {
+  content: ""; display: inline-block; width: 8px; height: 8px;
+  margin-right: 6px; border-radius: 50%; background: #8c959f;
+}
+#live.ok::before { background: #2da44e; }
+#live.down { color: #ffb3ad; }
+#live.down::before { background: #fa4549; }
+main { max-width: 1240px; margin: 0 auto; padding: 20px 24px 40px; }
+.counts {
+  display: grid; grid-template-columns: repeat(6, minmax(0, 1fr));
+  gap: 12px; margin-bottom: 20px;
+}
+.count {
+  font: inherit; text-align: left; cursor: pointer; padding: 10px 14px;
+  color: var(--muted); background: var(--card);
+  border: 1px solid var(--line); border-top: 3px solid var(--line);
+  border-radius: 8px;
+}
+.count b {
+  display: block; font-size: 24px; color: var(--text);
+  font-variant-numeric: tabular-nums;
+}
+.count:hover { border-color: #8c959f; }
+.count.active { box-shadow: 0 0 0 2px var(--running); }
+.count.pending { border-top-color: var(--pending); }
+.count.running { border-top-color: var(--running); }
+.count.done { border-top-color: var(--done); }
+.count.failed { border-top-color: var(--failed); }
+.count.cancelled { border-top-color: var(--cancelled); }
+.panel {
+  background: var(--card); border: 1px solid var(--line);
+  border-radius: 8px; overflow: hidden; margin-bottom: 20px;
+}
+.panel-head {
+  display: flex; align-items: baseline; gap: 12px; padding: 10px 14px;
+  border-bottom: 1px solid var(--line);
+}
+.panel-head h2 { margin: 0; font-size: 15px; }
+.muted { color: var(--muted); font-size: 12px; }
+.panel-head a { margin-left: auto; color: var(--running); }
+table { width: 100%; border-collapse: collapse; table-layout: fixed; }
+th {
+  text-align: left; font-size: 12px; font-weight: 600;
+  color: var(--muted); background: #f6f8fa; padding: 8px 12px;
+  border-bottom: 1px solid var(--line);
+}
+td {
+  padding: 8px 12px; border-bottom: 1px solid var(--soft);
+  overflow: hidden; text-overflow: ellipsis; white-space: nowrap;
+}
+tbody tr:last-child td { border-bottom: 0; }
+tbody tr { cursor: pointer; }
+tbody tr:hover { background: #f6f8fa; }
+tbody tr.selected { background: #ddf4ff; }
+.num { text-align: right; font-variant-numeric: tabular-nums; }
+.mono {
+  font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
+  font-size: 12.5px;
+}
+.c-id { width: 64px; } .c-task { width: 17%; } .c-status { width: 112px; }
+.c-progress { width: 210px; } .c-steps { width: 64px; }
+.c-updated { width: 96px; }
+.status {
+  display: inline-block; padding: 1px 9px; border-radius: 999px;
+  font-size: 12px; font-weight: 600;
+}
+.status.pending { color: var(--pending); background: #fff8c5; }
+.status.running { color: var(--running); background: #ddf4ff; }
+.status.done { color: var(--done); background: #dafbe1; }
+.status.failed { color: var(--failed); background: #ffebe9; }
+.status.cancelled { color: #57606a; background: var(--soft); }
+.progress { display: flex; align-items: center; gap: 8px; }
+.bar {
+  flex: 1; height: 8px; border-radius: 4px; overflow: hidden;
+  background: var(--soft);
+}
+.fill { height: 100%; border-radius: 4px; transition: width .4s ease; }
+.bar.pending .fill { background: #d4a72c; }
+.bar.running .fill { background: var(--running); }
+.bar.done .fill { background: var(--done); }
+.bar.failed .fill { background: var(--failed); }
+.bar.cancelled .fill { background: #8c959f; }
+.bar.unknown .fill {
+  width: 100% !important; opacity: .35;
+  background: repeating-linear-gradient(45deg, var(--running) 0 6px,
+                                        transparent 6px 12px);
+}
+.pct { width: 40px; text-align: right; font-variant-numeric: tabular-nums; }
+.empty { margin: 0; padding: 24px; text-align: center; color: var(--muted); }
+.why, .note {
+  display: block; font-size: 12px; color: var(--failed);
+  overflow: hidden; text-overflow: ellipsis;
+}
+.note { color: var(--muted); }
+#detail {
+  position: fixed; top: 0; right: 0; bottom: 0; z-index: 10;
+  width: min(520px, 100%); margin: 0; border-radius: 0; border-width: 0;
+  border-left: 1px solid var(--line); overflow-y: auto;
+  box-shadow: -8px 0 24px rgba(31, 35, 40, .15);
+}
+#detail .panel-head {
+  position: sticky; top: 0; background: var(--card); padding: 14px;
+}
+dl {
+  display: grid; grid-template-columns: max-content 1fr; gap: 6px 20px;
+  margin: 0; padding: 14px;
+}
+dt { color: var(--muted); }
+dd .progress { max-width: 280px; }
+dd { margin: 0; overflow-wrap: anywhere; }
+pre.error {
+  margin: 0 14px 14px; padding: 12px; overflow: auto;
+  background: #fff5f5; border: 1px solid #ffcecb; border-radius: 6px;
+  color: #82071e; font-size: 12.5px; white-space: pre-wrap;
+}
+@media (max-width: 800px) {
+  .counts { grid-template-columns: repeat(3, minmax(0, 1fr)); }
+  .c-task, .c-updated { display: none; }
+  .c-progress { width: 130px; } .c-status { width: 96px; }
+  main { padding: 12px; }
+}
+</style>
+</head>
+<body>
+<header>
+  <h1>liteq</h1>
+  <select id="queue" aria-label="queue name">
+    <option value="">all queues</option>
+  </select>
+  <span id="live">connecting&hellip;</span>
+</header>
+<main>
+  <section id="counts" class="counts" aria-label="jobs per status"></section>
+  <section class="panel">
+    <div class="panel-head">
+      <h2 id="title">Recent jobs</h2><span id="shown" class="muted"></span>
+    </div>
+    <table>
+      <colgroup>
+        <col class="c-id"><col class="c-task"><col><col class="c-status">
+        <col class="c-progress"><col class="c-steps"><col class="c-updated">
+      </colgroup>
+      <thead><tr>
+        <th class="num">ID</th><th class="c-task">Task</th>
+        <th>Description</th><th>Status</th><th>Progress</th>
+        <th class="num">Steps</th><th class="c-updated">Updated</th>
+      </tr></thead>
+      <tbody id="jobs"></tbody>
+    </table>
+    <p id="empty" class="empty" hidden>No jobs.</p>
+  </section>
+  <section id="detail" class="panel" hidden>
+    <div class="panel-head">
+      <h2 id="detail-title"></h2><span id="detail-status"></span>
+      <a href="#" id="close">close</a>
+    </div>
+    <dl id="fields"></dl>
+    <pre id="error" class="error" hidden></pre>
+  </section>
+</main>
+<script>
+"use strict";
+const BASE = document.querySelector('meta[name="liteq-base"]').content;
+const STATUSES = ["pending", "running", "done", "failed", "cancelled"];
+const LIMIT = 50, PERIOD = 1500;
+const view = {status: "", queue: "", selected: null};
+const loop = {timer: null, busy: false, again: false};
+const $ = (id) => document.getElementById(id);
+
+function node(tag, cls, text) {
+  const el = document.createElement(tag);
+  if (cls) el.className = cls;
+  if (text !== undefined && text !== null) el.textContent = String(text);
+  return el;
+}
+
+async function getJSON(path) {
+  const response = await fetch(BASE + path, {
+    cache: "no-store", headers: {Accept: "application/json"}});
+  let body = null;
+  try { body = await response.json(); } catch (e) { body = null; }
+  if (response.status === 404 && body) return null;
+  if (!response.ok) {
+    throw new Error((body && body.error) || "HTTP " + response.status);
+  }
+  return body;
+}
+
+function when(iso) {
+  return iso ? Date.parse(iso.replace(/(\.\d{3})\d+/, "$1")) : NaN;
+}
+
+function ago(iso) {
+  const t = when(iso);
+  if (isNaN(t)) return "";
+  const s = Math.max(0, Math.floor((Date.now() - t) / 1000));
+  if (s < 60) return s + "s ago";
+  if (s < 3600) return Math.floor(s / 60) + "m ago";
+  if (s < 86400) return Math.floor(s / 3600) + "h ago";
+  return Math.floor(s / 86400) + "d ago";
+}
+
+function ahead(iso) {
+  const s = Math.max(0, Math.round((when(iso) - Date.now()) / 1000));
+  const m = Math.round(s / 60), h = Math.round(s / 3600);
+  if (s < 60) return "in " + s + "s";
+  if (m < 60) return "in " + m + "m";
+  return h < 24 ? "in " + h + "h" : "in " + Math.round(s / 86400) + "d";
+}
+
+function localTime(iso) {
+  const t = when(iso);
+  return isNaN(t) ? "" : new Date(t).toLocaleString();
+}
+
+function progress(job) {
+  const known = typeof job.percent === "number";
+  const percent = known ? Math.max(0, Math.min(100, job.percent)) : 0;
+  const unknown = !known && job.status === "running";
+  const bar = node("div", "bar " + (unknown ? "unknown" : job.status));
+  const fill = node("div", "fill");
+  fill.style.width = percent + "%";
+  bar.appendChild(fill);
+  bar.setAttribute("role", "progressbar");
+  bar.setAttribute("aria-valuemin", "0");
+  bar.setAttribute("aria-valuemax", "100");
+  if (known) bar.setAttribute("aria-valuenow", String(percent));
+  const box = node("div", "progress");
+  box.append(bar, node("span", "pct",
+                       known ? Math.floor(percent) + "%" : "\u2014"));
+  return box;
+}
+
+function lastLine(text) {
+  const lines = text.trim().split("\n");
+  return lines[lines.length - 1];
+}
+
+function statusWord(status) {
+  return node("span", "status " + status, status);
+}
+
+function renderQueues(names) {
+  const select = $("queue");
+  if (view.queue && !names.includes(view.queue)) names.push(view.queue);
+  const known = Array.from(select.options).slice(1).map((o) => o.value);
+  if (known.join("\n") !== names.join("\n")) {
+    const options = [node("option", "", "all queues")];
+    options[0].value = "";
+    for (const name of names) {
+      const option = node("option", "", name);
+      option.value = name;
+      options.push(option);
+    }
+    select.replaceChildren(...options);
+  }
+  select.value = view.queue;
+}
+
+function countCards() {
+  if ($("counts").children.length) return $("counts").children;
+  for (const s of ["all"].concat(STATUSES)) {
+    const card = node("button", "count " + s);
+    card.type = "button";
+    card.dataset.status = s;
+    card.append(node("b", "", "0"), node("span", "", s));
+    card.addEventListener("click", () => {
+      view.status = s === "all" || view.status === s ? "" : s;
+      refreshSoon();
+    });
+    $("counts").appendChild(card);
+  }
+  return $("counts").children;
+}
+
+function renderCounts(byQueue) {
+  const names = Object.keys(byQueue).sort();
+  renderQueues(names.slice());
+  const totals = {all: 0};
+  for (const s of STATUSES) totals[s] = 0;
+  for (const name of names) {
+    if (view.queue && name !== view.queue) continue;
+    for (const s of STATUSES) {
+      const n = byQueue[name][s] || 0;
+      totals[s] += n;
+      totals.all += n;
+    }
+  }
+  for (const card of countCards()) {
+    const s = card.dataset.status;
+    card.firstChild.textContent = String(totals[s]);
+    card.classList.toggle("active", (view.status || "all") === s);
+  }
+}
+
+function jobRow(job) {
+  const row = node("tr");
+  row.dataset.id = job.id;
+  row.dataset.status = job.status;
+  if (job.id === view.selected) row.className = "selected";
+  const updated = node("td", "c-updated", ago(job.updated_at));
+  updated.title = localTime(job.updated_at);
+  const task = node("td", "c-task mono", job.name);
+  task.title = job.name;
+  const description = node("td", "", job.description);
+  description.title = job.description;
+  if (job.status === "failed" && job.error) {
+    const why = node("span", "why", lastLine(job.error));
+    description.appendChild(why);
+    description.title = job.description + "\n" + why.textContent;
+  } else if (job.status === "pending" && when(job.eta) > Date.now()) {
+    description.appendChild(node("span", "note", "runs " + ahead(job.eta)));
+  }
+  const status = node("td");
+  status.appendChild(statusWord(job.status));
+  const bar = node("td");
+  bar.appendChild(progress(job));
+  row.append(node("td", "num", job.id), task, description, status, bar,
+             node("td", "num", job.steps), updated);
+  row.tabIndex = 0;
+  row.addEventListener("click", () => { location.hash = "job-" + job.id; });
+  row.addEventListener("keydown", (event) => {
+    if (event.key === "Enter") location.hash = "job-" + job.id;
+  });
+  return row;
+}
+
+function renderJobs(jobs) {
+  $("jobs").replaceChildren(...jobs.map(jobRow));
+  $("empty").hidden = jobs.length > 0;
+  const words = [view.status || "recent", "jobs"];
+  if (view.queue) words.push("in " + view.queue);
+  $("title").textContent = words.join(" ").replace(/^./, (c) =>
+    c.toUpperCase());
+  $("shown").textContent = jobs.length >= LIMIT ?
+    "newest " + LIMIT + " shown" : "";
+}
+
+const FIELDS = ["id", "name", "current", "description", "queue",
+                "priority", "key", "status", "percent", "steps", "attempts",
+                "worker", "eta", "created_at", "started_at", "updated_at",
+                "finished_at", "args", "kwargs", "result"];
+
+function fieldValue(job, field) {
+  const value = job[field];
+  if (field === "percent") return progress(job);
+  if (field === "status") return statusWord(value);
+  if (["args", "kwargs", "result"].includes(field)) {
+    return node("span", "mono", JSON.stringify(value));
+  }
+  if (value === null || value === undefined) return node("span", "", "-");
+  if (field.endsWith("_at") || field === "eta") {
+    return node("span", "", localTime(value) + " (" + ago(value) + ")");
+  }
+  return node("span", field === "name" || field === "current" ?
+              "mono" : "", value);
+}
+
+function renderDetail(job, id) {
+  $("detail").hidden = false;
+  $("detail-title").textContent = "Job " + id;
+  if (job === null) {
+    $("detail-status").textContent = "not found (never stored, or purged)";
+    $("fields").replaceChildren();
+    $("error").hidden = true;
+    return;
+  }
+  $("detail-status").replaceChildren(statusWord(job.status));
+  const items = [];
+  for (const field of FIELDS) {
+    const dd = node("dd");
+    dd.appendChild(fieldValue(job, field));
+    items.push(node("dt", "", field), dd);
+  }
+  $("fields").replaceChildren(...items);
+  $("error").hidden = !job.error;
+  $("error").textContent = job.error || "";
+}
+
+function selectedId() {
+  const match = /^#job-(\d+)$/.exec(location.hash);
+  return match ? Number(match[1]) : null;
+}
+
+async function refresh() {
+  loop.busy = true;
+  const query = new URLSearchParams({limit: String(LIMIT)});
+  if (view.status) query.set("status", view.status);
+  if (view.queue) query.set("queue", view.queue);
+  view.selected = selectedId();
+  try {
+    const [counts, jobs] = await Promise.all(
+      [getJSON("counts"), getJSON("tasks?" + query)]);
+    renderCounts(counts);
+    renderJobs(jobs);
+    if (view.selected === null) $("detail").hidden = true;
+    else renderDetail(await getJSON("tasks/" + view.selected),
+                      view.selected);
+    $("live").className = "ok";
+    $("live").textContent = "live \u00b7 " +
+      new Date().toLocaleTimeString();
+  } catch (err) {
+    $("live").className = "down";
+    $("live").textContent = "cannot reach the server (" + err.message +
+      "): retrying";
+  }
+  loop.busy = false;
+  loop.timer = setTimeout(refresh, loop.again ? 0 : PERIOD);
+  loop.again = false;
+}
+
+function refreshSoon() {
+  if (loop.busy) { loop.again = true; return; }
+  clearTimeout(loop.timer);
+  refresh();
+}
+
+$("queue").addEventListener("change", (event) => {
+  view.queue = event.target.value;
+  refreshSoon();
+});
+function closeDetail(event) {
+  event.preventDefault();
+  history.replaceState(null, "", location.pathname + location.search);
+  refreshSoon();
+}
+
+$("close").addEventListener("click", closeDetail);
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Escape" && selectedId() !== null) closeDetail(event);
+});
+window.addEventListener("hashchange", refreshSoon);
+refresh();
+</script>
+</body>
+</html>
+"""
+
+
+def _csp_source(page: str, tag: str) -> str:
+    """The CSP hash source allowing the page's one inline ``tag``."""
+    body = page.split(f"<{tag}>", 1)[1].split(f"</{tag}>", 1)[0]
+    digest = hashlib.sha256(body.encode()).digest()
+    return f"'sha256-{base64.b64encode(digest).decode()}'"
+
+
+_DASHBOARD_CSP = (
+    f"default-src 'none'; script-src {_csp_source(_DASHBOARD, 'script')}; "
+    f"style-src {_csp_source(_DASHBOARD, 'style')}; connect-src 'self'; "
+    f"img-src data:; base-uri 'none'; form-action 'none'; "
+    f"frame-ancestors 'none'")
+
+
+# ---------------------------------------------------------------------------
+# 13. python -m liteq
 # ---------------------------------------------------------------------------
 
 if __name__ == "__main__":

@@ -327,11 +327,11 @@ def fresh_state(tmp_path, monkeypatch):
     FLAGS.clear()
     GATE = Gate()
     monkeypatch.setenv("LITEQ_DB", str(tmp_path / "default.db"))
-    monkeypatch.setattr(liteq, "_DEFAULT_QUEUE", [])
+    monkeypatch.setattr(liteq._PROCESS, "default_queue", None)
     yield
     GATE.go.set()  # never leave a step blocked
-    for queue in liteq._DEFAULT_QUEUE:
-        queue.close()
+    if liteq._PROCESS.default_queue is not None:
+        liteq._PROCESS.default_queue.close()
 
 
 @pytest.fixture
@@ -1567,6 +1567,25 @@ def test_nested_chains_run_every_member_in_order(q):
     run_all(liteq.Worker(q))
     assert LOG == ["a", "b", "c", "c", "d"]
     assert job.result(timeout=5) == "d"
+
+
+def test_chain_is_a_task_stored_as_a_call_of_liteq_chain(q):
+    made = liteq.chain([T.wait(2), T.hello("x")])
+    assert isinstance(made, liteq.Task)
+    members = [liteq.serialize_task(T.wait(2)),
+               liteq.serialize_task(T.hello("x"))]
+    top = {"__task__": "liteq:chain", "args": [members], "kwargs": {}}
+    assert liteq.serialize_task(made) == top  # as in docs/format.md
+    frame = {"__task__": "liteq:chain", "args": [members[1:]],
+             "kwargs": {"done": 1}}
+    follow = made.run_once()
+    assert liteq.serialize_task(follow) == dict(members[0], then=[frame])
+    empty = {"__task__": "liteq:chain", "args": [[]], "kwargs": {"done": 2}}
+    for value in (top, frame, empty):  # stored rows decode to chains
+        assert type(liteq.deserialize_task(value)) is liteq.chain
+        assert liteq.serialize_task(liteq.deserialize_task(value)) == value
+    assert type(liteq._decode_call(json.dumps(empty))) is liteq.chain
+    assert type(follow._then[0]) is liteq.chain
 
 
 def test_ready_jobs_run_by_priority_then_ready_order(q):
@@ -3557,6 +3576,48 @@ def test_queue_used_in_a_forked_child_opens_its_own_connections(q):
     assert first.status == "done"
 
 
+class ForkProbe:
+    def __init__(self, path):
+        self.path = path
+
+    def after_fork(self):
+        with open(self.path, "a") as file:
+            file.write("ran\n")
+
+
+def test_forked_child_renews_the_lock_and_runs_on_fork_callbacks(
+        q, tmp_path):
+    kept = ForkProbe(tmp_path / "kept")
+    liteq._PROCESS.on_fork(kept.after_fork)
+    dropped = ForkProbe(tmp_path / "dropped")
+    liteq._PROCESS.on_fork(dropped.after_fork)
+    del dropped  # held weakly: nothing keeps it
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with liteq._PROCESS.lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        held.wait(30)
+        pid = os.fork()
+        if pid == 0:  # the holder is not here: the lock must be fresh
+            code = 1
+            try:
+                code = 0 if T.add.delay(1, 2).status == "pending" else 2
+            finally:
+                os._exit(code)
+        assert reap(pid) == 0
+    finally:
+        release.set()
+        holder.join()
+    assert (tmp_path / "kept").read_text() == "ran\n"
+    assert not (tmp_path / "dropped").exists()
+
+
 def test_wal_file_stays_bounded(make_queue):
     bulk = make_queue("bulk.db")
     bulk.counts()
@@ -3611,6 +3672,25 @@ def test_claim_queries_use_the_ready_index(q, sql):
     details = " ".join(row[-1] for row in plan)
     assert "INDEX liteq_jobs_ready" in details
     assert "TEMP B-TREE" not in details
+
+
+def sent_sql(caplog, action):
+    """The statements ``action()`` sends, from liteq's DEBUG records."""
+    caplog.set_level(logging.DEBUG, logger="liteq")
+    caplog.clear()
+    action()
+    return [r.getMessage()[5:] for r in caplog.records
+            if r.getMessage().startswith("sql: ")]
+
+
+def test_delay_sends_one_statement_and_a_write_five(q, caplog):
+    job = T.add.delay(1, 2)  # the connection is open and checked
+    assert len(sent_sql(caplog, lambda: T.add.delay(3, 4))) == 1
+    sent = sent_sql(caplog, job.cancel)
+    assert len(sent) == 5
+    assert sent[0].startswith("BEGIN IMMEDIATE")
+    assert sent[1].startswith("PRAGMA user_version")
+    assert sent[-1].startswith("COMMIT")
 
 
 CLOSE_WHILE_IN_USE = """
@@ -3679,6 +3759,17 @@ def test_module_docstring_example_runs():
     results = doctest.testmod(liteq, optionflags=doctest.ELLIPSIS)
     assert results.attempted > 0
     assert results.failed == 0
+
+
+def test_module_docstring_lists_the_section_banners_exactly():
+    listed = liteq.__doc__.split("Sections (", 1)[1].split("\n\n")[1]
+    contents = [line.strip() for line in listed.splitlines()]
+    with open(liteq.__file__, encoding="utf-8") as file:
+        banners = [line[2:].rstrip("\n") for line in file
+                   if re.match(r"# [0-9]+\. ", line)]
+    assert contents == banners
+    numbers = [int(line.split(".")[0]) for line in banners]
+    assert numbers == list(range(1, len(banners) + 1))
 
 
 # ---------------------------------------------------------------------------
