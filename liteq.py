@@ -29,12 +29,14 @@ Sections (``grep -n '^# [0-9]*\\. ' liteq.py``):
  5. Storage: SQL, schema, connections, transactions
  6. Tasks: Task, task functions, registry, chain
  7. Jobs and queues: Job, Queue, the default queue
- 8. Worker: claiming, running and recording steps
- 9. Worker helpers: the lead, heartbeats, wake-ups
-10. HTTP: status resource and dashboard
-11. Command line
-12. Dashboard page: HTML, script and style
-13. python -m liteq
+ 8. Worker: steps, outcomes, and the statements a worker sends
+ 9. Worker threads: the loop of each thread, the housekeeper
+10. Worker helpers: faults, the lead, wake-ups
+11. Worker: the class, and what its threads share
+12. HTTP: status resource and dashboard
+13. Command line
+14. Dashboard page: HTML, script and style
+15. python -m liteq
 
 Licensed under the MIT licence (see LICENSE).
 """
@@ -2226,7 +2228,7 @@ def configure(path: str | os.PathLike, **options: Any) -> Queue:
 
 
 # ---------------------------------------------------------------------------
-# 8. Worker: steps, claims, the loop of each thread
+# 8. Worker: steps, outcomes, and the statements a worker sends
 # ---------------------------------------------------------------------------
 #
 # How the parts fit:
@@ -2237,7 +2239,7 @@ def configure(path: str | os.PathLike, **options: Any) -> Queue:
 #   _run_step         decode, bind, call and encode one step
 #   _Step, _Outcome   one claimed step, and how it ended
 #   _Housekeeper      the one background thread: leases, rescues, chores
-#   _Lead, _Bell, _WalWatch, _Fault   (section 9)
+#   _Lead, _Bell, _WalWatch, _Fault   (section 10)
 #
 # Threads: a Worker runs ``threads`` _WorkerThreads and one _Housekeeper.
 # Locks, in the order they are taken: _WorkerThread.writing, then
@@ -2264,6 +2266,7 @@ class _Tuning:
     idle_max = 1.0  # the longest idle wait without any wake-up
     poll = 0.005  # between looks at data_version where inotify is missing
     wake_gap = 0.001  # another process's commits wake a thread this often
+    settle_max = 0.064  # the last look after them (see _bell_wait)
     # Several workers on one file (see _Lead): a follower claims when a
     # job waited follow_wait, or when follow_load wait; it looks again
     # every follow_look, and once it helps, it helps for follow_wait.
@@ -2662,7 +2665,10 @@ class _Claims:
         return loads
 
 
-# The loop of each thread ----------------------------------------------------
+# ---------------------------------------------------------------------------
+# 9. Worker threads: the loop of each thread, the housekeeper
+# ---------------------------------------------------------------------------
+
 #
 # A thread claims steps in line order, one at a time, and writes each
 # step's start before running it and its outcome with the next claim.
@@ -2708,7 +2714,8 @@ class _WorkerThread:
         self.seen_local = self.wakeups.local
         self.generation = self.wakeups.generation
         self.listen = True  # whether the next wait listens for commits
-        self.writes_seen = False  # the last wait saw another's writes
+        # After another process's writes: the gap to the next look.
+        self.settle: float | None = None
         self.data_version: int | None = None
         self.stop_by: float | None = None
         self.fault = crew.write_fault
@@ -2973,19 +2980,23 @@ class _WorkerThread:
             self.woken = self.woken or self.wakeups.local == self.seen_local
 
     def _bell_wait(self, timeout: float) -> None:
-        # While another process's writes go on, look every wake_gap, and
-        # once more after they stop: a commit's last write to the -wal
-        # comes a moment before SQLite publishes it.
-        streaming = self.writes_seen
-        if streaming:
-            timeout = min(timeout, self.tuning.wake_gap)
-        self.writes_seen = self.bell.wait(
-            self.wakeups, self.generation, timeout, self.watch,
-            listen=not streaming)
-        if self.writes_seen:
-            self.woken = True
+        # A commit's last write to the -wal comes a moment before SQLite
+        # publishes it, so a look right after the write may miss it.  After
+        # another process's writes, look again at growing gaps (wake_gap,
+        # doubling up to settle_max) before waiting for the next write.
+        settling = self.settle is not None
+        if settling:
+            timeout = min(timeout, self.settle)
+        changed = self.bell.wait(self.wakeups, self.generation, timeout,
+                                 self.watch, listen=not settling)
+        if changed:
+            self.settle, self.woken = self.tuning.wake_gap, True
             if self.crew.threads > 1:  # the others may be asleep
                 self.wakeups.notify(local=False)
+        elif settling:
+            self.settle *= 2
+            if self.settle > self.tuning.settle_max:
+                self.settle = None
 
     def _poll_wait(self, timeout: float) -> None:
         """Without inotify: look at data_version every ``poll`` seconds."""
@@ -3376,187 +3387,8 @@ class _Housekeeper:
             logger.info("purged %d finished jobs", n)
 
 
-# The Worker -----------------------------------------------------------------
-
-
-class _Crew:
-    """What the threads of one Worker share: its file and Queue, its
-    claims, lead, watch, wake-ups, faults and tuning, the pacing clock
-    (``tick``), and the calls back into the Worker."""
-
-    def __init__(self, worker: Worker, stopping: threading.Event,
-                 request_stop: Callable[[], None],
-                 die: Callable[[str], None],
-                 left_to_leases: Callable[[int, Exception], None],
-                 lead: _Lead, tick: Callable[[], float]) -> None:
-        self.queue, self.store = worker.queue, worker.queue._store
-        self.tuning, self.tick = worker.tuning, tick
-        self.threads, self.keep = worker.threads, worker.keep
-        self.claims = _Claims(worker.queues, _host_pid(), self.tuning)
-        self.wakeups = _Signal.of(self.queue.path)
-        self.finished = _Signal.of(self.queue.path, "finished")
-        self.stopping, self.request_stop = stopping, request_stop
-        self.die, self.left_to_leases = die, left_to_leases
-        self.lead = lead
-        self.watch: _WalWatch | None = None  # opened by open_watch()
-        path = self.store.path
-        self.write_fault = _Fault(f"cannot record steps in {path}", tick)
-        self.lease_fault = _Fault(f"cannot write leases in {path}", tick)
-        self.housekeeper = _Housekeeper(self, [])
-
-    def open_watch(self) -> None:
-        if self.tuning.inotify:
-            self.watch = _WalWatch.open(self.store.path + "-wal")
-
-    def close(self) -> None:
-        if self.watch is not None:
-            self.watch.close()
-            self.watch = None
-
-
-class Worker:
-    """Run stored jobs in background threads of this process.
-
-    ``Worker(queue=None, threads=1, queues=None, keep=None)``: ``queue`` is
-    the Queue (default: the default queue), ``queues`` the queue names to
-    serve (default: ``["default"]``), ``keep`` a duration (``"7d"`` or
-    seconds) after which finished jobs are purged.  ``start()`` returns at
-    once; ``stop()`` lets running steps finish.  No signal handlers.
-    """
-
-    def __init__(self, queue: Queue | None = None, threads: int = 1,
-                 queues: Sequence[str] | None = None,
-                 keep: str | float | None = None) -> None:
-        self.queue = queue if queue is not None else default_queue()
-        self.threads = _check_int("threads", threads, 1, 1024)
-        if isinstance(queues, str):
-            queues = [queues]
-        self.queues = [_check_name("queue name", q)
-                       for q in (queues or [_DEFAULT_NAME])]
-        if isinstance(keep, str):
-            keep = _parse_duration(keep)
-        self.keep = None if keep is None else _check_number("keep", keep)
-        #: Why the worker stopped by itself (e.g. its file was deleted).
-        self.fatal: str | None = None
-        #: Steps that a stop left to their leases, as writes failed.
-        self.left_to_leases = 0
-        self.tuning = _Tuning()
-        # Set by stop(): no new claims; idle threads wake at once.
-        self._stopping = threading.Event()
-        self._lifecycle = threading.Lock()  # serialises start() and stop()
-        self._left_lock = threading.Lock()  # guards left_to_leases
-        self._threads: list[threading.Thread] = []
-        self._lead = _Lead(self.queue.path)
-        self._running: _Crew | None = None
-
-    def __repr__(self) -> str:
-        return (f"<Worker {self.queue.path} queues={self.queues} "
-                f"threads={self.threads}>")
-
-    def __enter__(self) -> Worker:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.stop()
-
-    def start(self) -> Worker:
-        """Start the worker's daemon threads and return at once."""
-        with self._lifecycle:
-            if self._threads:
-                raise RuntimeError("this Worker is already started")
-            self._start_threads()
-        return self
-
-    def _crew(self, tick: Callable[[], float] = time.monotonic) -> _Crew:
-        """A crew for this worker's threads (the seam tests drive)."""
-        return _Crew(self, self._stopping, self._request_stop, self._die,
-                     self._left, self._lead, tick)
-
-    def _start_threads(self) -> None:
-        # _stopping stays set if stop() came first: the threads then end
-        # at once, and run_forever() returns.
-        self.queue._store.connection()  # open (and check) the file now
-        self.left_to_leases = 0
-        crew = self._running = self._crew()
-        # The watch first, so a thread's first idle wait listens to it.
-        crew.open_watch()
-        units = [_WorkerThread(crew, f"liteq-worker-{i + 1}")
-                 for i in range(self.threads)]
-        crew.housekeeper = _Housekeeper(crew, units)
-        self._threads = [threading.Thread(target=unit.run, daemon=True,
-                                          name=unit.name) for unit in units]
-        logger.info("worker %s serving %s on %s with %d thread(s)",
-                    crew.claims.identity, ", ".join(self.queues),
-                    self.queue.path, self.threads)
-        for thread in self._threads:
-            thread.start()
-        crew.housekeeper.start()
-
-    def stop(self, timeout: float | None = None) -> bool:
-        """Stop claiming, wait for running steps; True if all finished."""
-        self._request_stop()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        # Several threads may call stop(): one at a time tears down.
-        with self._lifecycle:
-            for thread in self._threads:
-                left = None if deadline is None else max(
-                    0.0, deadline - time.monotonic())
-                thread.join(left)
-            finished = not any(t.is_alive() for t in self._threads)
-            crew = self._running
-            if finished and self._threads and crew is not None:
-                crew.housekeeper.stop()
-                crew.close()
-                self._lead.close()
-                self._threads, self._running = [], None
-                self._stopping.clear()  # it may be started again
-                logger.info("worker %s stopped", crew.claims.identity)
-        return finished
-
-    def run_forever(self) -> None:
-        """Run in this thread until stop() is called from elsewhere.
-
-        Raises StorageError if the worker had to stop by itself.
-        """
-        with contextlib.suppress(RuntimeError):  # already started
-            self.start()
-        # Ends when stop() is called, here or by a stop() elsewhere that
-        # also tore the threads down.
-        while self._threads and not self._stopping.wait(0.1):
-            pass
-        self.stop()
-        if self.fatal:
-            raise StorageError(self.fatal)
-
-    def run_once(self) -> bool:
-        """Claim and run one step in this thread; True if one ran."""
-        unit = _WorkerThread(self._crew(), "run_once", solo=True)
-        started, _ = unit.write_and_claim()
-        if started is None:
-            return False
-        unit.run_step(started)
-        unit.write_and_claim(claim=False)
-        return True
-
-    def _request_stop(self) -> None:
-        self._stopping.set()
-        _Signal.of(self.queue.path).notify()
-
-    def _die(self, message: str) -> None:
-        logger.error("worker stopping: %s", message)
-        self.fatal = message
-        self._request_stop()
-
-    def _left(self, count: int, exc: Exception) -> None:
-        with self._left_lock:
-            self.left_to_leases += count
-        logger.error("worker stopping without writing %d step(s): %s; "
-                     "they run again after their leases", count, exc)
-
-
 # ---------------------------------------------------------------------------
-# 9. Worker helpers: faults, the lead, wake-ups
+# 10. Worker helpers: faults, the lead, wake-ups
 # ---------------------------------------------------------------------------
 
 
@@ -3810,8 +3642,190 @@ class _WalWatch:
     def close(self) -> None:
         os.close(self.fd)
 
+
 # ---------------------------------------------------------------------------
-# 10. HTTP: status resource and dashboard
+# 11. Worker: the class, and what its threads share
+# ---------------------------------------------------------------------------
+
+
+class _Crew:
+    """What the threads of one Worker share: its file and Queue, its
+    claims, lead, watch, wake-ups, faults and tuning, the pacing clock
+    (``tick``), and the calls back into the Worker."""
+
+    def __init__(self, worker: Worker, stopping: threading.Event,
+                 request_stop: Callable[[], None],
+                 die: Callable[[str], None],
+                 left_to_leases: Callable[[int, Exception], None],
+                 lead: _Lead, tick: Callable[[], float]) -> None:
+        self.queue, self.store = worker.queue, worker.queue._store
+        self.tuning, self.tick = worker.tuning, tick
+        self.threads, self.keep = worker.threads, worker.keep
+        self.claims = _Claims(worker.queues, _host_pid(), self.tuning)
+        self.wakeups = _Signal.of(self.queue.path)
+        self.finished = _Signal.of(self.queue.path, "finished")
+        self.stopping, self.request_stop = stopping, request_stop
+        self.die, self.left_to_leases = die, left_to_leases
+        self.lead = lead
+        self.watch: _WalWatch | None = None  # opened by open_watch()
+        path = self.store.path
+        self.write_fault = _Fault(f"cannot record steps in {path}", tick)
+        self.lease_fault = _Fault(f"cannot write leases in {path}", tick)
+        self.housekeeper = _Housekeeper(self, [])
+
+    def open_watch(self) -> None:
+        if self.tuning.inotify:
+            self.watch = _WalWatch.open(self.store.path + "-wal")
+
+    def close(self) -> None:
+        if self.watch is not None:
+            self.watch.close()
+            self.watch = None
+
+
+class Worker:
+    """Run stored jobs in background threads of this process.
+
+    ``Worker(queue=None, threads=1, queues=None, keep=None)``: ``queue`` is
+    the Queue (default: the default queue), ``queues`` the queue names to
+    serve (default: ``["default"]``), ``keep`` a duration (``"7d"`` or
+    seconds) after which finished jobs are purged.  ``start()`` returns at
+    once; ``stop()`` lets running steps finish.  No signal handlers.
+    """
+
+    def __init__(self, queue: Queue | None = None, threads: int = 1,
+                 queues: Sequence[str] | None = None,
+                 keep: str | float | None = None) -> None:
+        self.queue = queue if queue is not None else default_queue()
+        self.threads = _check_int("threads", threads, 1, 1024)
+        if isinstance(queues, str):
+            queues = [queues]
+        self.queues = [_check_name("queue name", q)
+                       for q in (queues or [_DEFAULT_NAME])]
+        if isinstance(keep, str):
+            keep = _parse_duration(keep)
+        self.keep = None if keep is None else _check_number("keep", keep)
+        #: Why the worker stopped by itself (e.g. its file was deleted).
+        self.fatal: str | None = None
+        #: Steps that a stop left to their leases, as writes failed.
+        self.left_to_leases = 0
+        self.tuning = _Tuning()
+        # Set by stop(): no new claims; idle threads wake at once.
+        self._stopping = threading.Event()
+        self._lifecycle = threading.Lock()  # serialises start() and stop()
+        self._left_lock = threading.Lock()  # guards left_to_leases
+        self._threads: list[threading.Thread] = []
+        self._lead = _Lead(self.queue.path)
+        self._running: _Crew | None = None
+
+    def __repr__(self) -> str:
+        return (f"<Worker {self.queue.path} queues={self.queues} "
+                f"threads={self.threads}>")
+
+    def __enter__(self) -> Worker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    def start(self) -> Worker:
+        """Start the worker's daemon threads and return at once."""
+        with self._lifecycle:
+            if self._threads:
+                raise RuntimeError("this Worker is already started")
+            self._start_threads()
+        return self
+
+    def _crew(self, tick: Callable[[], float] = time.monotonic) -> _Crew:
+        """A crew for this worker's threads (the seam tests drive)."""
+        return _Crew(self, self._stopping, self._request_stop, self._die,
+                     self._left, self._lead, tick)
+
+    def _start_threads(self) -> None:
+        # _stopping stays set if stop() came first: the threads then end
+        # at once, and run_forever() returns.
+        self.queue._store.connection()  # open (and check) the file now
+        self.left_to_leases = 0
+        crew = self._running = self._crew()
+        # The watch first, so a thread's first idle wait listens to it.
+        crew.open_watch()
+        units = [_WorkerThread(crew, f"liteq-worker-{i + 1}")
+                 for i in range(self.threads)]
+        crew.housekeeper = _Housekeeper(crew, units)
+        self._threads = [threading.Thread(target=unit.run, daemon=True,
+                                          name=unit.name) for unit in units]
+        logger.info("worker %s serving %s on %s with %d thread(s)",
+                    crew.claims.identity, ", ".join(self.queues),
+                    self.queue.path, self.threads)
+        for thread in self._threads:
+            thread.start()
+        crew.housekeeper.start()
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop claiming, wait for running steps; True if all finished."""
+        self._request_stop()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        # Several threads may call stop(): one at a time tears down.
+        with self._lifecycle:
+            for thread in self._threads:
+                left = None if deadline is None else max(
+                    0.0, deadline - time.monotonic())
+                thread.join(left)
+            finished = not any(t.is_alive() for t in self._threads)
+            crew = self._running
+            if finished and self._threads and crew is not None:
+                crew.housekeeper.stop()
+                crew.close()
+                self._lead.close()
+                self._threads, self._running = [], None
+                self._stopping.clear()  # it may be started again
+                logger.info("worker %s stopped", crew.claims.identity)
+        return finished
+
+    def run_forever(self) -> None:
+        """Run in this thread until stop() is called from elsewhere.
+
+        Raises StorageError if the worker had to stop by itself.
+        """
+        with contextlib.suppress(RuntimeError):  # already started
+            self.start()
+        # Ends when stop() is called, here or by a stop() elsewhere that
+        # also tore the threads down.
+        while self._threads and not self._stopping.wait(0.1):
+            pass
+        self.stop()
+        if self.fatal:
+            raise StorageError(self.fatal)
+
+    def run_once(self) -> bool:
+        """Claim and run one step in this thread; True if one ran."""
+        unit = _WorkerThread(self._crew(), "run_once", solo=True)
+        started, _ = unit.write_and_claim()
+        if started is None:
+            return False
+        unit.run_step(started)
+        unit.write_and_claim(claim=False)
+        return True
+
+    def _request_stop(self) -> None:
+        self._stopping.set()
+        _Signal.of(self.queue.path).notify()
+
+    def _die(self, message: str) -> None:
+        logger.error("worker stopping: %s", message)
+        self.fatal = message
+        self._request_stop()
+
+    def _left(self, count: int, exc: Exception) -> None:
+        with self._left_lock:
+            self.left_to_leases += count
+        logger.error("worker stopping without writing %d step(s): %s; "
+                     "they run again after their leases", count, exc)
+
+
+# ---------------------------------------------------------------------------
+# 12. HTTP: status resource and dashboard
 # ---------------------------------------------------------------------------
 
 _JSON_TYPE = "application/json"
@@ -3992,7 +4006,7 @@ def _http_respond(environ: dict, start_response: Callable, code: int,
 
 
 def _dashboard_page(environ: dict) -> bytes:
-    # The page, _DASHBOARD, is long: it has section 12 to itself.  It
+    # The page, _DASHBOARD, is long: it has section 14 to itself.  It
     # fetches BASE + "tasks", so it works under any mount point.
     base = environ.get("SCRIPT_NAME", "").rstrip("/") + "/"
     return _DASHBOARD.replace("__LITEQ_BASE__",
@@ -4000,7 +4014,7 @@ def _dashboard_page(environ: dict) -> bytes:
 
 
 # ---------------------------------------------------------------------------
-# 11. Command line
+# 13. Command line
 # ---------------------------------------------------------------------------
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -4622,7 +4636,7 @@ def _loopback_only(app: Callable, bound: str) -> Callable:
 
 
 # ---------------------------------------------------------------------------
-# 12. Dashboard page: HTML, script and style
+# 14. Dashboard page: HTML, script and style
 # ---------------------------------------------------------------------------
 
 # The dashboard: one page, no external assets.  It polls /counts and
@@ -5114,7 +5128,7 @@ _DASHBOARD_CSP = (
 
 
 # ---------------------------------------------------------------------------
-# 13. python -m liteq
+# 15. python -m liteq
 # ---------------------------------------------------------------------------
 
 if __name__ == "__main__":

@@ -3087,7 +3087,7 @@ def _make_due_elsewhere(path, job_id):
 
 def _idle_threads(worker):
     return [unit for unit in worker._running.housekeeper.threads
-            if unit.idle and not unit.writes_seen]
+            if unit.idle and unit.settle is None]
 
 
 def _wait_asleep(worker):
