@@ -53,7 +53,10 @@ ALL_STATUSES = ("pending", "running", "done", "failed", "cancelled")
 UTC = dt.timezone.utc
 T0 = 1_700_000_000.0  # the fake clock's start (2023-11-14)
 HOST_PID = f"{socket.gethostname()}:{os.getpid()}"
+#: liteq.py's directory, put on the path of every Python subprocess.
 LITEQ_DIR = os.path.dirname(os.path.abspath(liteq.__file__))
+#: Seconds: the bound on any one wait; only a slow machine gets near it.
+DEADLINE = 60.0
 
 
 def stored(fn):
@@ -437,27 +440,48 @@ def join_all(calls, timeout=30):
     return outcomes
 
 
-def reap(pid, timeout=60):
-    """Wait for a forked child; kill it if it hangs.  Return its code."""
+def wait_until(predicate, *, what="a condition", timeout=DEADLINE,
+               alive=()):
+    """Poll ``predicate`` every 10 ms until it returns something true;
+    return that.  Every wait of these tests for a condition is this one.
+
+    Raises ``AssertionError`` naming ``what`` after ``timeout`` seconds,
+    or at once if a process in ``alive`` (``subprocess.Popen``) has exited:
+    then with the end of its stderr if it was written to the file
+    ``proc.stderr_path`` (see ``_chaos_worker``).
+    """
     deadline = time.monotonic() + timeout
     while True:
+        value = predicate()
+        if value:
+            return value
+        for proc in alive:
+            if proc.poll() is not None:
+                path = getattr(proc, "stderr_path", None)
+                tail = path.read_text(errors="replace")[-3000:] if path else ""
+                raise AssertionError(
+                    f"process {proc.pid} exited with {proc.returncode} while "
+                    f"waiting for {what}; stderr tail:\n{tail}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting "
+                                 f"for {what}")
+        time.sleep(0.01)
+
+
+def reap(pid, timeout=DEADLINE):
+    """Wait for a forked child; kill it if it hangs.  Return its code."""
+    def exit_code():
         done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pytest.fail(f"forked child {pid} hung")
-        time.sleep(0.01)
+        return done and [os.waitstatus_to_exitcode(status)]  # [0] is true
 
-
-def wait_until(predicate, timeout=30.0, what="condition"):
-    """Poll ``predicate`` until true; fail after a generous deadline."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.01)
+    try:
+        (code,) = wait_until(exit_code, what=f"forked child {pid} to exit",
+                             timeout=timeout)
+    except AssertionError:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    return code
 
 
 def run_all(worker, limit=10_000):
@@ -3093,14 +3117,11 @@ def test_a_bell_worker_wakes_at_once_for_its_own_process(
 # from different processes never interleave), stamped with
 # ``time.monotonic_ns()``, which on Linux is one clock for every process.
 #
-# Every wait polls a condition every 50 ms up to a generous deadline; every
+# Every wait polls a condition (``wait_until``) up to ``DEADLINE``; every
 # subprocess is killed in a ``finally`` block.
 
 
-CHAOS_LITEQ_DIR = os.path.dirname(os.path.abspath(liteq.__file__))
 CHAOS_LINUX = sys.platform.startswith("linux")
-CHAOS_POLL = 0.05  # seconds between checks of a condition
-CHAOS_DEADLINE = 45.0  # generous bound on any single wait
 CHAOS_JOBS = 40  # jobs in the kill -9 test
 CHAOS_STEPS = 35  # continuations per job there (CHAOS_STEPS + 1 steps)
 CHAOS_KILLS = 15  # SIGKILLs the killer loop sends
@@ -3218,7 +3239,7 @@ chaostasks.quick(1, 0).delay()
 
 def _chaos_env():
     env = dict(os.environ)
-    paths = [CHAOS_LITEQ_DIR]
+    paths = [LITEQ_DIR]
     if env.get("PYTHONPATH"):
         paths.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(paths)
@@ -3241,7 +3262,7 @@ def _chaos_worker(tmp_path, db, procs, name, *extra):
              str(db), "--log-level", "INFO", *extra],
             cwd=tmp_path, env=_chaos_env(), stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=err)
-    proc.chaos_err = err_path
+    proc.stderr_path = err_path
     procs.append(proc)
     return proc
 
@@ -3253,7 +3274,7 @@ def _chaos_producer(tmp_path, db, body, procs=None):
     argv = [sys.executable, "-c", CHAOS_PRODUCER.format(body=body)]
     if procs is None:
         done = subprocess.run(argv, cwd=tmp_path, env=env,
-                              capture_output=True, timeout=CHAOS_DEADLINE)
+                              capture_output=True, timeout=DEADLINE)
         assert done.returncode == 0 and not done.stderr, done.stderr.decode()
         return json.loads(done.stdout)
     proc = subprocess.Popen(argv, cwd=tmp_path, env=env,
@@ -3279,33 +3300,11 @@ def _chaos_reap(procs):
             pass
 
 
-def _chaos_wait(condition, what, timeout=CHAOS_DEADLINE, alive=()):
-    """Poll condition() every 50 ms; return its first truthy value.
-
-    Fails at once, with its stderr, if a process in `alive` has exited.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        for proc in alive:
-            if proc.poll() is not None:
-                raise AssertionError(
-                    f"worker {proc.pid} exited with {proc.returncode} while "
-                    f"waiting for {what}; stderr tail:\n"
-                    + _chaos_stderr(proc)[-3000:])
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting "
-                                 f"for {what}")
-        time.sleep(CHAOS_POLL)
-
-
 def _chaos_stderr(proc):
-    return proc.chaos_err.read_text(errors="replace")
+    return proc.stderr_path.read_text(errors="replace")
 
 
-def _chaos_exit(proc, sig, what, timeout=CHAOS_DEADLINE):
+def _chaos_exit(proc, sig, what, timeout=DEADLINE):
     """Send sig (if not None) and wait for the process to exit."""
     if sig is not None:
         proc.send_signal(sig)
@@ -3363,11 +3362,11 @@ def _chaos_write_locked(db):
         conn.close()
 
 
-def _chaos_result(queue, job_id, alive, timeout=CHAOS_DEADLINE):
+def _chaos_result(queue, job_id, alive, timeout=DEADLINE):
     """Wait for a job to finish while its workers live; return result()."""
     job = queue.get(job_id)
-    _chaos_wait(lambda: job.status in ("done", "failed", "cancelled"),
-                f"job {job_id} to finish", timeout, alive)
+    wait_until(lambda: job.status in ("done", "failed", "cancelled"),
+               what=f"job {job_id} to finish", timeout=timeout, alive=alive)
     return job.result(timeout=1)
 
 
@@ -3376,7 +3375,7 @@ def _chaos_kill_loop(tmp_path, db, procs, queue, ids, slots, kills, rng,
     """kill -9 a random worker of ``slots`` every ``pause`` (a range of
     seconds) and restart it, ``count`` times or until the jobs finish.
     Records pid -> monotonic_ns in ``kills`` once each is reaped."""
-    deadline = time.monotonic() + CHAOS_DEADLINE
+    deadline = time.monotonic() + DEADLINE
     while len(kills) < count and time.monotonic() < deadline:
         time.sleep(rng.uniform(*pause))
         if _chaos_all_finished(queue, ids):
@@ -3424,8 +3423,8 @@ def test_chaos_kill9_loses_nothing_and_never_overlaps(tmp_path):
                          rng, CHAOS_KILLS, (0.2, 0.8))
 
         try:
-            _chaos_wait(lambda: _chaos_all_finished(queue, ids),
-                        "every job to finish after the kills", alive=slots)
+            wait_until(lambda: _chaos_all_finished(queue, ids),
+                       what="every job to finish after the kills", alive=slots)
             unfinished = None
         except AssertionError as exc:
             unfinished = str(exc)  # check the log first: it says why
@@ -3518,8 +3517,8 @@ def test_chaos_kill9_with_short_steps_written_late_loses_nothing(tmp_path):
                  for i in range(2)]
         _chaos_kill_loop(tmp_path, db, procs, queue, ids, slots, kills,
                          rng, 8, (0.1, 0.3))
-        _chaos_wait(lambda: _chaos_all_finished(queue, ids),
-                    "every job to finish after the kills", alive=slots)
+        wait_until(lambda: _chaos_all_finished(queue, ids),
+                   what="every job to finish after the kills", alive=slots)
         for proc in slots:
             assert _chaos_exit(proc, signal.SIGTERM, "worker") == 0
 
@@ -3570,28 +3569,26 @@ def test_chaos_sigstop_stale_worker_outcome_is_refused(tmp_path):
         # line, and not while it holds the write lock (a frozen writer
         # would block every process, which no lease can help).
         target = None
-        deadline = time.monotonic() + CHAOS_DEADLINE
+        deadline = time.monotonic() + DEADLINE
         while target is None:
             assert time.monotonic() < deadline, "A never ran a step"
-            ex = _chaos_open(tmp_path, a.pid)
-            if ex is None:
-                time.sleep(0.01)
-                continue
+            ex = wait_until(lambda: _chaos_open(tmp_path, a.pid),
+                            what="A to start a step")
             a.send_signal(signal.SIGSTOP)
-            _chaos_wait(lambda: _chaos_stopped(a.pid), "A to stop")
+            wait_until(lambda: _chaos_stopped(a.pid), what="A to stop")
             still = _chaos_executions(tmp_path)[ex["job"], ex["token"]]
             if still["end"] is None and not _chaos_write_locked(db):
                 target = still
                 break
             a.send_signal(signal.SIGCONT)  # missed: try the next step
-            _chaos_wait(lambda: _chaos_executions(tmp_path)[
-                ex["job"], ex["token"]]["end"], "A to end that step")
+            wait_until(lambda: _chaos_executions(tmp_path)[
+                ex["job"], ex["token"]]["end"], what="A to end that step")
         s = target["step"]
 
         b = _chaos_worker(tmp_path, db, procs, "b")
         # B presumes A dead once the lease runs out, runs step s, commits.
-        _chaos_wait(lambda: job.steps >= s, f"B to commit step {s}",
-                    alive=[b])
+        wait_until(lambda: job.steps >= s, what=f"B to commit step {s}",
+                   alive=[b])
         b_runs = [ex for ex in _chaos_executions(tmp_path).values()
                   if ex["pid"] == b.pid and ex["step"] == s]
         assert len(b_runs) == 1 and b_runs[0]["end"] is not None, b_runs
@@ -3610,11 +3607,11 @@ def test_chaos_sigstop_stale_worker_outcome_is_refused(tmp_path):
         assert set(pids) <= {a.pid, b.pid}, result
 
         # A finished its stale execution, logged "lease lost" and went on.
-        _chaos_wait(lambda: _chaos_executions(tmp_path)[
-            target["job"], target["token"]]["end"], "A to end its step")
-        _chaos_wait(lambda: [line for line in _chaos_stderr(a).splitlines()
-                             if "WARNING" in line and "lease lost" in line],
-                    "A to log 'lease lost' at WARNING")
+        wait_until(lambda: _chaos_executions(tmp_path)[
+            target["job"], target["token"]]["end"], what="A to end its step")
+        wait_until(lambda: [line for line in _chaos_stderr(a).splitlines()
+                            if "WARNING" in line and "lease lost" in line],
+                   what="A to log 'lease lost' at WARNING")
         assert a.poll() is None, _chaos_stderr(a)
         assert _chaos_exit(b, signal.SIGTERM, "worker B") == 0
         (later,) = _chaos_producer(
@@ -3640,8 +3637,8 @@ def test_chaos_graceful_shutdown_then_second_signal(tmp_path):
         (first,) = _chaos_producer(
             tmp_path, db, "out.append(chaostasks.nap(2.0, 0.0).delay().id)")
         w1 = _chaos_worker(tmp_path, db, procs, "w1")
-        ex = _chaos_wait(lambda: _chaos_open(tmp_path, w1.pid),
-                         "the 2 s step to start")
+        ex = wait_until(lambda: _chaos_open(tmp_path, w1.pid),
+                        what="the 2 s step to start")
         assert _chaos_exit(w1, signal.SIGTERM, "worker after SIGTERM") == 0
         end = _chaos_executions(tmp_path)[ex["job"], ex["token"]]["end"]
         assert end is not None, "SIGTERM interrupted the running step"
@@ -3654,13 +3651,13 @@ def test_chaos_graceful_shutdown_then_second_signal(tmp_path):
         (second,) = _chaos_producer(
             tmp_path, db, "out.append(chaostasks.nap(10.0, 0.0).delay().id)")
         w2 = _chaos_worker(tmp_path, db, procs, "w2")
-        ex = _chaos_wait(lambda: _chaos_open(tmp_path, w2.pid),
-                         "the 10 s step to start")
+        ex = wait_until(lambda: _chaos_open(tmp_path, w2.pid),
+                        what="the 10 s step to start")
         w2.send_signal(signal.SIGINT)
         # The second signal must come after the first was handled (equal
         # pending signals merge): wait for the worker to say so.
-        _chaos_wait(lambda: "signal 2" in _chaos_stderr(w2),
-                    "the worker to log that it handled the first SIGINT")
+        wait_until(lambda: "signal 2" in _chaos_stderr(w2),
+                   what="the worker to log that it handled the first SIGINT")
         assert _chaos_exit(w2, signal.SIGINT, "worker after 2nd SIGINT") \
             == 128 + signal.SIGINT
         assert _chaos_executions(tmp_path)[
@@ -3710,14 +3707,14 @@ def test_chaos_no_database_is_locked(tmp_path):
         pairs = []
         for proc in producers:
             try:
-                out, err = proc.communicate(timeout=CHAOS_DEADLINE)
+                out, err = proc.communicate(timeout=DEADLINE)
             except subprocess.TimeoutExpired:
                 raise AssertionError("a producer hung") from None
             assert proc.returncode == 0 and err == b"", err.decode()
             pairs += json.loads(out)
         assert len(pairs) == 600 and len({i for i, _ in pairs}) == 600
-        _chaos_wait(lambda: queue.counts()["done"] == 600,
-                    "600 jobs to be done", alive=workers)
+        wait_until(lambda: queue.counts()["done"] == 600,
+                   what="600 jobs to be done", alive=workers)
         assert queue.counts() == {"pending": 0, "running": 0, "done": 600,
                                   "failed": 0, "cancelled": 0}
         for job_id, value in pairs:
@@ -3755,7 +3752,7 @@ def test_chaos_concurrent_first_open_of_a_new_file(tmp_path):
             procs += openers
             for proc in openers:
                 try:
-                    out, err = proc.communicate(timeout=CHAOS_DEADLINE)
+                    out, err = proc.communicate(timeout=DEADLINE)
                 except subprocess.TimeoutExpired:
                     raise AssertionError("an opener hung") from None
                 assert proc.returncode == 0 and err == b"", (
@@ -3845,8 +3842,6 @@ def test_chaos_database_deleted_under_worker_exits_1(tmp_path, how):
 # thread of this process, so every status is on show.
 
 
-_OPS_ROOT = os.path.dirname(os.path.abspath(liteq.__file__))
-_OPS_DEADLINE = 60.0  # seconds: generous, only slow machines get near it
 _OPS_CHROMIUM = "/usr/bin/chromium"
 
 
@@ -3869,9 +3864,7 @@ def _ops_walk(n, total, gate):
     # Step 3 waits until the file `gate` exists, so a test can look at a
     # job that is running with some progress for as long as it needs.
     if n == total - 2:
-        deadline = time.monotonic() + _OPS_DEADLINE
-        while not os.path.exists(gate) and time.monotonic() < deadline:
-            time.sleep(0.005)
+        wait_until(lambda: os.path.exists(gate), what="the file gate")
     return liteq.Task("ops-walk", [n - 1, total, gate]) if n else "walked"
 
 
@@ -3893,14 +3886,6 @@ def _ops_register(queue):
     }
 
 
-def _ops_wait(condition, what, timeout=_OPS_DEADLINE):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
 @contextlib.contextmanager
 def _ops_world(tmp_path):
     """A database with jobs in every status; yields (path, ids, gate).
@@ -3917,29 +3902,29 @@ def _ops_world(tmp_path):
     try:
         jobs = {"done": tasks["add"].delay(2, 3),
                 "failed": tasks["fail"].delay("boom")}
-        assert jobs["done"].result(timeout=_OPS_DEADLINE) == 5
+        assert jobs["done"].result(timeout=DEADLINE) == 5
         with pytest.raises(liteq.TaskFailed):
-            jobs["failed"].result(timeout=_OPS_DEADLINE)
+            jobs["failed"].result(timeout=DEADLINE)
         jobs["pending"] = tasks["walk"].apply_async((3, 4, gate),
                                                     queue="ops-wait")
         jobs["cancelled"] = tasks["add"].apply_async((1, 1),
                                                      queue="ops-wait")
         jobs["cancelled"].cancel()
         jobs["running"] = running = tasks["walk"].delay(5, 5, gate)
-        _ops_wait(lambda: running.steps == 2 and running.worker is not None,
-                  "the walk to reach its gate")
+        wait_until(lambda: running.steps == 2 and running.worker is not None,
+                   what="the walk to reach its gate")
         yield db, {key: job.id for key, job in jobs.items()}, gate
     finally:
         with open(gate, "w"):
             pass
-        worker.stop(timeout=_OPS_DEADLINE)
+        worker.stop(timeout=DEADLINE)
         queue.close()
 
 
 def _ops_env():
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
-        [_OPS_ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
+        [LITEQ_DIR] + [p for p in [env.get("PYTHONPATH")] if p])
     env.pop("LITEQ_DB", None)
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -3949,7 +3934,7 @@ def _ops_cli(cwd, *args):
     return subprocess.run(
         [sys.executable, "-m", "liteq", *args], cwd=str(cwd),
         env=_ops_env(), capture_output=True, text=True,
-        timeout=_OPS_DEADLINE)
+        timeout=DEADLINE)
 
 
 def _ops_popen(cwd, *args, **options):
@@ -3964,7 +3949,7 @@ def _ops_popen(cwd, *args, **options):
 
 def _ops_readline(stream, what):
     """One line from a subprocess pipe, waiting at most the deadline."""
-    ready, _, _ = select.select([stream], [], [], _OPS_DEADLINE)
+    ready, _, _ = select.select([stream], [], [], DEADLINE)
     assert ready, f"timed out waiting for {what}"
     return stream.readline().decode()
 
@@ -3973,7 +3958,7 @@ def _ops_stop(process):
     if process.poll() is None:
         process.terminate()
         try:
-            process.wait(_OPS_DEADLINE)
+            process.wait(DEADLINE)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
@@ -3997,7 +3982,7 @@ def _ops_serve(cwd, db, *extra):
 
 def _ops_request(port, method, path, host=None, headers=None):
     connection = http.client.HTTPConnection("127.0.0.1", port,
-                                            timeout=_OPS_DEADLINE)
+                                            timeout=DEADLINE)
     try:
         connection.putrequest(method, path, skip_host=host is not None)
         if host is not None:
@@ -4140,7 +4125,7 @@ def test_show_follow_prints_a_line_per_change_and_exits_0_when_done(
             first = _ops_readline(follow.stdout, "the first progress line")
             with open(gate, "w"):
                 pass
-            rest, err = follow.communicate(timeout=_OPS_DEADLINE)
+            rest, err = follow.communicate(timeout=DEADLINE)
         finally:
             _ops_stop(follow)
     assert follow.returncode == 0, err
@@ -4188,7 +4173,7 @@ def test_show_follow_redraws_in_place_on_a_terminal(tmp_path):
                 if not chunk:
                     break
                 output += chunk
-            follow.wait(_OPS_DEADLINE)
+            follow.wait(DEADLINE)
         finally:
             os.close(master)
             _ops_stop(follow)
@@ -4199,7 +4184,7 @@ def test_show_follow_redraws_in_place_on_a_terminal(tmp_path):
 
 
 def _ops_read_pty(fd):
-    ready, _, _ = select.select([fd], [], [], _OPS_DEADLINE)
+    ready, _, _ = select.select([fd], [], [], DEADLINE)
     assert ready, "timed out reading the terminal"
     try:
         return os.read(fd, 65536)
@@ -4277,7 +4262,7 @@ def test_the_default_database_comes_from_liteq_db_and_is_not_created(
     env = dict(_ops_env(), LITEQ_DB=str(tmp_path / "env.db"))
     out = subprocess.run([sys.executable, "-m", "liteq", "status"],
                          cwd=str(tmp_path), env=env, capture_output=True,
-                         text=True, timeout=_OPS_DEADLINE)
+                         text=True, timeout=DEADLINE)
     default = _ops_cli(tmp_path, "list")
     assert out.returncode == 2 and "env.db" in out.stderr
     assert default.returncode == 2 and "liteq.db" in default.stderr
@@ -4337,12 +4322,12 @@ def test_run_works_jobs_logs_one_line_each_and_stops_on_sigint(tmp_path):
             [sys.executable, "-c",
              "import ops_tasks; print(ops_tasks.double.delay(21).id)"],
             cwd=str(tmp_path), env=dict(_ops_env(), LITEQ_DB="w.db"),
-            capture_output=True, text=True, timeout=_OPS_DEADLINE)
+            capture_output=True, text=True, timeout=DEADLINE)
         job_id = int(delay.stdout)
         with liteq.Queue(str(tmp_path / "w.db")) as queue:
-            assert queue.get(job_id).result(timeout=_OPS_DEADLINE) == 42
+            assert queue.get(job_id).result(timeout=DEADLINE) == 42
         worker.send_signal(signal.SIGINT)
-        out, err = worker.communicate(timeout=_OPS_DEADLINE)
+        out, err = worker.communicate(timeout=DEADLINE)
     finally:
         _ops_stop(worker)
     assert worker.returncode == 0
@@ -4540,7 +4525,7 @@ def test_serve_logs_requests_to_the_liteq_logger_only_at_debug(tmp_path):
         with _ops_serve(tmp_path, db) as (host, port, quiet):
             assert _ops_request(port, "GET", "/tasks")[0] == 200
             quiet.send_signal(signal.SIGTERM)
-            _, quiet_err = quiet.communicate(timeout=_OPS_DEADLINE)
+            _, quiet_err = quiet.communicate(timeout=DEADLINE)
         with _ops_serve(tmp_path, db, "--log-level", "DEBUG") as (
                 host, port, chatty):
             assert _ops_request(port, "GET", "/tasks?limit=1")[0] == 200
