@@ -484,6 +484,17 @@ def reap(pid, timeout=DEADLINE):
     return code
 
 
+def subprocess_env():
+    """The environment for a Python subprocess: liteq first on its path,
+    no LITEQ_DB, unbuffered output."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [LITEQ_DIR] + [p for p in [env.get("PYTHONPATH")] if p])
+    env.pop("LITEQ_DB", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
 def run_all(worker, limit=10_000):
     """Run steps with ``worker.run_once()`` until none is ready."""
     for n in range(limit):
@@ -3237,16 +3248,6 @@ chaostasks.quick(1, 0).delay()
 # Helpers ------------------------------------------------------------------
 
 
-def _chaos_env():
-    env = dict(os.environ)
-    paths = [LITEQ_DIR]
-    if env.get("PYTHONPATH"):
-        paths.append(env["PYTHONPATH"])
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    env.pop("LITEQ_DB", None)
-    return env
-
-
 def _chaos_setup(tmp_path):
     (tmp_path / "chaostasks.py").write_text(CHAOS_TASKS)
     (tmp_path / "chaosrogue.py").write_text(CHAOS_ROGUE)
@@ -3260,7 +3261,7 @@ def _chaos_worker(tmp_path, db, procs, name, *extra):
         proc = subprocess.Popen(
             [sys.executable, "-m", "liteq", "run", "chaostasks", "--db",
              str(db), "--log-level", "INFO", *extra],
-            cwd=tmp_path, env=_chaos_env(), stdin=subprocess.DEVNULL,
+            cwd=tmp_path, env=subprocess_env(), stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=err)
     proc.stderr_path = err_path
     procs.append(proc)
@@ -3269,7 +3270,7 @@ def _chaos_worker(tmp_path, db, procs, name, *extra):
 
 def _chaos_producer(tmp_path, db, body, procs=None):
     """Run BODY in a producer process; Popen if procs is given, else run."""
-    env = _chaos_env()
+    env = subprocess_env()
     env["LITEQ_DB"] = str(db)
     argv = [sys.executable, "-c", CHAOS_PRODUCER.format(body=body)]
     if procs is None:
@@ -3740,7 +3741,7 @@ def test_chaos_concurrent_first_open_of_a_new_file(tmp_path):
     try:
         for round_ in range(5):
             db = tmp_path / f"fresh{round_}.db"
-            env = _chaos_env()
+            env = subprocess_env()
             env["LITEQ_DB"] = str(db)
             start = time.time() + 1.0  # after every interpreter is up
             openers = []
@@ -3921,19 +3922,10 @@ def _ops_world(tmp_path):
         queue.close()
 
 
-def _ops_env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [LITEQ_DIR] + [p for p in [env.get("PYTHONPATH")] if p])
-    env.pop("LITEQ_DB", None)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
 def _ops_cli(cwd, *args):
     return subprocess.run(
         [sys.executable, "-m", "liteq", *args], cwd=str(cwd),
-        env=_ops_env(), capture_output=True, text=True,
+        env=subprocess_env(), capture_output=True, text=True,
         timeout=DEADLINE)
 
 
@@ -3944,7 +3936,7 @@ def _ops_popen(cwd, *args, **options):
     # select() on the pipe afterwards sees every line still to come.
     return subprocess.Popen(
         [sys.executable, "-m", "liteq", *args], cwd=str(cwd),
-        env=_ops_env(), bufsize=0, **options)
+        env=subprocess_env(), bufsize=0, **options)
 
 
 def _ops_readline(stream, what):
@@ -4259,7 +4251,7 @@ def test_commands_on_a_missing_database_exit_2_and_create_nothing(
 
 def test_the_default_database_comes_from_liteq_db_and_is_not_created(
         tmp_path):
-    env = dict(_ops_env(), LITEQ_DB=str(tmp_path / "env.db"))
+    env = dict(subprocess_env(), LITEQ_DB=str(tmp_path / "env.db"))
     out = subprocess.run([sys.executable, "-m", "liteq", "status"],
                          cwd=str(tmp_path), env=env, capture_output=True,
                          text=True, timeout=DEADLINE)
@@ -4321,7 +4313,7 @@ def test_run_works_jobs_logs_one_line_each_and_stops_on_sigint(tmp_path):
         delay = subprocess.run(
             [sys.executable, "-c",
              "import ops_tasks; print(ops_tasks.double.delay(21).id)"],
-            cwd=str(tmp_path), env=dict(_ops_env(), LITEQ_DB="w.db"),
+            cwd=str(tmp_path), env=dict(subprocess_env(), LITEQ_DB="w.db"),
             capture_output=True, text=True, timeout=DEADLINE)
         job_id = int(delay.stdout)
         with liteq.Queue(str(tmp_path / "w.db")) as queue:
