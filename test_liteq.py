@@ -89,7 +89,7 @@ class Gate:
         self.go = threading.Event()
         self.notes = []
 
-    def wait_entered(self, timeout=30):
+    def wait_entered(self, timeout=DEADLINE):
         assert self.entered.acquire(timeout=timeout), "step never started"
 
 
@@ -195,7 +195,7 @@ def interrupt_once():
 
 def gated(mode):
     GATE.entered.release()
-    assert GATE.go.wait(30)
+    assert GATE.go.wait(DEADLINE)
     GATE.notes.append(liteq.current_job().cancel_requested)
     if mode == "continue":
         return T.record("never")
@@ -209,7 +209,7 @@ def stuck(block_calls):
     GATE.notes.append(liteq.current_job().token)
     GATE.entered.release()
     if n < block_calls:
-        assert GATE.go.wait(30)
+        assert GATE.go.wait(DEADLINE)
     return n
 
 
@@ -396,7 +396,7 @@ def start_worker(make_queue):
 
     yield start
     GATE.go.set()
-    stopped = [worker.stop(timeout=30) for worker in started]
+    stopped = [worker.stop(timeout=DEADLINE) for worker in started]
     assert all(stopped), "a worker did not stop"
 
 
@@ -415,7 +415,7 @@ class Background:
         except BaseException as exc:  # re-raised in join()
             self._outcome["error"] = exc
 
-    def join(self, timeout=30):
+    def join(self, timeout=DEADLINE):
         self.thread.join(timeout)
         assert not self.thread.is_alive(), "background call did not end"
         if "error" in self._outcome:
@@ -423,7 +423,7 @@ class Background:
         return self._outcome.get("value")
 
 
-def join_all(calls, timeout=30):
+def join_all(calls, timeout=DEADLINE):
     """Join every background call, then re-raise the first error.
 
     All threads end before anything is raised, so no thread still uses a
@@ -598,7 +598,7 @@ def test_hello_world_is_delayed_then_run_by_a_worker(q, start_worker,
     assert capsys.readouterr().out == ""
 
     start_worker(q)
-    assert job.result(timeout=30) == "hello world!"
+    assert job.result(timeout=DEADLINE) == "hello world!"
     assert job.status == "done"
     assert job.steps == 1
     assert job.attempts == 1
@@ -911,7 +911,7 @@ def _run_python(args, cwd):
     env = {**os.environ, "PYTHONPATH": ""}
     env.pop("LITEQ_DB", None)
     done = subprocess.run([sys.executable, *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=DEADLINE)
     assert done.returncode == 0, done.stderr
     return done.stdout.split()
 
@@ -1014,7 +1014,7 @@ def test_connections_of_threads_that_ended_are_closed(q):
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(30)
+        thread.join(DEADLINE)
     import gc
     gc.collect()
     assert q.counts()["pending"] == 20
@@ -1674,9 +1674,9 @@ def test_worker_thread_interleaves_long_jobs_step_by_step(q, start_worker):
         second = T.tick.delay("B", 3)
         third = T.tick.delay("C", 2)
     start_worker(q)
-    assert first.result(timeout=30) == "A"
-    assert second.result(timeout=30) == "B"
-    assert third.result(timeout=30) == "C"
+    assert first.result(timeout=DEADLINE) == "A"
+    assert second.result(timeout=DEADLINE) == "B"
+    assert third.result(timeout=DEADLINE) == "C"
     assert LOG == ["A", "B", "C", "A", "B", "C", "A", "B"]
 
 
@@ -1956,7 +1956,7 @@ def test_result_and_fields_raise_job_not_found_after_purge(q):
 def test_result_waits_for_a_job_run_by_a_worker_thread(q, start_worker):
     job = T.wait.delay(5)
     start_worker(q)
-    assert job.result(timeout=30) is None
+    assert job.result(timeout=DEADLINE) is None
     assert job.steps == 6
 
 
@@ -1970,7 +1970,7 @@ def test_result_works_from_another_process(q):
         finally:
             os._exit(code)
     try:
-        assert job.result(timeout=30) == 42
+        assert job.result(timeout=DEADLINE) == 42
     finally:
         code = reap(pid)
     assert code == 0
@@ -2233,7 +2233,7 @@ def test_error_classes_form_one_tree():
 def test_idle_worker_thread_runs_a_job_delayed_afterwards(q, start_worker):
     start_worker(q)
     job = T.add.delay(2, 2)
-    assert job.result(timeout=10) == 4
+    assert job.result(timeout=DEADLINE) == 4
 
 
 def test_idle_worker_wakes_for_a_job_from_another_queue_object(
@@ -2243,17 +2243,17 @@ def test_idle_worker_wakes_for_a_job_from_another_queue_object(
     register(twin, add)
     job = T.add.delay(3, 3)
     assert twin.path == q.path
-    assert job.result(timeout=10) == 6
+    assert job.result(timeout=DEADLINE) == 6
 
 
 def test_worker_serves_only_its_queue_names(q, start_worker):
     other = T.record.apply_async(("other",), queue="other")
     default = T.record.delay("default")
     start_worker(q)
-    assert default.result(timeout=30) == "default"
+    assert default.result(timeout=DEADLINE) == "default"
     assert other.status == "pending"
     start_worker(q, queues=["other"])
-    assert other.result(timeout=30) == "other"
+    assert other.result(timeout=DEADLINE) == "other"
 
 
 def test_worker_with_threads_runs_jobs_concurrently(q, start_worker):
@@ -2262,7 +2262,8 @@ def test_worker_with_threads_runs_jobs_concurrently(q, start_worker):
     GATE.wait_entered()
     GATE.wait_entered()  # both steps are inside at once
     GATE.go.set()
-    assert [job.result(timeout=30) for job in jobs] == ["finished anyway"] * 2
+    assert [job.result(timeout=DEADLINE) for job in jobs] == [
+        "finished anyway"] * 2
 
 
 def test_worker_stop_waits_for_running_steps(q):
@@ -2272,10 +2273,10 @@ def test_worker_stop_waits_for_running_steps(q):
         GATE.wait_entered()
         assert worker.stop(timeout=0.1) is False
         GATE.go.set()
-        assert worker.stop(timeout=30) is True
+        assert worker.stop(timeout=DEADLINE) is True
     finally:
         GATE.go.set()
-        worker.stop(timeout=30)
+        worker.stop(timeout=DEADLINE)
     assert job.status == "done"
     assert job.result(timeout=5) == "finished anyway"
 
@@ -2283,7 +2284,7 @@ def test_worker_stop_waits_for_running_steps(q):
 def test_worker_as_context_manager_runs_jobs_then_stops(q):
     with liteq.Worker(q) as worker:
         assert isinstance(worker, liteq.Worker)
-        assert T.add.delay(1, 1).result(timeout=30) == 2
+        assert T.add.delay(1, 1).result(timeout=DEADLINE) == 2
     job = T.add.delay(2, 2)  # the worker has stopped: nothing runs it
     with pytest.raises(TimeoutError):
         job.result(timeout=0.3)
@@ -2294,9 +2295,9 @@ def test_run_forever_runs_until_stop_is_called_elsewhere(q):
     worker = liteq.Worker(q).start()  # already started: see below
     runner = Background(worker.run_forever)
     try:
-        assert T.add.delay(2, 2).result(timeout=30) == 4
+        assert T.add.delay(2, 2).result(timeout=DEADLINE) == 4
     finally:
-        assert worker.stop(timeout=30) is True
+        assert worker.stop(timeout=DEADLINE) is True
         assert runner.join() is None
 
 
@@ -2306,12 +2307,12 @@ def test_stop_right_after_run_forever_starts_makes_it_return(q):
         worker = liteq.Worker(q)
         runner = Background(worker.run_forever)
         try:
-            assert worker.stop(timeout=30) is True
-            runner.thread.join(30)
+            assert worker.stop(timeout=DEADLINE) is True
+            runner.thread.join(DEADLINE)
             assert not runner.thread.is_alive(), "run_forever ignored stop()"
             assert runner.join() is None
         finally:
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + DEADLINE
             while runner.thread.is_alive() and time.monotonic() < deadline:
                 with contextlib.suppress(RuntimeError):
                     worker.stop(timeout=5)
@@ -2324,7 +2325,7 @@ def test_worker_installs_no_signal_handlers(q, start_worker):
     before = (signal.getsignal(signal.SIGINT),
               signal.getsignal(signal.SIGTERM))
     start_worker(q)
-    assert T.add.delay(1, 1).result(timeout=30) == 2
+    assert T.add.delay(1, 1).result(timeout=DEADLINE) == 2
     assert (signal.getsignal(signal.SIGINT),
             signal.getsignal(signal.SIGTERM)) == before
 
@@ -2421,9 +2422,9 @@ def test_system_exit_in_a_task_fails_the_step_and_worker_goes_on(
     start_worker(q)
     job = T.exit_task.delay(3)
     with pytest.raises(liteq.TaskFailed) as info:
-        job.result(timeout=30)
+        job.result(timeout=DEADLINE)
     assert str(info.value) == "SystemExit: 3"
-    assert T.add.delay(1, 2).result(timeout=30) == 3
+    assert T.add.delay(1, 2).result(timeout=DEADLINE) == 3
 
 
 def test_keyboard_interrupt_releases_the_step_without_failing_it(q):
@@ -2448,12 +2449,12 @@ def test_keyboard_interrupt_in_a_worker_thread_stops_that_worker(
     wait_until(lambda: any("KeyboardInterrupt" in r.getMessage()
                            for r in caplog.records),
                what="the KeyboardInterrupt warning")
-    assert worker.stop(timeout=30) is True
+    assert worker.stop(timeout=DEADLINE) is True
     assert LOG == [1]  # released, not claimed again by the same worker
     assert job.status in ("pending", "running")
     assert job.error is None
     start_worker(q)
-    assert job.result(timeout=30) == "resumed"
+    assert job.result(timeout=DEADLINE) == "resumed"
 
 
 def test_keyboard_interrupt_counts_the_interrupted_attempt(q):
@@ -2530,7 +2531,7 @@ def test_key_is_unique_when_many_threads_delay_at_once(q):
     barrier = threading.Barrier(8)
 
     def delay_with_key(n):
-        barrier.wait(30)
+        barrier.wait(DEADLINE)
         return T.add.apply_async((n, n), key="once").id
 
     q.counts()
@@ -2601,7 +2602,7 @@ def test_worker_that_meets_busy_retries_and_never_fails_the_job(
     finally:
         holder.execute("ROLLBACK")
         holder.close()
-    assert job.result(timeout=30) == 3
+    assert job.result(timeout=DEADLINE) == 3
     assert job.error is None
 
 
@@ -3296,7 +3297,7 @@ def _chaos_reap(procs):
                 pass
     for proc in procs:
         try:
-            proc.wait(10)
+            proc.wait(DEADLINE)
         except subprocess.TimeoutExpired:
             pass
 
@@ -3387,7 +3388,7 @@ def _chaos_kill_loop(tmp_path, db, procs, queue, ids, slots, kills, rng,
             f"worker {victim.pid} exited by itself with "
             f"{victim.returncode}:\n{_chaos_stderr(victim)[-3000:]}")
         victim.kill()
-        victim.wait(10)
+        victim.wait(DEADLINE)
         kills[victim.pid] = time.monotonic_ns()
         assert victim.returncode == -signal.SIGKILL
         slots[i] = _chaos_worker(tmp_path, db, procs, f"w{i}-{len(kills)}")
@@ -3434,7 +3435,7 @@ def test_chaos_kill9_loses_nothing_and_never_overlaps(tmp_path):
                 assert _chaos_exit(proc, signal.SIGTERM, "worker") == 0
             else:
                 proc.kill()
-                proc.wait(10)
+                proc.wait(DEADLINE)
                 kills[proc.pid] = time.monotonic_ns()
 
         # Executions: one per claim that reached user code.
@@ -4649,7 +4650,7 @@ def _ops_chromium(url, *options):
              "--disable-sync", "--disable-dev-shm-usage",
              f"--user-data-dir={profile}", "--virtual-time-budget=5000",
              *options, url],
-            capture_output=True, text=True, timeout=120)
+            capture_output=True, text=True, timeout=DEADLINE)
     finally:
         shutil.rmtree(profile, ignore_errors=True)
     return out.stdout, f"exit {out.returncode}: {out.stderr[-2000:]}"
@@ -4786,7 +4787,7 @@ def test_open_queue_checks_the_schema_at_its_next_read(q):
 def test_running_worker_stops_when_the_schema_becomes_newer(q,
                                                             start_worker):
     worker = start_worker(q)
-    assert T.add.delay(1, 2).result(timeout=30) == 3
+    assert T.add.delay(1, 2).result(timeout=DEADLINE) == 3
     _set_user_version(q.path, 99)
     wait_until(lambda: worker.fatal is not None,
                what="the worker to stop on a newer schema")
@@ -4836,7 +4837,7 @@ def test_opener_overtaken_by_another_openers_schema_creation_succeeds(
     finally:
         opener.close()
         if state["other"] is not None:
-            state["other"].join(60)
+            state["other"].join(DEADLINE)
     assert state["other"] is not None, "the race was not staged"
     assert counts == {"pending": 0, "running": 0, "done": 0, "failed": 0,
                       "cancelled": 0}
@@ -4852,7 +4853,7 @@ def test_many_openers_of_a_new_file_create_the_schema_once(tmp_path):
         queues = [liteq.Queue(path) for _ in range(8)]
 
         def open_and_count(queue):
-            barrier.wait(30)
+            barrier.wait(DEADLINE)
             return queue.counts()
 
         try:
@@ -4876,7 +4877,7 @@ def test_new_queue_first_used_by_many_threads_at_once(make_queue):
         barrier = threading.Barrier(8)
 
         def delay_one(n):
-            barrier.wait(30)
+            barrier.wait(DEADLINE)
             return T.add.delay(n, n).id
 
         ids = join_all([Background(delay_one, n) for n in range(8)])
@@ -5002,7 +5003,7 @@ def test_close_while_other_threads_query_neither_crashes_nor_fails(tmp_path):
     script = tmp_path / "close_in_use.py"
     script.write_text(CLOSE_WHILE_IN_USE.format(liteq_dir=LITEQ_DIR))
     done = subprocess.run([sys.executable, str(script), str(tmp_path / "c")],
-                          capture_output=True, text=True, timeout=300,
+                          capture_output=True, text=True, timeout=DEADLINE,
                           check=False)
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
     assert done.stdout.split() == ["survived"]
