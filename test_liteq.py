@@ -7,6 +7,12 @@ the same ``module:qualname`` replaces the entry, which SPEC allows).  Task
 bodies make their continuations through ``T``, the namespace of the
 functions as registered for the running test.
 
+Sections: 0 helpers; 1 to 5 as in SPEC; 6 running, in this process, then
+6b with real worker processes (kill -9, SIGSTOP, signals); 7 the command
+line; 8 HTTP and the dashboard; 9 storage; last, the module's public
+names.  Every wait for a condition is ``wait_until(..., what=...)``;
+``DEADLINE`` is the generous bound on a wait for what should happen.
+
 Set ``LITEQ_SLOW_TESTS=1`` to run the worker memory test with 100,000 steps
 instead of 20,000.
 """
@@ -3844,9 +3850,6 @@ def test_chaos_database_deleted_under_worker_exits_1(tmp_path, how):
 # thread of this process, so every status is on show.
 
 
-_OPS_CHROMIUM = "/usr/bin/chromium"
-
-
 # Tasks of the test database.  Names are explicit so the tests do not
 # depend on the name of this module.
 
@@ -4623,6 +4626,9 @@ def test_dashboard_is_one_self_contained_page(tmp_path):
 
 
 # Dashboard in a real browser ----------------------------------------------
+
+
+_OPS_CHROMIUM = "/usr/bin/chromium"
 
 
 class _OpsTags(html.parser.HTMLParser):
