@@ -393,19 +393,76 @@ def _dict_to_json(value: dict, depth: int, active: set) -> dict:
     return out
 
 
-def _from_json(value: Any) -> Any:
-    """Invert ``_to_json``: rebuild tuples, Tasks and escaped dicts."""
+class _Undecodable(ValueError):
+    """A value not in liteq's stored format.  Like _Unstorable, each
+    enclosing container adds its key to ``where`` on the way out."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.where: list[str] = []  # innermost first
+
+    def at(self, path: str, top: str = "the value") -> ValueError:
+        where = "".join(reversed(self.where))
+        if not path:
+            where = where.lstrip(".")
+        return ValueError(f"{(path + where) or top} {self.problem}")
+
+
+def _from_json(value: Any, depth: int = 1) -> Any:
+    """Invert ``_to_json``: rebuild tuples, Tasks and escaped dicts.
+
+    ``depth`` counts containers as _to_json does, so what it stored reads
+    back and nothing deeper does (no RecursionError); a value not in the
+    stored format raises _Undecodable.
+    """
     if isinstance(value, list):
-        return [_from_json(item) for item in value]
+        if depth > _MAX_DEPTH:
+            raise _Undecodable(f"is nested deeper than {_MAX_DEPTH} levels")
+        return _items_from_json(value, depth + 1)
     if not isinstance(value, dict):
         return value
+    if depth > _MAX_DEPTH:
+        raise _Undecodable(f"is nested deeper than {_MAX_DEPTH} levels")
     if _TAG_TASK in value:
-        return Task._from_json(value)
-    if _TAG_TUPLE in value:
-        return tuple(_from_json(item) for item in value[_TAG_TUPLE])
-    if _TAG_DICT in value:
-        value = value[_TAG_DICT]
-    return {key: _from_json(item) for key, item in value.items()}
+        return Task._from_json(value, depth)
+    for tag, kind in ((_TAG_TUPLE, list), (_TAG_DICT, dict)):
+        if tag in value:
+            inner = value[tag]
+            if len(value) != 1 or not isinstance(inner, kind):
+                raise _Undecodable(
+                    f"is not in liteq's format: a {tag!r} object must have"
+                    f" that one key, holding a JSON "
+                    f"{'array' if kind is list else 'object'}")
+            if kind is list:
+                return tuple(_items_from_json(inner, depth + 1))
+            value = inner
+    return _dict_from_json(value, depth + 1)
+
+
+def _items_from_json(items: list, depth: int) -> list:
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(_from_json(item, depth))
+        except _Undecodable as exc:
+            exc.where.append(f"[{i}]")
+            raise
+    return out
+
+
+def _dict_from_json(value: dict, depth: int) -> dict:
+    out = {}
+    for key, item in value.items():
+        if type(key) is not str:  # only from a dict made in Python
+            raise _Undecodable(f"has a key {key!r} of type "
+                               f"{type(key).__name__}: keys must be str")
+        try:
+            out[key] = _from_json(item, depth)
+        except _Undecodable as exc:
+            exc.where.append(f"[{key!r}]")
+            raise
+    return out
 
 
 # Text is stored as UTF-8 (ensure_ascii=False), which SQLite needs valid:
@@ -452,14 +509,34 @@ def _dumps(value: Any) -> str:
     return text
 
 
+def _refuse_constant(name: str) -> Any:
+    raise _Undecodable(f"holds {name}, which liteq never stores")
+
+
+# json.loads would read NaN and Infinity, which _dumps never writes.
+_JSON_DECODE = json.JSONDecoder(parse_constant=_refuse_constant).decode
+
+
 def _parse(text: str) -> Any:
-    """json.loads that keeps escaped surrogates apart (see _dumps)."""
-    if "\\u" not in text or not _ESCAPED_PAIR.search(text):
-        return json.loads(text)
-    marker = next(chr(c) for c in range(0xE000, 0xF900)
-                  if chr(c) not in text)
-    value = json.loads(_ESCAPED_PAIR.sub(lambda m: m.group(1) + marker,
-                                         text))
+    """json.loads that keeps escaped surrogates apart (see _dumps).
+
+    Text that is not JSON as liteq writes it (a BLOB, bad JSON, JSON too
+    deep to read) raises _Undecodable.
+    """
+    if type(text) is not str:
+        kind = "a BLOB" if isinstance(text, bytes) else f"{text!r:.60}"
+        raise _Undecodable(f"is {kind}, not JSON text")
+    try:
+        if "\\u" not in text or not _ESCAPED_PAIR.search(text):
+            return _JSON_DECODE(text)
+        marker = next(chr(c) for c in range(0xE000, 0xF900)
+                      if chr(c) not in text)
+        value = _JSON_DECODE(_ESCAPED_PAIR.sub(
+            lambda m: m.group(1) + marker, text))
+    except json.JSONDecodeError as exc:
+        raise _Undecodable(f"is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise _Undecodable("is JSON nested too deeply to read") from None
     return _unmark(value, marker)
 
 
@@ -476,7 +553,12 @@ def _unmark(value: Any, marker: str) -> Any:
 
 def _loads(text: str) -> Any:
     value = _parse(text)
-    return _from_json(value) if '"__' in text else value
+    return _from_json(value, _json_depth(value)) if '"__' in text else value
+
+
+def _json_depth(value: Any) -> int:
+    # The depth _to_json gave the top of ``value`` (see _top_depth).
+    return 0 if isinstance(value, dict) and _TAG_TASK in value else 1
 
 
 def _top_depth(value: Any) -> int:
@@ -1181,17 +1263,36 @@ class Task:
         return out
 
     @classmethod
-    def _from_json(cls, value: dict) -> Task:
-        name, args = value.get(_TAG_TASK), value.get("args", [])
-        kwargs, then = value.get("kwargs", {}), value.get("then", [])
-        if not (isinstance(name, str) and isinstance(args, list)
-                and isinstance(kwargs, dict) and isinstance(then, list)):
-            raise ValueError(f"not a serialized task: {value!r:.200}")
-        frames = tuple(deserialize_task(f) for f in then)
-        # The kwargs object itself is never tagged: decode its values only.
-        return cls(name, _from_json(args),
-                   {k: _from_json(v) for k, v in kwargs.items()},
-                   _then=frames)
+    def _from_json(cls, value: dict, depth: int = 0) -> Task:
+        """The Task of a serialized call at ``depth`` (see _from_json)."""
+        name = value[_TAG_TASK]
+        try:
+            _check_name("task name", name)
+        except (TypeError, ValueError) as exc:
+            raise _Undecodable(f"is not in liteq's format: {exc}") from None
+        parts = {}
+        for part, kind, default in (("args", list, []), ("kwargs", dict, {}),
+                                    ("then", list, [])):
+            item = value.get(part, default)
+            if not isinstance(item, kind):
+                problem = _Undecodable(
+                    f"is {item!r:.60}, not a JSON "
+                    f"{'array' if kind is list else 'object'}")
+                problem.where.append(f".{part}")
+                raise problem
+            try:
+                # The kwargs object itself is never tagged: its values are.
+                parts[part] = (_dict_from_json if kind is dict
+                               else _items_from_json)(item, depth + 1)
+            except _Undecodable as exc:
+                exc.where.append(f".{part}")
+                raise
+        task = cls.__new__(cls)
+        task.name, task.args, task.kwargs = name, parts["args"], \
+            parts["kwargs"]
+        task._then = tuple(parts["then"])
+        _check_chain_form(task)
+        return task
 
     # Options of the registered function -----------------------------------
 
@@ -1254,17 +1355,29 @@ class Task:
 
 
 def _decode_call(text: str) -> Task:
-    """A stored call as a Task; quick when no argument needs decoding."""
-    value = _parse(text)
-    if text.count('"__') > 1 or not isinstance(value, dict):
-        return deserialize_task(value)
-    task = Task.__new__(Task)  # only the __task__ tag: plain JSON inside
-    task.name, task.args = value[_TAG_TASK], value["args"]
-    task.kwargs, task._then = value["kwargs"], ()
-    if not (isinstance(task.name, str) and isinstance(task.args, list)
-            and isinstance(task.kwargs, dict)):
-        raise ValueError(f"not a serialized task: {text:.200}")
-    return task
+    """A stored call as a Task; quick when no argument needs decoding.
+
+    A call not in the stored format raises ValueError naming the problem
+    and where it is (``call.args[0]...``).
+    """
+    try:
+        value = _parse(text)
+        if not isinstance(value, dict) or _TAG_TASK not in value:
+            raise _Undecodable(f"is {text!r:.100}, not a serialized task "
+                               f"(an object with a {_TAG_TASK!r} key)")
+        if text.count('"__') > 1:
+            return Task._from_json(value)
+        # Only the __task__ tag: plain JSON inside.
+        task = Task.__new__(Task)
+        task.name, task._then = value[_TAG_TASK], ()
+        task.args, task.kwargs = value.get("args", []), value.get(
+            "kwargs", {})
+        if not (type(task.name) is str and type(task.args) is list
+                and type(task.kwargs) is dict):
+            return Task._from_json(value)  # to say what is wrong
+        return task
+    except _Undecodable as exc:
+        raise exc.at("call") from None
 
 
 def _roundtrip(value: Any, path: str) -> Any:
@@ -1571,6 +1684,38 @@ _register(_chain_step, None, {
     "name": _CHAIN_NAME, "percent": _chain_percent, "description": "chain"})
 
 
+def _check_chain_form(task: Task) -> None:
+    """Raise _Undecodable if a decoded call is a chain, or carries chain
+    frames, in a form liteq never writes (see docs/format.md)."""
+    if task.name == _CHAIN_NAME:
+        problem = _chain_problem(task, 0)
+        if problem:
+            raise _Undecodable(problem)
+    for i, frame in enumerate(task._then):
+        if isinstance(frame, Task) and frame.name == _CHAIN_NAME:
+            problem = _chain_problem(frame, 1)  # frames have started
+        else:
+            problem = f"is {frame!r:.60}, not a chain frame (a {_CHAIN_NAME}" \
+                      f" call)"
+        if problem:
+            exc = _Undecodable(problem)
+            exc.where.append(f".then[{i}]")
+            raise exc
+
+
+def _chain_problem(call: Task, least: int) -> str | None:
+    members = call.args[0] if len(call.args) == 1 else None
+    if not (isinstance(members, list)
+            and all(isinstance(m, Task) for m in members)):
+        return (f"is a {_CHAIN_NAME} call whose args must be [a list of "
+                f"serialized tasks], got {call.args!r:.60}")
+    done = call.kwargs.get("done", 0)
+    if set(call.kwargs) - {"done"} or type(done) is not int or done < least:
+        return (f"is a {_CHAIN_NAME} call whose kwargs must be {{'done': "
+                f"an int >= {least}}}, got {call.kwargs!r:.60}")
+    return None
+
+
 def chain(tasks: Sequence[Task]) -> Task:
     """A Task that runs each task's steps to completion, in order.
 
@@ -1627,13 +1772,18 @@ def deserialize_task(value: Any) -> Task:
 
     A Task is returned unchanged.  A name not registered here still gives
     a Task that can be held and passed on; running it raises LookupError.
+    A value not in the format raises ValueError naming where it is wrong
+    (``args[1]['when']``).
     """
     if isinstance(value, Task):
         return value
     if not isinstance(value, dict) or _TAG_TASK not in value:
         raise TypeError(f"deserialize_task() needs a Task or its serialized"
                         f" dict, got {value!r:.200}")
-    return Task._from_json(value)
+    try:
+        return Task._from_json(value)
+    except _Undecodable as exc:
+        raise exc.at("", "the task") from None
 
 # ---------------------------------------------------------------------------
 # 7. Jobs and queues: Job, Queue, the default queue

@@ -5048,3 +5048,124 @@ def test_connections_of_threads_that_ended_are_closed(q):
     assert q.counts()["pending"] == 20
     # This thread's connection stays; the 20 threads' ones are gone.
     assert len(q._store._connections) == 1
+
+
+# ---------------------------------------------------------------------------
+# Bad rows and hostile input
+# ---------------------------------------------------------------------------
+# Options that would store a time no datetime can hold, rows changed outside
+# liteq (with the sqlite3 module, as an operator or another program could),
+# malformed serialized tasks, files liteq cannot use, and a command line
+# whose output goes nowhere.  Each is refused or reported in one clear line,
+# and one bad row never hides the others.
+
+
+# Malformed serialized tasks and stored calls: ValueError naming the path.
+
+def _bad_tamper(path, job_id, column, value):
+    """Set one column of one job row behind liteq's back."""
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute(f"UPDATE liteq_jobs SET {column} = ? WHERE id = ?",
+                     (value, job_id))
+        conn.commit()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("text", [
+    "[]", "5", "null", '{"args": []}', '{"__task__": 5, "args": []}',
+    '{"__task__": "x", "args": 5}', "[" * 100_000 + "]" * 100_000,
+    '{"__task__": "x", "args": [{"__tuple__": 5}], "kwargs": {}}',
+], ids=["list", "number", "null", "no-name", "name-number", "args-number",
+        "deep", "bad-tuple"])
+def test_a_stored_call_liteq_cannot_read_fails_its_job_with_its_problem(
+        q, text):
+    job = T.add.delay(1, 2)
+    _bad_tamper(q.path, job.id, "call", text)
+    liteq.Worker(q).run_once()
+    assert job.status == "failed"
+    assert "call" in job.error and "Traceback" not in job.error
+
+
+_DEEP = functools.reduce(lambda inner, _: [inner], range(10_000), [])
+
+
+@pytest.mark.parametrize("value, path, problem", [
+    ({"__task__": "x", "args": [{"__dict__": [1]}]}, "args[0]",
+     "'__dict__' object must have that one key, holding a JSON object"),
+    ({"__task__": "x", "args": [1, {"__tuple__": 5}]}, "args[1]",
+     "'__tuple__' object must have that one key, holding a JSON array"),
+    ({"__task__": "x", "kwargs": {"a": {"__tuple__": [1], "b": 2}}},
+     "kwargs['a']", "'__tuple__' object must have that one key"),
+    ({"__task__": "x", "args": 5}, "args", "is 5, not a JSON array"),
+    ({"__task__": "x", "kwargs": [1]}, "kwargs", "not a JSON object"),
+    ({"__task__": "x", "kwargs": {1: 2}}, "kwargs", "has a key 1 of type"),
+    ({"__task__": 5}, "the task", "task name must be a str"),
+    ({"__task__": "x", "args": [_DEEP]}, "args" + "[0]" * 101,
+     "is nested deeper than 100 levels"),
+    ({"__task__": "x", "then": [{"__task__": "liteq:chain",
+                                 "args": [[]]}]}, "then[0]",
+     "kwargs must be {'done': an int >= 1}"),
+    ({"__task__": "x", "then": [5]}, "then[0]", "is 5, not a chain frame"),
+    ({"__task__": "liteq:chain", "args": [["x"]]}, "the task",
+     "args must be [a list of serialized tasks]"),
+    ({"__task__": "x", "args": [{"__task__": "y", "args": [{
+        "__dict__": 1}]}]}, "args[0].args[0]", "'__dict__' object"),
+], ids=["dict-tag-list", "tuple-tag-int", "tuple-tag-extra-key",
+        "args-int", "kwargs-list", "kwargs-int-key", "name-int",
+        "10000-deep", "then-empty-chain", "then-not-a-task",
+        "chain-of-plain-values", "nested-task"])
+def test_deserialize_task_refuses_malformed_input_naming_the_path(
+        q, value, path, problem):
+    with pytest.raises(ValueError) as info:
+        liteq.deserialize_task(value)
+    assert str(info.value).startswith(f"{path} ")
+    assert problem in str(info.value)
+    with pytest.raises(ValueError):
+        liteq.chain([T.add(1, 2), value])
+    assert sum(q.counts().values()) == 0
+
+
+def test_a_chain_of_plain_dicts_too_deep_is_a_value_error(q):
+    deep = {"__task__": stored(echo), "args": [_DEEP], "kwargs": {}}
+    with pytest.raises(ValueError, match="nested deeper than 100"):
+        liteq.chain([deep, deep]).delay()
+    assert sum(q.counts().values()) == 0
+
+
+def _bad_nest(kinds):
+    value = 1
+    for kind in reversed(kinds):
+        value = {"list": lambda v: [v], "tuple": lambda v: (v,),
+                 "dict": lambda v: {"k": v},
+                 "tagged": lambda v: {"__tuple__": v},
+                 "task": lambda v: liteq.Task("x", [v]),
+                 "kwarg": lambda v: liteq.Task("x", [], {"k": v})}[kind](
+            value)
+    return value
+
+
+def test_what_liteq_stores_at_the_depth_limit_reads_back(monkeypatch):
+    # Decoding counts depth as encoding does: a value encoded within the
+    # limit always decodes, and one past it (written by hand) never does.
+    rng = random.Random(7)
+    kinds = ["list", "tuple", "dict", "tagged", "task", "kwarg"]
+    outcomes = set()
+    for _ in range(200):
+        call = liteq.Task("x", [_bad_nest(
+            [rng.choice(kinds) for _ in range(rng.randint(96, 104))])])
+        try:
+            text, stored_ok = liteq._encode(call, "", 2**30), True
+        except TypeError:
+            with monkeypatch.context() as patch:
+                patch.setattr(liteq, "_MAX_DEPTH", 10**6)
+                text, stored_ok = liteq._encode(call, "", 2**30), False
+        try:
+            assert liteq._decode_call(text) == call
+            read_ok = True
+        except ValueError:
+            read_ok = False
+        assert read_ok == stored_ok
+        outcomes.add(stored_ok)
+    assert outcomes == {True, False}
