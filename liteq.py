@@ -237,7 +237,12 @@ def _parse_duration(text: str) -> float:
 def _utc(timestamp: float | None) -> _dt.datetime | None:
     if timestamp is None:
         return None
-    return _dt.datetime.fromtimestamp(timestamp, _dt.timezone.utc)
+    try:
+        return _dt.datetime.fromtimestamp(timestamp, _dt.timezone.utc)
+    except (TypeError, ValueError, OverflowError, OSError):
+        # Only a row changed outside liteq holds such a time.
+        raise ValueError(f"stored time {timestamp!r:.60} is not a unix "
+                         f"time liteq can read") from None
 
 
 def _iso(timestamp: float | None) -> str | None:
@@ -1979,24 +1984,82 @@ def _row_dict(row: tuple) -> dict:
 
 
 def _public_dict(row: dict) -> dict:
-    """The JSON form of a job row used by to_dict(), the CLI and HTTP."""
-    call = _parse(row["call"])
-    out = {key: row[key] for key in (
-        "id", "name", "current", "description", "queue", "priority", "key",
-        "status", "percent", "steps", "attempts", "error", "worker")}
-    out.update({key: _iso(row[key]) for key in _TIME_COLUMNS})
-    out["args"] = call.get("args", [])
-    out["kwargs"] = call.get("kwargs", {})
-    out["result"] = (_parse(row["result"])
-                     if row["status"] == _DONE and row["result"] else None)
+    """The JSON form of a job row used by to_dict(), the CLI and HTTP.
+
+    A row changed outside liteq may hold what liteq cannot read.  Each
+    such field is None and ``unreadable`` says what is wrong, so one bad
+    row never hides the others (see docs/format.md).
+    """
+    problems: list[str] = []
+    out = {}
+    for key in _PUBLIC_FIELDS:
+        problem = _field_problem(key, row[key])
+        out[key] = None if problem else row[key]
+        if problem:
+            problems.append(problem)
+    for key in _TIME_COLUMNS:
+        try:
+            out[key] = _iso(row[key])
+        except ValueError:
+            out[key] = None
+            problems.append(f"{key} is {_shown(row[key])}, not a unix time")
+    out["args"] = out["kwargs"] = out["result"] = None
+    try:
+        _decode_call(row["call"])  # as a worker reads it
+        call = _parse(row["call"])
+        out["args"] = call.get("args", [])
+        out["kwargs"] = call.get("kwargs", {})
+    except ValueError as exc:
+        problems.append(str(exc))
+    if row["status"] == _DONE and row["result"] is not None:
+        try:
+            _loads(row["result"])
+            out["result"] = _parse(row["result"])
+        except _Undecodable as exc:
+            problems.append(str(exc.at("result")))
+    if problems:
+        out["unreadable"] = "; ".join(problems)
     return out
+
+
+_PUBLIC_FIELDS = ("id", "name", "current", "description", "queue",
+                  "priority", "key", "status", "percent", "steps",
+                  "attempts", "error", "worker")
+
+
+def _field_problem(key: str, value: Any) -> str | None:
+    """What is wrong with a stored field for to_dict(), or None."""
+    if key in ("id", "priority", "steps", "attempts"):
+        ok, want = type(value) is int, "an integer"
+    elif key == "percent":
+        ok = value is None or (type(value) in (int, float)
+                               and math.isfinite(value))
+        want = "a finite number"
+    elif key == "status":
+        ok, want = value in _STATUSES, "a status"
+    else:
+        ok = type(value) is str or (value is None and key in (
+            "key", "error", "worker"))
+        want = "text"
+    return None if ok else f"{key} is {_shown(value)}, not {want}"
+
+
+def _shown(value: Any) -> str:
+    return "a BLOB" if isinstance(value, bytes) else f"{value!r:.60}"
 
 
 def _outcome(row: dict) -> Any:
     if row["status"] == _DONE:
-        return _loads(row["result"]) if row["result"] else None
+        try:
+            return _loads(row["result"]) if row["result"] else None
+        except _Undecodable as exc:
+            raise ValueError(f"stored row of job {row['id']} is malformed: "
+                             f"{exc.at('result')}") from None
     if row["status"] == _FAILED:
-        raise TaskFailed(row["id"], row["error"] or "")
+        error = row["error"]
+        if isinstance(error, bytes):  # changed outside liteq
+            error = error.decode("utf-8", "replace")
+        raise TaskFailed(row["id"], error or "")
     raise TaskCancelled(row["id"])
 
 
@@ -4060,10 +4123,15 @@ function jobRow(job) {
   const updated = node("td", "c-updated", ago(job.updated_at));
   updated.title = localTime(job.updated_at);
   const task = node("td", "c-task mono", job.name);
-  task.title = job.name;
+  task.title = job.name || "";
   const description = node("td", "", job.description);
-  description.title = job.description;
-  if (job.status === "failed" && job.error) {
+  description.title = job.description || "";
+  if (job.unreadable) {
+    // A row changed outside liteq: its unreadable fields are null.
+    const why = node("span", "why", "unreadable row: " + job.unreadable);
+    description.appendChild(why);
+    description.title = why.textContent;
+  } else if (job.status === "failed" && job.error) {
     const why = node("span", "why", lastLine(job.error));
     description.appendChild(why);
     description.title = job.description + "\n" + why.textContent;
@@ -4071,7 +4139,7 @@ function jobRow(job) {
     description.appendChild(node("span", "note", "runs " + ahead(job.eta)));
   }
   const status = node("td");
-  status.appendChild(statusWord(job.status));
+  status.appendChild(statusWord(job.status || "unknown"));
   const bar = node("td");
   bar.appendChild(progress(job));
   row.append(node("td", "num", job.id), task, description, status, bar,
@@ -4124,12 +4192,16 @@ function renderDetail(job, id) {
     $("error").hidden = true;
     return;
   }
-  $("detail-status").replaceChildren(statusWord(job.status));
+  $("detail-status").replaceChildren(statusWord(job.status || "unknown"));
   const items = [];
   for (const field of FIELDS) {
     const dd = node("dd");
     dd.appendChild(fieldValue(job, field));
     items.push(node("dt", "", field), dd);
+  }
+  if (job.unreadable) {
+    items.push(node("dt", "", "unreadable"),
+               node("dd", "why", job.unreadable));
   }
   $("fields").replaceChildren(...items);
   $("error").hidden = !job.error;
@@ -4618,13 +4690,20 @@ def _cmd_list(args: argparse.Namespace) -> int:
         _emit(_table(
             ["ID", "STATUS", "PROGRESS", "STEPS", "QUEUE", "TASK",
              "DESCRIPTION", "UPDATED"],
-            [[str(job["id"]), job["status"],
-              _percent_text(job["percent"]).strip(), str(job["steps"]),
-              _clean(job["queue"], 20), _clean(job["name"], 32),
-              _clean(job["description"], 40),
-              _age_text(job["updated_at"], now)] for job in jobs],
-            right=(0, 2, 3)))
+            [_list_row(job, now) for job in jobs], right=(0, 2, 3)))
     return 0
+
+
+def _list_row(job: dict, now: float) -> list[str]:
+    def cell(key: str, width: int | None = None) -> str:
+        return "-" if job[key] is None else _clean(job[key], width)
+
+    about = cell("description", 40)
+    if "unreadable" in job:  # its fields that liteq could read, and why
+        about = _clean(f"UNREADABLE: {job['unreadable']}", 60)
+    return [cell("id"), cell("status"), _percent_text(job["percent"]).strip(),
+            cell("steps"), cell("queue", 20), cell("name", 32), about,
+            _age_text(job["updated_at"], now)]
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
@@ -4635,9 +4714,20 @@ def _cmd_show(args: argparse.Namespace) -> int:
         data = job.to_dict()
     if args.json:
         _print_json(data)
-    else:
+    elif "unreadable" not in data:
         _emit(_show_text(data))
-    return 0
+    return _unreadable(job, data)
+
+
+def _unreadable(job: Job, data: dict) -> int:
+    """Exit status 1, and one line on stderr, if the job's row is
+    unreadable; else 0.  Not the user's error: the row's (exit 1)."""
+    if "unreadable" not in data:
+        return 0
+    print(f"liteq: error: the stored row of job {job.id} in {job._q.path} "
+          f"is unreadable: {_clean(data['unreadable'])}; see \"Bad rows\" "
+          f"in docs/guarantees.md to fix or delete it", file=sys.stderr)
+    return 1
 
 
 _SHOW_FIELDS = (
@@ -4670,6 +4760,8 @@ def _follow(job: Job, as_json: bool) -> int:
     screen = _Screen(sys.stdout, redraw=not as_json)
     while True:
         data = job.to_dict()
+        if "unreadable" in data:
+            return _unreadable(job, data)
         key = (data["status"], data["percent"], data["steps"])
         if as_json:
             screen.draw([json.dumps(data)], [key])
@@ -4716,6 +4808,9 @@ def _cmd_retry(args: argparse.Namespace) -> int:
         job = _find_job(queue, args.id)
         job.retry()
         data = job.to_dict()
+    if "unreadable" in data:
+        _emit(f"job {job.id} is {data['status']} again\n")
+        return _unreadable(job, data)
     _emit(f"job {data['id']} is {data['status']} again: it resumes at step "
           f"{data['steps'] + 1} ({_clean(data['current'])})\n")
     return 0

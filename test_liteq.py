@@ -5169,3 +5169,208 @@ def test_what_liteq_stores_at_the_depth_limit_reads_back(monkeypatch):
         assert read_ok == stored_ok
         outcomes.add(stored_ok)
     assert outcomes == {True, False}
+
+
+# Rows liteq cannot read: marked in every listing, never hiding the others.
+
+#: Rows changed outside liteq: (column, value, what to_dict() says).
+_BAD_ROWS = {
+    "call-list": ("call", "[]", "call is '[]', not a serialized task"),
+    "call-number": ("call", "5", "call is '5', not a serialized task"),
+    "call-null": ("call", "null", "call is 'null', not a serialized task"),
+    "call-blob": ("call", b"\x00\x01", "call is a BLOB, not JSON text"),
+    "call-deep": ("call", "[" * 100_000 + "]" * 100_000,
+                  "call is JSON nested too deeply"),
+    "call-invalid": ("call", '{"__task__": "x", "args": [1',
+                     "call is not valid JSON (Expecting"),
+    "call-nan": ("call", '{"__task__": "x", "args": [NaN], "kwargs": {}}',
+                 "call holds NaN"),
+    "call-bad-tag": ("call", '{"__task__": "x", "args": [{"__dict__": [1]}],'
+                             ' "kwargs": {}}', "call.args[0] is not in"),
+    "eta-text": ("eta", "x", "eta is 'x', not a unix time"),
+    "created-far": ("created_at", -1e18, "created_at is -1e+18, not a unix"),
+    "error-blob": ("error", b"\xff\xfe", "error is a BLOB, not text"),
+    "percent-inf": ("percent", math.inf, "percent is inf, not a finite"),
+}
+
+
+@pytest.fixture
+def bad_rows(q):
+    """One good job before and after one tampered job per _BAD_ROWS case;
+    returns (good ids, {case: tampered id})."""
+    good = [T.add.delay(1, 2).id]
+    bad = {case: T.add.delay(3, 4).id for case in _BAD_ROWS}
+    good.append(T.echo.delay({"__task__": "not a task"}).id)
+    q.close()
+    for case, (column, value, _) in _BAD_ROWS.items():
+        _bad_tamper(q.path, bad[case], column, value)
+    return good, bad
+
+
+def test_listings_mark_each_bad_row_and_show_every_other_row(q, bad_rows):
+    good, bad = bad_rows
+    jobs = {job.id: job.to_dict() for job in q.jobs()}
+    assert sorted(jobs) == sorted(good + list(bad.values()))
+    for job_id in good:
+        assert "unreadable" not in jobs[job_id]
+    assert jobs[good[0]]["args"] == [1, 2]
+    for case, (column, _, what) in _BAD_ROWS.items():
+        data = jobs[bad[case]]
+        assert what in data["unreadable"], case
+        assert data["id"] == bad[case]
+        assert data["name"] == stored(add)  # what could be read, is
+        assert data[column if column in data else "args"] is None
+        # Every listing is still one valid JSON document.
+        json.dumps(data, allow_nan=False)
+    assert jobs[bad["eta-text"]]["eta"] is None
+    assert jobs[bad["eta-text"]]["args"] == [3, 4]
+    assert jobs[bad["call-blob"]]["args"] is None
+    assert set(jobs[bad["call-list"]]) == set(jobs[good[0]]) | {
+        "unreadable"}
+
+
+def test_http_lists_bad_rows_marked_among_the_others(q, bad_rows):
+    good, bad = bad_rows
+    app = liteq.wsgi_app(q)
+    status, _, body = _ops_call(app, _ops_environ("/tasks",
+                                                  query="limit=1000"))
+    assert status == "200 OK"
+    listed = {job["id"]: job for job in json.loads(body)}
+    assert sorted(listed) == sorted(good + list(bad.values()))
+    assert "unreadable" not in listed[good[0]]
+    assert "call is a BLOB" in listed[bad["call-blob"]]["unreadable"]
+    status, _, body = _ops_call(app, _ops_environ(f"/tasks/{bad['eta-text']}"))
+    assert status == "200 OK"
+    assert json.loads(body)["unreadable"] == "eta is 'x', not a unix time"
+
+
+def test_cli_lists_bad_rows_and_show_prints_one_line_exit_1(q, bad_rows,
+                                                            capsys):
+    good, bad = bad_rows
+    assert liteq.main(["list", "--limit", "100", "--db", q.path]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert sorted(map(int, lines)) == sorted(good + list(bad.values()))
+    assert "UNREADABLE" not in lines[str(good[0])]
+    assert "UNREADABLE: call is a BLOB" in lines[str(bad["call-blob"])]
+    assert liteq.main(["list", "--json", "--db", q.path]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == len(lines)
+    for args in ([], ["--follow"]):
+        job_id = bad["call-invalid"]
+        assert liteq.main(["show", str(job_id), "--db", q.path, *args]) == 1
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err.count("\n") == 1
+        assert captured.err.startswith(
+            f"liteq: error: the stored row of job {job_id} in {q.path} is "
+            f"unreadable: call is not valid JSON (Expecting")
+        assert '"Bad rows" in docs/guarantees.md' in captured.err
+    assert liteq.main(["show", str(bad["eta-text"]), "--json",
+                       "--db", q.path]) == 1
+    assert json.loads(capsys.readouterr().out)["unreadable"]
+    assert liteq.main(["show", str(good[0]), "--db", q.path]) == 0
+
+
+def test_result_of_a_tampered_done_job_is_a_value_error_naming_it(q):
+    job = T.add.delay(1, 2)
+    assert liteq.Worker(q).run_once()
+    _bad_tamper(q.path, job.id, "result", '{"__tuple__": 5}')
+    with pytest.raises(ValueError) as info:
+        job.result(timeout=5)
+    assert str(info.value).startswith(
+        f"stored row of job {job.id} is malformed: result is not in")
+    assert "unreadable" in job.to_dict()
+
+
+# The dashboard's own script, run by Node.js against a minimal stand-in for
+# the DOM and fetch(), fed the JSON that wsgi_app serves.  It prints what
+# the page shows: the live indicator, each job row, the detail panel.
+_BAD_DOM = r"""
+"use strict";
+const fs = require("fs");
+const [script, answers, hash] = process.argv.slice(2);
+const bodies = JSON.parse(fs.readFileSync(answers, "utf8"));
+const later = setTimeout;
+class Node {
+  constructor(tag) {
+    Object.assign(this, {tag, children: [], className: "", dataset: {},
+                         style: {}, attrs: {}, own: "", hidden: false,
+                         title: "", value: ""});
+    const node = this;
+    this.classList = {
+      toggle(name, on) {
+        const names = node.className.split(" ").filter((n) => n !== name);
+        if (on) names.push(name);
+        node.className = names.join(" ");
+      },
+    };
+  }
+  get textContent() {
+    return this.own + this.children.map((c) => c.textContent).join("");
+  }
+  set textContent(text) { this.own = String(text); this.children = []; }
+  get firstChild() { return this.children[0]; }
+  get options() { return this.children; }
+  appendChild(child) { this.children.push(child); return child; }
+  append(...nodes) { this.children.push(...nodes); }
+  replaceChildren(...nodes) { this.children = nodes; }
+  setAttribute(name, value) { this.attrs[name] = String(value); }
+  addEventListener() {}
+}
+const byId = {};
+globalThis.document = {
+  getElementById: (id) => byId[id] || (byId[id] = new Node("div")),
+  querySelector: () => ({content: "/"}),
+  createElement: (tag) => new Node(tag),
+  addEventListener() {},
+};
+globalThis.window = {addEventListener() {}};
+globalThis.location = {hash, pathname: "/", search: ""};
+globalThis.history = {replaceState() {}};
+globalThis.setTimeout = () => 0;  // one refresh only
+globalThis.fetch = async (url) => {
+  const body = bodies[url.split("?")[0]];
+  return {status: body ? 200 : 404, ok: !!body,
+          json: async () => body || {error: "no route"}};
+};
+new Function(fs.readFileSync(script, "utf8"))();
+later(() => {
+  const rows = byId.jobs.children.map((row) => ({
+    id: Number(row.dataset.id), text: row.textContent}));
+  console.log(JSON.stringify({live: byId.live.className,
+                              said: byId.live.textContent, rows,
+                              detail: byId.fields.textContent}));
+}, 300);
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js")
+def test_dashboard_shows_bad_rows_marked_among_the_others(q, bad_rows,
+                                                          tmp_path):
+    good, bad = bad_rows
+    app = liteq.wsgi_app(q)
+    bodies = {}
+    for route in ("/counts", "/tasks", f"/tasks/{bad['call-blob']}"):
+        status, _, body = _ops_call(app, _ops_environ(route,
+                                                      query="limit=50"))
+        assert status == "200 OK", (route, body)
+        bodies[route] = json.loads(body)
+    (tmp_path / "answers.json").write_text(json.dumps(bodies))
+    (tmp_path / "page.js").write_text(
+        liteq._DASHBOARD.split("<script>", 1)[1].split("</script>", 1)[0])
+    (tmp_path / "dom.js").write_text(_BAD_DOM)
+    out = subprocess.run(
+        ["node", str(tmp_path / "dom.js"), str(tmp_path / "page.js"),
+         str(tmp_path / "answers.json"), f"#job-{bad['call-blob']}"],
+        capture_output=True, text=True, timeout=_OPS_DEADLINE)
+    assert out.returncode == 0, out.stderr
+    page = json.loads(out.stdout)
+    assert (page["live"], page["said"][:4]) == ("ok", "live"), page["said"]
+    rows = {row["id"]: row["text"] for row in page["rows"]}
+    assert sorted(rows) == sorted(good + list(bad.values()))
+    assert "unreadable row" not in rows[good[0]]
+    assert "pending" in rows[good[0]]
+    assert "unreadable row: call is a BLOB, not JSON text" in rows[
+        bad["call-blob"]]
+    assert "unreadable row: eta is 'x'" in rows[bad["eta-text"]]
+    assert "unreadablecall is a BLOB" in page["detail"]
