@@ -256,8 +256,13 @@ def _check_number(name: str, value: Any, minimum: float = 0.0,
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number of seconds, "
                         f"got {value!r}")
-    if not math.isfinite(value) or value < minimum or (
-            strict and value == minimum):
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        finite = False
+    if minimum == -math.inf and not finite:
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if not finite or value < minimum or (strict and value == minimum):
         bound = ">" if strict else ">="
         raise ValueError(f"{name} must be finite and {bound} {minimum}, "
                          f"got {value!r}")
@@ -1593,6 +1598,9 @@ def _check_function(function: Any) -> None:
                         f"yields; return a value or the next Task instead")
 
 
+_MAX_RETRY_DELAY = 100 * 365.25 * 86400  # seconds
+
+
 def _check_options(options: dict) -> dict:
     unknown = set(options) - set(_TASK_DEFAULTS)
     if unknown:
@@ -1602,9 +1610,12 @@ def _check_options(options: dict) -> dict:
     if opts["percent"] is not None and not callable(opts["percent"]):
         raise TypeError(f"percent must be callable, got {opts['percent']!r}")
     _check_int("retries", opts["retries"], 0)
-    opts["retry_delay"] = _check_number("retry_delay", opts["retry_delay"])
-    opts["retry_max_delay"] = _check_number("retry_max_delay",
-                                            opts["retry_max_delay"])
+    for option in ("retry_delay", "retry_max_delay"):
+        opts[option] = _check_number(option, opts[option])
+        if opts[option] > _MAX_RETRY_DELAY:  # else etas past year 9999
+            raise ValueError(f"{option} must be at most "
+                             f"{_MAX_RETRY_DELAY:.0f} seconds (100 years),"
+                             f" got {options[option]!r}")
     _check_name("queue", opts["queue"])
     _check_int("priority", opts["priority"], *_INT64)
     if opts["name"] is not None:
@@ -2284,20 +2295,42 @@ def _insert(conn: sqlite3.Connection, row: _NewJob) -> int:
     return _execute(conn, _SQL_INSERT_JOB, row).lastrowid
 
 
+# The latest start liteq stores: every stored time must read back as a
+# datetime (years 1 to 9999), in any time zone it is shown in.
+_LAST_START = 253370764800.0  # 9999-01-01T00:00:00Z
+_LAST_START_TEXT = "9999-01-01T00:00:00Z"
+
+
 def _start_time(countdown: Any, eta: Any, now: float) -> float:
     if countdown is not None and eta is not None:
         raise TypeError("give countdown or eta, not both")
     if countdown is not None:
-        return now + max(0.0, _check_number("countdown", countdown,
-                                            -math.inf))
+        start = now + max(0.0, _check_number("countdown", countdown,
+                                             -math.inf))
+        if start >= _LAST_START:
+            raise ValueError(
+                f"countdown must start the job before {_LAST_START_TEXT},"
+                f" got {countdown!r} seconds: give a shorter countdown")
+        return start
     if eta is None:
         return now
     if isinstance(eta, _dt.datetime):
-        return max(now, eta.timestamp())  # naive: local time
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)):
+        try:
+            start = eta.timestamp()  # naive: local time
+        except (OverflowError, ValueError, OSError):
+            if eta.utcoffset() is not None:
+                raise  # aware: not a range problem
+            # Naive, near year 1 or 9999: local time is out of range.
+            start = -math.inf if eta.year < 5000 else math.inf
+    elif isinstance(eta, bool) or not isinstance(eta, (int, float)):
         raise TypeError(f"eta must be a datetime or a unix timestamp, got "
                         f"{eta!r}")
-    return max(now, _check_number("eta", eta, -math.inf))
+    else:
+        start = _check_number("eta", eta, -math.inf)
+    if start >= _LAST_START:
+        raise ValueError(f"eta must be before {_LAST_START_TEXT}, got "
+                         f"{eta!r}: give an earlier time")
+    return max(now, start)
 
 
 _DEFAULT_QUEUE: list = []  # the default Queue, made on first use

@@ -5374,3 +5374,59 @@ def test_dashboard_shows_bad_rows_marked_among_the_others(q, bad_rows,
         bad["call-blob"]]
     assert "unreadable row: eta is 'x'" in rows[bad["eta-text"]]
     assert "unreadablecall is a BLOB" in page["detail"]
+
+
+# Times no datetime can hold, refused at the call.
+
+@pytest.mark.parametrize("options", [
+    {"countdown": 1e308}, {"eta": 1e300}, {"eta": dt.datetime.max},
+    {"eta": dt.datetime.max.replace(tzinfo=UTC)},
+    {"eta": dt.datetime(9999, 1, 1, tzinfo=UTC)},
+], ids=["countdown", "eta-number", "eta-naive-max", "eta-aware-max",
+        "eta-bound"])
+def test_a_start_time_past_year_9998_is_refused_and_nothing_stored(q,
+                                                                   options):
+    with pytest.raises(ValueError, match="before 9999-01-01T00:00:00Z") \
+            as info:
+        T.add.apply_async((1, 2), **options)
+    name = next(iter(options))
+    assert str(info.value).startswith(f"{name} must ")
+    assert repr(options[name]) in str(info.value)
+    with pytest.raises(ValueError):
+        with q.batch():
+            T.add.apply_async((1, 2), **options)
+    assert sum(q.counts().values()) == 0
+
+
+@pytest.mark.parametrize("countdown", [math.inf, -math.inf, math.nan,
+                                       10**400],
+                         ids=["inf", "-inf", "nan", "10**400"])
+def test_a_non_finite_countdown_is_a_value_error(q, countdown):
+    with pytest.raises(ValueError, match="countdown must be a finite "
+                                         "number, got"):
+        T.add.apply_async((1, 2), countdown=countdown)
+    assert sum(q.counts().values()) == 0
+
+
+def test_the_latest_and_earliest_start_times_read_back(q, clock):
+    late = dt.datetime(9998, 12, 31, 23, 59, tzinfo=UTC)
+    job = T.add.apply_async((1, 2), eta=late)
+    assert job.eta == late
+    assert job.to_dict()["eta"] == "9998-12-31T23:59:00Z"
+    for early in (dt.datetime.min, dt.datetime.min.replace(tzinfo=UTC)):
+        assert T.add.apply_async((1, 2), eta=early).eta == utc(clock.now)
+    assert "unreadable" not in job.to_dict()
+
+
+def test_retry_delays_longer_than_a_century_are_refused(q):
+    for option in ("retry_delay", "retry_max_delay"):
+        with pytest.raises(ValueError, match=f"{option} must be at most "
+                                             f"3155760000 seconds"):
+            q.task(add, **{option: 1e300})
+
+
+def test_huge_ints_for_durations_are_value_errors(q, tmp_path):
+    with pytest.raises(ValueError, match="busy_timeout must be finite"):
+        liteq.Queue(tmp_path / "x.db", busy_timeout=10**400)
+    with pytest.raises(ValueError, match="older_than must be finite"):
+        q.purge(older_than=10**400)
