@@ -1058,8 +1058,7 @@ class _Store:
         except sqlite3.DatabaseError as exc:
             if isinstance(exc, sqlite3.OperationalError) and _is_busy(exc):
                 raise  # not a verdict on the file: the caller retries
-            raise SchemaError(f"{self.path} is not a liteq database "
-                              f"({exc}); point liteq at another file") from exc
+            raise self._storage_error(exc) from exc
         if app_id != _APPLICATION_ID and (app_id or tables or version):
             raise SchemaError(
                 f"{self.path} is a SQLite database that liteq did not make;"
@@ -1114,7 +1113,23 @@ class _Store:
                 raise self._storage_error(exc) from exc
 
     def _storage_error(self, exc: sqlite3.Error) -> Error:
-        return StorageError(f"cannot use {self.path}: {exc}")
+        """The error to raise for ``exc``: it names the real cause."""
+        kind = _fault_kind(exc)
+        if kind == "damaged" and not _sqlite_header(self.path):
+            return SchemaError(
+                f"{self.path} is not a SQLite database ({exc}): point "
+                f"liteq at another file (if it held liteq's jobs, it is "
+                f"damaged: keep a copy and see docs/operations.md)")
+        if kind == "damaged":
+            return StorageError(
+                f"{self.path} is damaged ({exc}): stop the processes that "
+                f"use it and copy it, with its -wal and -shm files, before "
+                f"any repair; then run PRAGMA integrity_check on the copy "
+                f"in the sqlite3 shell (see docs/operations.md)")
+        hint = ("" if kind != "access" else
+                ": liteq must be able to write the file and its directory,"
+                " where SQLite keeps the -wal and -shm files")
+        return StorageError(f"cannot use {self.path}: {exc}{hint}")
 
     def write(self, body: Callable[[sqlite3.Connection], Any]) -> Any:
         """Run ``body(conn)`` in one short BEGIN IMMEDIATE transaction.
@@ -1209,6 +1224,34 @@ def _is_busy(exc: sqlite3.OperationalError) -> bool:
         return code & 0xFF in (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED
     text = str(exc)
     return "locked" in text or "busy" in text
+
+
+def _fault_kind(exc: sqlite3.Error) -> str:
+    """"damaged", "access" (read-only, cannot open) or "" for others."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        code &= 0xFF
+        return ("damaged" if code in (11, 26)  # SQLITE_CORRUPT, _NOTADB
+                else "access" if code in (3, 8, 14)  # _PERM, _READONLY,
+                else "")  # _CANTOPEN
+    text = str(exc)
+    return ("damaged" if "malformed" in text or "not a database" in text
+            else "access" if "readonly" in text or "unable to open" in text
+            else "")
+
+
+def _sqlite_header(path: str) -> bool:
+    """Whether the file starts as a SQLite database does, or as the
+    beginning of one (a file cut short)."""
+    magic = b"SQLite format 3\0"
+    try:
+        with open(path, "rb") as file:
+            start = file.read(len(magic))
+    except OSError:
+        return True  # cannot tell: do not call it another kind of file
+    if len(start) < len(magic):
+        return bool(start) and magic.startswith(start)
+    return start == magic
 
 
 def _next_ready(conn: sqlite3.Connection) -> int:

@@ -5430,3 +5430,80 @@ def test_huge_ints_for_durations_are_value_errors(q, tmp_path):
         liteq.Queue(tmp_path / "x.db", busy_timeout=10**400)
     with pytest.raises(ValueError, match="older_than must be finite"):
         q.purge(older_than=10**400)
+
+
+# Files liteq cannot use: the real cause, and never "another file" for a
+# damaged queue.
+
+def _bad_copy(path, keep):
+    """Damage a copy of a liteq database: keep(data) gives its bytes."""
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    with open(path, "rb") as fh:
+        data = fh.read()
+    with open(path, "wb") as fh:
+        fh.write(keep(data))
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path + suffix)
+
+
+@pytest.mark.parametrize("keep", [
+    lambda data: data[:100], lambda data: data[:5000],
+    lambda data: data[:10],
+    lambda data: data[:4096] + bytes(len(data) - 4096),
+], ids=["cut-at-100", "cut-at-5000", "cut-at-10", "pages-zeroed"])
+def test_a_damaged_liteq_file_is_reported_damaged_never_foreign(
+        make_queue, tmp_path, capsys, keep):
+    queue = make_queue("hurt.db")
+    for i in range(20):
+        T.add.delay(i, i)
+    queue.close()
+    _bad_copy(queue.path, keep)
+    before = file_state(queue.path)
+    with pytest.raises(liteq.StorageError) as info:
+        queue.counts()
+    message = str(info.value)
+    assert message.startswith(f"{queue.path} is damaged (")
+    assert "copy it" in message and "before any repair" in message
+    assert "PRAGMA integrity_check" in message
+    assert "another file" not in message
+    queue.close()
+    assert liteq.main(["status", "--db", queue.path]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is damaged" in err
+    assert file_state(queue.path) == before
+
+
+def test_a_read_only_directory_is_a_storage_error(make_queue, tmp_path,
+                                                 capsys, drop_file_override):
+    # As root, permissions only apply in a thread without CAP_DAC_OVERRIDE
+    # (see drop_file_override).
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    queue = make_queue("ro/q.db")
+    T.add.delay(1, 2)
+    queue.close()
+    os.chmod(folder, 0o555)
+
+    def attempt():
+        try:
+            open(folder / "probe", "w").close()
+            pytest.skip("the directory stayed writable")
+        except PermissionError:
+            pass
+        with pytest.raises(liteq.StorageError) as info:
+            liteq.Queue(queue.path).counts()
+        return str(info.value), liteq.main(["status", "--db", queue.path])
+
+    try:
+        message, code = drop_file_override(attempt)
+    finally:
+        os.chmod(folder, 0o755)
+    assert message.startswith(f"cannot use {queue.path}: ")
+    assert "readonly" in message and "not a liteq" not in message
+    assert "write the file and its directory" in message
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "readonly" in err
