@@ -976,6 +976,9 @@ class _Store:
         self._connections: weakref.WeakSet = weakref.WeakSet()
         self._schema_ok = False
         self._pid = os.getpid()
+        # False for readers that must never write (the CLI's read
+        # commands, HTTP): an empty file is then refused, not created.
+        self.creates = True
 
     # Connections ----------------------------------------------------------
 
@@ -1046,6 +1049,10 @@ class _Store:
         """Check the file is liteq's, then create or migrate its schema."""
         # Another process may be creating the file: retry while busy.
         version = self._retry(lambda: self._check_header(conn))
+        if version == 0 and not self.creates:
+            raise SchemaError(
+                f"no liteq database in {self.path} yet: the file is empty "
+                f"(run and demo create one)")
         if version < _SCHEMA_VERSION:
             self._retry(lambda: self._migrate(conn))
         elif self._journal_mode(conn) != "wal":
@@ -3822,6 +3829,7 @@ def _http_read(queue: Queue, read: Callable[[Queue], Any]) -> Any:
         raise _HTTPError(503, "the database is missing: see the server log")
     try:
         with Queue(queue.path) as reader:
+            reader._store.creates = False  # an empty file stays empty
             return read(reader)
     except Error as exc:
         logger.error("http: %s", exc)
@@ -4499,7 +4507,9 @@ def _cli_queue(args: argparse.Namespace, create: bool) -> Queue:
     if not os.path.isfile(path):
         raise _UsageError(f"no database at {os.path.abspath(path)} (pass "
                           f"--db or set LITEQ_DB; run and demo create one)")
-    return Queue(path)
+    queue = Queue(path)
+    queue._store.creates = False
+    return queue
 
 
 def _job_id(text: str) -> int:

@@ -5507,3 +5507,23 @@ def test_a_read_only_directory_is_a_storage_error(make_queue, tmp_path,
     assert code == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "readonly" in err
+
+
+# The command line: one line and an exit status, never a traceback or a
+# write.
+
+def test_read_commands_and_http_never_write_an_empty_file(tmp_path, capsys):
+    path = tmp_path / "empty.db"
+    path.write_bytes(b"")
+    for command in (["status"], ["list"], ["show", "1"], ["status",
+                                                          "--json"]):
+        assert liteq.main([*command, "--db", str(path)]) == 2
+        assert capsys.readouterr().err == (
+            f"liteq: error: no liteq database in {path} yet: the file is "
+            f"empty (run and demo create one)\n")
+    app = liteq.wsgi_app(liteq.Queue(path))
+    for route in ("/counts", "/tasks", "/tasks/1"):
+        status, _, body = _ops_call(app, _ops_environ(route))
+        assert status.startswith("503"), route
+    assert path.read_bytes() == b""
+    assert sorted(os.listdir(tmp_path)) == ["empty.db"]
