@@ -2207,6 +2207,8 @@ class Queue:
     def get(self, job_id: int) -> Job | None:
         """The Job with this id, or None."""
         _check_int("job id", job_id)
+        if not _INT64[0] <= job_id <= _INT64[1]:
+            return None  # SQLite could not even hold it
         rows = self._store.read(_SQL_SELECT_JOB, (job_id,))
         return Job(self, job_id) if rows else None
 
@@ -2221,7 +2223,7 @@ class Queue:
         if status is not None and status not in _STATUSES:
             raise ValueError(f"status must be one of {', '.join(_STATUSES)},"
                              f" got {status!r}")
-        _check_int("limit", limit, 0)
+        _check_int("limit", limit, 0, _INT64[1])
         rows = self._store.read(_SQL_SELECT_JOBS, {
             "status": status, "name": name, "queue": queue, "limit": limit})
         return [_row_dict(row) for row in rows]
@@ -4761,8 +4763,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    if args.limit < 0:
-        raise _UsageError(f"--limit must be 0 or more, got {args.limit}")
+    if not 0 <= args.limit <= _INT64[1]:
+        raise _UsageError(f"--limit must be from 0 to {_INT64[1]}, got "
+                          f"{args.limit}")
     with _cli_queue(args, create=False) as queue:
         rows = queue._job_rows(args.status, args.name, args.queue,
                                args.limit)

@@ -5527,3 +5527,14 @@ def test_read_commands_and_http_never_write_an_empty_file(tmp_path, capsys):
         assert status.startswith("503"), route
     assert path.read_bytes() == b""
     assert sorted(os.listdir(tmp_path)) == ["empty.db"]
+
+
+
+def test_list_limit_beyond_64_bits_is_a_one_line_user_error(q, capsys):
+    big = str(2**63)
+    assert liteq.main(["list", "--limit", big, "--db", q.path]) == 2
+    assert capsys.readouterr().err == (
+        f"liteq: error: --limit must be from 0 to {2**63 - 1}, got {big}\n")
+    with pytest.raises(ValueError, match="limit must be <= "):
+        q.jobs(limit=2**63)
+    assert q.get(2**63) is None and q.get(-2**63 - 1) is None
