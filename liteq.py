@@ -4384,29 +4384,45 @@ class _UsageError(Exception):
     """A user error on the command line: one line on stderr, exit 2."""
 
 
+class _OutputError(Exception):
+    """Standard output is closed or refuses writes (a full disk): one
+    line on stderr, exit 1."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line (``python -m liteq``); return the exit status.
 
     0 on success; 1 when the command ran but the outcome is a failure
-    (``show --follow`` of a failed job, ``cancel`` of a finished one);
-    2 for a user error (missing database, unknown id, bad duration, a
-    module that cannot be imported), reported in one line on stderr.
+    (``show --follow`` of a failed job, ``cancel`` of a finished one, a
+    job whose stored row is unreadable), or a storage error, or when
+    standard output is closed or full; 2 for a user error (missing
+    database, unknown id, bad duration, a module that cannot be
+    imported).  Errors are reported in one line on stderr.
     """
     parser = _build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.handler(args)
-    except (_UsageError, Error, ValueError) as exc:
+        code = args.handler(args)
+        _flush(sys.stdout)  # a full disk shows only now
+        return code
+    except (_UsageError, Error, ValueError, _OutputError) as exc:
         print(f"liteq: error: {exc}", file=sys.stderr)
-        return 1 if isinstance(exc, StorageError) else 2
+        if isinstance(exc, _OutputError):
+            _drop_stdout()
+        return 1 if isinstance(exc, (StorageError, _OutputError)) else 2
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
-        # `liteq list | head`: the reader left.  Point stdout at devnull
-        # so the interpreter's final flush does not fail again.
-        with contextlib.suppress(OSError, ValueError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        # `liteq list | head`: the reader left.
+        _drop_stdout()
         return 1
+
+
+def _drop_stdout() -> None:
+    # Point stdout at devnull, so that the interpreter's final flush of
+    # what is left in its buffer does not fail again.
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -4637,7 +4653,7 @@ class _Screen:
 
     def __init__(self, stream: Any, redraw: bool = True) -> None:
         self.stream = stream
-        self.tty = redraw and stream.isatty()
+        self.tty = redraw and stream is not None and stream.isatty()
         self.keys: list = []  # per line, as drawn last time
 
     def draw(self, lines: list[str], keys: list | None = None) -> None:
@@ -4654,7 +4670,7 @@ class _Screen:
             _emit("".join(f"{line}\n" for line, key, was in
                           zip(lines, keys, old) if key != was), self.stream)
         self.keys = list(keys)
-        self.stream.flush()
+        _flush(self.stream)
 
     def _width(self) -> int:
         try:
@@ -4667,10 +4683,32 @@ def _emit(text: str, stream: Any = None) -> None:
     """Write ``text``; characters the stream cannot encode become '?'."""
     stream = sys.stdout if stream is None else stream
     try:
-        stream.write(text)
-    except UnicodeEncodeError:
-        encoding = getattr(stream, "encoding", None) or "ascii"
-        stream.write(text.encode(encoding, "replace").decode(encoding))
+        try:
+            stream.write(text)
+        except UnicodeEncodeError:
+            encoding = getattr(stream, "encoding", None) or "ascii"
+            stream.write(text.encode(encoding, "replace").decode(encoding))
+    except AttributeError:
+        if stream is not None:
+            raise
+        # Python sets sys.stdout to None when it started without one.
+        raise _OutputError("cannot write the output: standard output is "
+                           "closed") from None
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise _OutputError(f"cannot write the output: {exc}") from None
+
+
+def _flush(stream: Any) -> None:
+    if stream is None:
+        return
+    try:
+        stream.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise _OutputError(f"cannot write the output: {exc}") from None
 
 
 def _clean(value: Any, width: int | None = None) -> str:

@@ -5529,7 +5529,6 @@ def test_read_commands_and_http_never_write_an_empty_file(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["empty.db"]
 
 
-
 def test_list_limit_beyond_64_bits_is_a_one_line_user_error(q, capsys):
     big = str(2**63)
     assert liteq.main(["list", "--limit", big, "--db", q.path]) == 2
@@ -5538,3 +5537,26 @@ def test_list_limit_beyond_64_bits_is_a_one_line_user_error(q, capsys):
     with pytest.raises(ValueError, match="limit must be <= "):
         q.jobs(limit=2**63)
     assert q.get(2**63) is None and q.get(-2**63 - 1) is None
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+def test_a_full_or_closed_stdout_exits_1_with_one_line(tmp_path):
+    db = str(tmp_path / "ops.db")
+    with liteq.Queue(db) as queue:
+        _ops_register(queue)["add"].delay(1, 2)
+    with open("/dev/full", "w") as full:
+        out = subprocess.run(
+            [sys.executable, "-m", "liteq", "status", "--db", db],
+            stdout=full, stderr=subprocess.PIPE, text=True, env=_ops_env(),
+            cwd=str(tmp_path), timeout=_OPS_DEADLINE)
+    assert (out.returncode, out.stderr) == (
+        1, "liteq: error: cannot write the output: [Errno 28] No space "
+           "left on device\n")
+    for command in ("list", "show 1", "status --json"):
+        out = subprocess.run(
+            ["sh", "-c", f'exec "$0" -m liteq {command} --db "$1" >&-',
+             sys.executable, db], stderr=subprocess.PIPE, text=True,
+            env=_ops_env(), cwd=str(tmp_path), timeout=_OPS_DEADLINE)
+        assert (out.returncode, out.stderr) == (
+            1, "liteq: error: cannot write the output: standard output is "
+               "closed\n"), command
