@@ -280,7 +280,12 @@ def _parse_duration(text: str) -> float:
 def _utc(timestamp: float | None) -> _dt.datetime | None:
     if timestamp is None:
         return None
-    return _dt.datetime.fromtimestamp(timestamp, _dt.timezone.utc)
+    try:
+        return _dt.datetime.fromtimestamp(timestamp, _dt.timezone.utc)
+    except (TypeError, ValueError, OverflowError, OSError):
+        # Only a row changed outside liteq holds such a time.
+        raise ValueError(f"stored time {timestamp!r:.60} is not a unix "
+                         f"time liteq can read") from None
 
 
 def _iso(timestamp: float | None) -> str | None:
@@ -294,8 +299,13 @@ def _check_number(name: str, value: Any, minimum: float = 0.0,
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number of seconds, "
                         f"got {value!r}")
-    if not math.isfinite(value) or value < minimum or (
-            strict and value == minimum):
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        finite = False
+    if minimum == -math.inf and not finite:
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if not finite or value < minimum or (strict and value == minimum):
         bound = ">" if strict else ">="
         raise ValueError(f"{name} must be finite and {bound} {minimum}, "
                          f"got {value!r}")
@@ -446,19 +456,76 @@ def _dict_to_json(value: dict, depth: int, active: set) -> dict:
     return out
 
 
-def _from_json(value: Any) -> Any:
-    """Invert ``_to_json``: rebuild tuples, Tasks and escaped dicts."""
+class _Undecodable(ValueError):
+    """A value not in liteq's stored format.  Like _Unstorable, each
+    enclosing container adds its key to ``where`` on the way out."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.where: list[str] = []  # innermost first
+
+    def at(self, path: str, top: str = "the value") -> ValueError:
+        where = "".join(reversed(self.where))
+        if not path:
+            where = where.lstrip(".")
+        return ValueError(f"{(path + where) or top} {self.problem}")
+
+
+def _from_json(value: Any, depth: int = 1) -> Any:
+    """Invert ``_to_json``: rebuild tuples, Tasks and escaped dicts.
+
+    ``depth`` counts containers as _to_json does, so what it stored reads
+    back and nothing deeper does (no RecursionError); a value not in the
+    stored format raises _Undecodable.
+    """
     if isinstance(value, list):
-        return [_from_json(item) for item in value]
+        if depth > _MAX_DEPTH:
+            raise _Undecodable(f"is nested deeper than {_MAX_DEPTH} levels")
+        return _items_from_json(value, depth + 1)
     if not isinstance(value, dict):
         return value
+    if depth > _MAX_DEPTH:
+        raise _Undecodable(f"is nested deeper than {_MAX_DEPTH} levels")
     if _TAG_TASK in value:
-        return Task._from_json(value)
-    if _TAG_TUPLE in value:
-        return tuple(_from_json(item) for item in value[_TAG_TUPLE])
-    if _TAG_DICT in value:
-        value = value[_TAG_DICT]
-    return {key: _from_json(item) for key, item in value.items()}
+        return Task._from_json(value, depth)
+    for tag, kind in ((_TAG_TUPLE, list), (_TAG_DICT, dict)):
+        if tag in value:
+            inner = value[tag]
+            if len(value) != 1 or not isinstance(inner, kind):
+                raise _Undecodable(
+                    f"is not in liteq's format: a {tag!r} object must have"
+                    f" that one key, holding a JSON "
+                    f"{'array' if kind is list else 'object'}")
+            if kind is list:
+                return tuple(_items_from_json(inner, depth + 1))
+            value = inner
+    return _dict_from_json(value, depth + 1)
+
+
+def _items_from_json(items: list, depth: int) -> list:
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(_from_json(item, depth))
+        except _Undecodable as exc:
+            exc.where.append(f"[{i}]")
+            raise
+    return out
+
+
+def _dict_from_json(value: dict, depth: int) -> dict:
+    out = {}
+    for key, item in value.items():
+        if type(key) is not str:  # only from a dict made in Python
+            raise _Undecodable(f"has a key {key!r} of type "
+                               f"{type(key).__name__}: keys must be str")
+        try:
+            out[key] = _from_json(item, depth)
+        except _Undecodable as exc:
+            exc.where.append(f"[{key!r}]")
+            raise
+    return out
 
 
 # Text is stored as UTF-8 (ensure_ascii=False), which SQLite needs valid:
@@ -505,14 +572,34 @@ def _dumps(value: Any) -> str:
     return text
 
 
+def _refuse_constant(name: str) -> Any:
+    raise _Undecodable(f"holds {name}, which liteq never stores")
+
+
+# json.loads would read NaN and Infinity, which _dumps never writes.
+_JSON_DECODE = json.JSONDecoder(parse_constant=_refuse_constant).decode
+
+
 def _parse(text: str) -> Any:
-    """json.loads that keeps escaped surrogates apart (see _dumps)."""
-    if "\\u" not in text or not _ESCAPED_PAIR.search(text):
-        return json.loads(text)
-    marker = next(chr(c) for c in range(0xE000, 0xF900)
-                  if chr(c) not in text)
-    value = json.loads(_ESCAPED_PAIR.sub(lambda m: m.group(1) + marker,
-                                         text))
+    """json.loads that keeps escaped surrogates apart (see _dumps).
+
+    Text that is not JSON as liteq writes it (a BLOB, bad JSON, JSON too
+    deep to read) raises _Undecodable.
+    """
+    if type(text) is not str:
+        kind = "a BLOB" if isinstance(text, bytes) else f"{text!r:.60}"
+        raise _Undecodable(f"is {kind}, not JSON text")
+    try:
+        if "\\u" not in text or not _ESCAPED_PAIR.search(text):
+            return _JSON_DECODE(text)
+        marker = next(chr(c) for c in range(0xE000, 0xF900)
+                      if chr(c) not in text)
+        value = _JSON_DECODE(_ESCAPED_PAIR.sub(
+            lambda m: m.group(1) + marker, text))
+    except json.JSONDecodeError as exc:
+        raise _Undecodable(f"is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise _Undecodable("is JSON nested too deeply to read") from None
     return _unmark(value, marker)
 
 
@@ -529,7 +616,12 @@ def _unmark(value: Any, marker: str) -> Any:
 
 def _loads(text: str) -> Any:
     value = _parse(text)
-    return _from_json(value) if '"__' in text else value
+    return _from_json(value, _json_depth(value)) if '"__' in text else value
+
+
+def _json_depth(value: Any) -> int:
+    # The depth _to_json gave the top of ``value`` (see _top_depth).
+    return 0 if isinstance(value, dict) and _TAG_TASK in value else 1
 
 
 def _top_depth(value: Any) -> int:
@@ -944,6 +1036,9 @@ class _Store:
         self._connections: weakref.WeakSet = weakref.WeakSet()
         self._schema_ok = False
         _PROCESS.on_fork(self._after_fork)
+        # False for readers that must never write (the CLI's read
+        # commands, HTTP): an empty file is then refused, not created.
+        self.creates = True
 
     # Connections ----------------------------------------------------------
 
@@ -1011,6 +1106,10 @@ class _Store:
         """Check the file is liteq's, then create or migrate its schema."""
         # Another process may be creating the file: retry while busy.
         version = self._retry(lambda: self._check_header(conn))
+        if version == 0 and not self.creates:
+            raise SchemaError(
+                f"no liteq database in {self.path} yet: the file is empty "
+                f"(run and demo create one)")
         if version < _SCHEMA_VERSION:
             self._retry(lambda: self._migrate(conn))
         elif self._journal_mode(conn) != "wal":
@@ -1023,8 +1122,7 @@ class _Store:
         except sqlite3.DatabaseError as exc:
             if isinstance(exc, sqlite3.OperationalError) and _is_busy(exc):
                 raise  # not a verdict on the file: the caller retries
-            raise SchemaError(f"{self.path} is not a liteq database "
-                              f"({exc}); point liteq at another file") from exc
+            raise self._storage_error(exc) from exc
         if app_id != _APPLICATION_ID and (app_id or tables or version):
             raise SchemaError(
                 f"{self.path} is a SQLite database that liteq did not make;"
@@ -1079,7 +1177,23 @@ class _Store:
                 raise self._storage_error(exc) from exc
 
     def _storage_error(self, exc: sqlite3.Error) -> Error:
-        return StorageError(f"cannot use {self.path}: {exc}")
+        """The error to raise for ``exc``: it names the real cause."""
+        kind = _fault_kind(exc)
+        if kind == "damaged" and not _sqlite_header(self.path):
+            return SchemaError(
+                f"{self.path} is not a SQLite database ({exc}): point "
+                f"liteq at another file (if it held liteq's jobs, it is "
+                f"damaged: keep a copy and see docs/operations.md)")
+        if kind == "damaged":
+            return StorageError(
+                f"{self.path} is damaged ({exc}): stop the processes that "
+                f"use it and copy it, with its -wal and -shm files, before "
+                f"any repair; then run PRAGMA integrity_check on the copy "
+                f"in the sqlite3 shell (see docs/operations.md)")
+        hint = ("" if kind != "access" else
+                ": liteq must be able to write the file and its directory,"
+                " where SQLite keeps the -wal and -shm files")
+        return StorageError(f"cannot use {self.path}: {exc}{hint}")
 
     def write(self, body: Callable[[sqlite3.Connection], Any]) -> Any:
         """Run ``body(conn)`` in one short BEGIN IMMEDIATE transaction.
@@ -1189,6 +1303,34 @@ def _is_busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in text or "busy" in text
 
 
+def _fault_kind(exc: sqlite3.Error) -> str:
+    """"damaged", "access" (read-only, cannot open) or "" for others."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        code &= 0xFF
+        return ("damaged" if code in (11, 26)  # SQLITE_CORRUPT, _NOTADB
+                else "access" if code in (3, 8, 14)  # _PERM, _READONLY,
+                else "")  # _CANTOPEN
+    text = str(exc)
+    return ("damaged" if "malformed" in text or "not a database" in text
+            else "access" if "readonly" in text or "unable to open" in text
+            else "")
+
+
+def _sqlite_header(path: str) -> bool:
+    """Whether the file starts as a SQLite database does, or as the
+    beginning of one (a file cut short)."""
+    magic = b"SQLite format 3\0"
+    try:
+        with open(path, "rb") as file:
+            start = file.read(len(magic))
+    except OSError:
+        return True  # cannot tell: do not call it another kind of file
+    if len(start) < len(magic):
+        return bool(start) and magic.startswith(start)
+    return start == magic
+
+
 def _next_ready(conn: sqlite3.Connection) -> int:
     return _execute(conn, _SQL_NEXT_READY).fetchone()[0]
 
@@ -1253,17 +1395,34 @@ class Task:
         return out
 
     @staticmethod
-    def _from_json(value: dict) -> Task:
-        name, args = value.get(_TAG_TASK), value.get("args", [])
-        kwargs, then = value.get("kwargs", {}), value.get("then", [])
-        if not (isinstance(name, str) and isinstance(args, list)
-                and isinstance(kwargs, dict) and isinstance(then, list)):
-            raise ValueError(f"not a serialized task: {value!r:.200}")
-        frames = tuple(deserialize_task(f) for f in then)
-        # The kwargs object itself is never tagged: decode its values only.
-        return Task._made(_check_name("task name", name), _from_json(args),
-                          {k: _from_json(v) for k, v in kwargs.items()},
-                          frames)
+    def _from_json(value: dict, depth: int = 0) -> Task:
+        """The Task of a serialized call at ``depth`` (see _from_json)."""
+        name = value[_TAG_TASK]
+        try:
+            _check_name("task name", name)
+        except (TypeError, ValueError) as exc:
+            raise _Undecodable(f"is not in liteq's format: {exc}") from None
+        parts = {}
+        for part, kind, default in (("args", list, []), ("kwargs", dict, {}),
+                                    ("then", list, [])):
+            item = value.get(part, default)
+            if not isinstance(item, kind):
+                problem = _Undecodable(
+                    f"is {item!r:.60}, not a JSON "
+                    f"{'array' if kind is list else 'object'}")
+                problem.where.append(f".{part}")
+                raise problem
+            try:
+                # The kwargs object itself is never tagged: its values are.
+                parts[part] = (_dict_from_json if kind is dict
+                               else _items_from_json)(item, depth + 1)
+            except _Undecodable as exc:
+                exc.where.append(f".{part}")
+                raise
+        task = Task._made(name, parts["args"], parts["kwargs"],
+                          tuple(parts["then"]))
+        _check_chain_form(task)
+        return task
 
     # Options of the registered function -----------------------------------
 
@@ -1358,16 +1517,27 @@ class Task:
 
 
 def _decode_call(text: str) -> Task:
-    """A stored call as a Task; quick when no argument needs decoding."""
-    value = _parse(text)
-    if text.count('"__') > 1 or not isinstance(value, dict):
-        return deserialize_task(value)
-    # Only the __task__ tag: plain JSON inside.
-    task = Task._made(value[_TAG_TASK], value["args"], value["kwargs"])
-    if not (isinstance(task.name, str) and isinstance(task.args, list)
-            and isinstance(task.kwargs, dict)):
-        raise ValueError(f"not a serialized task: {text:.200}")
-    return task
+    """A stored call as a Task; quick when no argument needs decoding.
+
+    A call not in the stored format raises ValueError naming the problem
+    and where it is (``call.args[0]...``).
+    """
+    try:
+        value = _parse(text)
+        if not isinstance(value, dict) or _TAG_TASK not in value:
+            raise _Undecodable(f"is {text!r:.100}, not a serialized task "
+                               f"(an object with a {_TAG_TASK!r} key)")
+        if text.count('"__') > 1:
+            return Task._from_json(value)
+        # Only the __task__ tag: plain JSON inside.
+        name, args = value[_TAG_TASK], value.get("args", [])
+        kwargs = value.get("kwargs", {})
+        if not (type(name) is str and type(args) is list
+                and type(kwargs) is dict):
+            return Task._from_json(value)  # to say what is wrong
+        return Task._made(name, args, kwargs)
+    except _Undecodable as exc:
+        raise exc.at("call") from None
 
 
 def _roundtrip(value: Any, path: str) -> Any:
@@ -1565,6 +1735,9 @@ def _check_function(function: Any) -> None:
                         f"yields; return a value or the next Task instead")
 
 
+_MAX_RETRY_DELAY = 100 * 365.25 * 86400  # seconds
+
+
 def _check_options(options: dict) -> dict:
     unknown = set(options) - set(_TASK_DEFAULTS)
     if unknown:
@@ -1574,9 +1747,12 @@ def _check_options(options: dict) -> dict:
     if opts["percent"] is not None and not callable(opts["percent"]):
         raise TypeError(f"percent must be callable, got {opts['percent']!r}")
     _check_int("retries", opts["retries"], 0)
-    opts["retry_delay"] = _check_number("retry_delay", opts["retry_delay"])
-    opts["retry_max_delay"] = _check_number("retry_max_delay",
-                                            opts["retry_max_delay"])
+    for option in ("retry_delay", "retry_max_delay"):
+        opts[option] = _check_number(option, opts[option])
+        if opts[option] > _MAX_RETRY_DELAY:  # else etas past year 9999
+            raise ValueError(f"{option} must be at most "
+                             f"{_MAX_RETRY_DELAY:.0f} seconds (100 years),"
+                             f" got {options[option]!r}")
     _check_name("queue", opts["queue"])
     _check_int("priority", opts["priority"], *_INT64)
     if opts["name"] is not None:
@@ -1707,6 +1883,38 @@ _register(_chain_step, None, {
     "name": _CHAIN_NAME, "percent": _chain_percent, "description": "chain"})
 
 
+def _check_chain_form(task: Task) -> None:
+    """Raise _Undecodable if a decoded call is a chain, or carries chain
+    frames, in a form liteq never writes (see docs/format.md)."""
+    if task.name == _CHAIN_NAME:
+        problem = _chain_problem(task, 0)
+        if problem:
+            raise _Undecodable(problem)
+    for i, frame in enumerate(task._then):
+        if isinstance(frame, Task) and frame.name == _CHAIN_NAME:
+            problem = _chain_problem(frame, 1)  # frames have started
+        else:
+            problem = f"is {frame!r:.60}, not a chain frame (a {_CHAIN_NAME}" \
+                      f" call)"
+        if problem:
+            exc = _Undecodable(problem)
+            exc.where.append(f".then[{i}]")
+            raise exc
+
+
+def _chain_problem(call: Task, least: int) -> str | None:
+    members = call.args[0] if len(call.args) == 1 else None
+    if not (isinstance(members, list)
+            and all(isinstance(m, Task) for m in members)):
+        return (f"is a {_CHAIN_NAME} call whose args must be [a list of "
+                f"serialized tasks], got {call.args!r:.60}")
+    done = call.kwargs.get("done", 0)
+    if set(call.kwargs) - {"done"} or type(done) is not int or done < least:
+        return (f"is a {_CHAIN_NAME} call whose kwargs must be {{'done': "
+                f"an int >= {least}}}, got {call.kwargs!r:.60}")
+    return None
+
+
 def serialize_task(t: Task) -> dict:
     """Return the stable plain-JSON form of a Task (see docs/format.md)."""
     if not isinstance(t, Task):
@@ -1722,13 +1930,18 @@ def deserialize_task(value: Any) -> Task:
 
     A Task is returned unchanged.  A name not registered here still gives
     a Task that can be held and passed on; running it raises LookupError.
+    A value not in the format raises ValueError naming where it is wrong
+    (``args[1]['when']``).
     """
     if isinstance(value, Task):
         return value
     if not isinstance(value, dict) or _TAG_TASK not in value:
         raise TypeError(f"deserialize_task() needs a Task or its serialized"
                         f" dict, got {value!r:.200}")
-    return Task._from_json(value)
+    try:
+        return Task._from_json(value)
+    except _Undecodable as exc:
+        raise exc.at("", "the task") from None
 
 # ---------------------------------------------------------------------------
 # 7. Jobs and queues: Job, Queue, the default queue
@@ -1944,24 +2157,82 @@ def _row_dict(row: tuple) -> dict:
 
 
 def _public_dict(row: dict) -> dict:
-    """The JSON form of a job row used by to_dict(), the CLI and HTTP."""
-    call = _parse(row["call"])
-    out = {key: row[key] for key in (
-        "id", "name", "current", "description", "queue", "priority", "key",
-        "status", "percent", "steps", "attempts", "error", "worker")}
-    out.update({key: _iso(row[key]) for key in _TIME_COLUMNS})
-    out["args"] = call.get("args", [])
-    out["kwargs"] = call.get("kwargs", {})
-    out["result"] = (_parse(row["result"])
-                     if row["status"] == _DONE and row["result"] else None)
+    """The JSON form of a job row used by to_dict(), the CLI and HTTP.
+
+    A row changed outside liteq may hold what liteq cannot read.  Each
+    such field is None and ``unreadable`` says what is wrong, so one bad
+    row never hides the others (see docs/format.md).
+    """
+    problems: list[str] = []
+    out = {}
+    for key in _PUBLIC_FIELDS:
+        problem = _field_problem(key, row[key])
+        out[key] = None if problem else row[key]
+        if problem:
+            problems.append(problem)
+    for key in _TIME_COLUMNS:
+        try:
+            out[key] = _iso(row[key])
+        except ValueError:
+            out[key] = None
+            problems.append(f"{key} is {_shown(row[key])}, not a unix time")
+    out["args"] = out["kwargs"] = out["result"] = None
+    try:
+        _decode_call(row["call"])  # as a worker reads it
+        call = _parse(row["call"])
+        out["args"] = call.get("args", [])
+        out["kwargs"] = call.get("kwargs", {})
+    except ValueError as exc:
+        problems.append(str(exc))
+    if row["status"] == _DONE and row["result"] is not None:
+        try:
+            _loads(row["result"])
+            out["result"] = _parse(row["result"])
+        except _Undecodable as exc:
+            problems.append(str(exc.at("result")))
+    if problems:
+        out["unreadable"] = "; ".join(problems)
     return out
+
+
+_PUBLIC_FIELDS = ("id", "name", "current", "description", "queue",
+                  "priority", "key", "status", "percent", "steps",
+                  "attempts", "error", "worker")
+
+
+def _field_problem(key: str, value: Any) -> str | None:
+    """What is wrong with a stored field for to_dict(), or None."""
+    if key in ("id", "priority", "steps", "attempts"):
+        ok, want = type(value) is int, "an integer"
+    elif key == "percent":
+        ok = value is None or (type(value) in (int, float)
+                               and math.isfinite(value))
+        want = "a finite number"
+    elif key == "status":
+        ok, want = value in _STATUSES, "a status"
+    else:
+        ok = type(value) is str or (value is None and key in (
+            "key", "error", "worker"))
+        want = "text"
+    return None if ok else f"{key} is {_shown(value)}, not {want}"
+
+
+def _shown(value: Any) -> str:
+    return "a BLOB" if isinstance(value, bytes) else f"{value!r:.60}"
 
 
 def _outcome(row: dict) -> Any:
     if row["status"] == _DONE:
-        return _loads(row["result"]) if row["result"] else None
+        try:
+            return _loads(row["result"]) if row["result"] else None
+        except _Undecodable as exc:
+            raise ValueError(f"stored row of job {row['id']} is malformed: "
+                             f"{exc.at('result')}") from None
     if row["status"] == _FAILED:
-        raise TaskFailed(row["id"], row["error"] or "")
+        error = row["error"]
+        if isinstance(error, bytes):  # changed outside liteq
+            error = error.decode("utf-8", "replace")
+        raise TaskFailed(row["id"], error or "")
     raise TaskCancelled(row["id"])
 
 
@@ -2047,6 +2318,8 @@ class Queue:
     def get(self, job_id: int) -> Job | None:
         """The Job with this id, or None."""
         _check_int("job id", job_id)
+        if not _INT64[0] <= job_id <= _INT64[1]:
+            return None  # SQLite could not even hold it
         rows = self._store.read(_SQL_SELECT_JOB, (job_id,))
         return Job(self, job_id) if rows else None
 
@@ -2061,7 +2334,7 @@ class Queue:
         if status is not None and status not in _STATUSES:
             raise ValueError(f"status must be one of {', '.join(_STATUSES)},"
                              f" got {status!r}")
-        _check_int("limit", limit, 0)
+        _check_int("limit", limit, 0, _INT64[1])
         rows = self._store.read(_SQL_SELECT_JOBS, {
             "status": status, "name": name, "queue": queue, "limit": limit})
         return [_row_dict(row) for row in rows]
@@ -2185,20 +2458,42 @@ def _insert(conn: sqlite3.Connection, row: _NewJob) -> int:
     return _execute(conn, _SQL_INSERT_JOB, row).lastrowid
 
 
+# The latest start liteq stores: every stored time must read back as a
+# datetime (years 1 to 9999), in any time zone it is shown in.
+_LAST_START = 253370764800.0  # 9999-01-01T00:00:00Z
+_LAST_START_TEXT = "9999-01-01T00:00:00Z"
+
+
 def _start_time(countdown: Any, eta: Any, now: float) -> float:
     if countdown is not None and eta is not None:
         raise TypeError("give countdown or eta, not both")
     if countdown is not None:
-        return now + max(0.0, _check_number("countdown", countdown,
-                                            -math.inf))
+        start = now + max(0.0, _check_number("countdown", countdown,
+                                             -math.inf))
+        if start >= _LAST_START:
+            raise ValueError(
+                f"countdown must start the job before {_LAST_START_TEXT},"
+                f" got {countdown!r} seconds: give a shorter countdown")
+        return start
     if eta is None:
         return now
     if isinstance(eta, _dt.datetime):
-        return max(now, eta.timestamp())  # naive: local time
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)):
+        try:
+            start = eta.timestamp()  # naive: local time
+        except (OverflowError, ValueError, OSError):
+            if eta.utcoffset() is not None:
+                raise  # aware: not a range problem
+            # Naive, near year 1 or 9999: local time is out of range.
+            start = -math.inf if eta.year < 5000 else math.inf
+    elif isinstance(eta, bool) or not isinstance(eta, (int, float)):
         raise TypeError(f"eta must be a datetime or a unix timestamp, got "
                         f"{eta!r}")
-    return max(now, _check_number("eta", eta, -math.inf))
+    else:
+        start = _check_number("eta", eta, -math.inf)
+    if start >= _LAST_START:
+        raise ValueError(f"eta must be before {_LAST_START_TEXT}, got "
+                         f"{eta!r}: give an earlier time")
+    return max(now, start)
 
 
 def default_queue() -> Queue:
@@ -2398,7 +2693,9 @@ def _run_step(step: _Step, queue: Queue) -> _Outcome:
 
 def _failed_step(step: _Step, fn: TaskFunction, error: str) -> _Outcome:
     retry = step.failures + 1
-    delay = min(fn.retry_delay * 2 ** (retry - 1), fn.retry_max_delay)
+    # The exponent is capped: past it the delay is retry_max_delay anyway.
+    delay = min(fn.retry_delay * 2.0 ** min(retry - 1, 64),
+                fn.retry_max_delay)
     return _Outcome(step, "retry", error=error, retries=fn.retries,
                     delay=delay)
 
@@ -3973,6 +4270,7 @@ def _http_read(queue: Queue, read: Callable[[Queue], Any]) -> Any:
         raise _HTTPError(503, "the database is missing: see the server log")
     try:
         with Queue(queue.path) as reader:
+            reader._store.creates = False  # an empty file stays empty
             return read(reader)
     except Error as exc:
         logger.error("http: %s", exc)
@@ -4029,29 +4327,45 @@ class _UsageError(Exception):
     """A user error on the command line: one line on stderr, exit 2."""
 
 
+class _OutputError(Exception):
+    """Standard output is closed or refuses writes (a full disk): one
+    line on stderr, exit 1."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line (``python -m liteq``); return the exit status.
 
     0 on success; 1 when the command ran but the outcome is a failure
-    (``show --follow`` of a failed job, ``cancel`` of a finished one);
-    2 for a user error (missing database, unknown id, bad duration, a
-    module that cannot be imported), reported in one line on stderr.
+    (``show --follow`` of a failed job, ``cancel`` of a finished one, a
+    job whose stored row is unreadable), or a storage error, or when
+    standard output is closed or full; 2 for a user error (missing
+    database, unknown id, bad duration, a module that cannot be
+    imported).  Errors are reported in one line on stderr.
     """
     parser = _build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.handler(args)
-    except (_UsageError, Error, ValueError) as exc:
+        code = args.handler(args)
+        _flush(sys.stdout)  # a full disk shows only now
+        return code
+    except (_UsageError, Error, ValueError, _OutputError) as exc:
         print(f"liteq: error: {exc}", file=sys.stderr)
-        return 1 if isinstance(exc, StorageError) else 2
+        if isinstance(exc, _OutputError):
+            _drop_stdout()
+        return 1 if isinstance(exc, (StorageError, _OutputError)) else 2
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
-        # `liteq list | head`: the reader left.  Point stdout at devnull
-        # so the interpreter's final flush does not fail again.
-        with contextlib.suppress(OSError, ValueError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        # `liteq list | head`: the reader left.
+        _drop_stdout()
         return 1
+
+
+def _drop_stdout() -> None:
+    # Point stdout at devnull, so that the interpreter's final flush of
+    # what is left in its buffer does not fail again.
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -4154,7 +4468,9 @@ def _cli_queue(args: argparse.Namespace, create: bool) -> Queue:
     if not os.path.isfile(path):
         raise _UsageError(f"no database at {os.path.abspath(path)} (pass "
                           f"--db or set LITEQ_DB; run and demo create one)")
-    return Queue(path)
+    queue = Queue(path)
+    queue._store.creates = False
+    return queue
 
 
 def _job_id(text: str) -> int:
@@ -4280,7 +4596,7 @@ class _Screen:
 
     def __init__(self, stream: Any, redraw: bool = True) -> None:
         self.stream = stream
-        self.tty = redraw and stream.isatty()
+        self.tty = redraw and stream is not None and stream.isatty()
         self.keys: list = []  # per line, as drawn last time
 
     def draw(self, lines: list[str], keys: list | None = None) -> None:
@@ -4297,7 +4613,7 @@ class _Screen:
             _emit("".join(f"{line}\n" for line, key, was in
                           zip(lines, keys, old) if key != was), self.stream)
         self.keys = list(keys)
-        self.stream.flush()
+        _flush(self.stream)
 
     def _width(self) -> int:
         try:
@@ -4310,10 +4626,32 @@ def _emit(text: str, stream: Any = None) -> None:
     """Write ``text``; characters the stream cannot encode become '?'."""
     stream = sys.stdout if stream is None else stream
     try:
-        stream.write(text)
-    except UnicodeEncodeError:
-        encoding = getattr(stream, "encoding", None) or "ascii"
-        stream.write(text.encode(encoding, "replace").decode(encoding))
+        try:
+            stream.write(text)
+        except UnicodeEncodeError:
+            encoding = getattr(stream, "encoding", None) or "ascii"
+            stream.write(text.encode(encoding, "replace").decode(encoding))
+    except AttributeError:
+        if stream is not None:
+            raise
+        # Python sets sys.stdout to None when it started without one.
+        raise _OutputError("cannot write the output: standard output is "
+                           "closed") from None
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise _OutputError(f"cannot write the output: {exc}") from None
+
+
+def _flush(stream: Any) -> None:
+    if stream is None:
+        return
+    try:
+        stream.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise _OutputError(f"cannot write the output: {exc}") from None
 
 
 def _clean(value: Any, width: int | None = None) -> str:
@@ -4406,8 +4744,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    if args.limit < 0:
-        raise _UsageError(f"--limit must be 0 or more, got {args.limit}")
+    if not 0 <= args.limit <= _INT64[1]:
+        raise _UsageError(f"--limit must be from 0 to {_INT64[1]}, got "
+                          f"{args.limit}")
     with _cli_queue(args, create=False) as queue:
         rows = queue._job_rows(args.status, args.name, args.queue,
                                args.limit)
@@ -4421,13 +4760,20 @@ def _cmd_list(args: argparse.Namespace) -> int:
         _emit(_table(
             ["ID", "STATUS", "PROGRESS", "STEPS", "QUEUE", "TASK",
              "DESCRIPTION", "UPDATED"],
-            [[str(job["id"]), job["status"],
-              _percent_text(job["percent"]).strip(), str(job["steps"]),
-              _clean(job["queue"], 20), _clean(job["name"], 32),
-              _clean(job["description"], 40),
-              _age_text(job["updated_at"], now)] for job in jobs],
-            right=(0, 2, 3)))
+            [_list_row(job, now) for job in jobs], right=(0, 2, 3)))
     return 0
+
+
+def _list_row(job: dict, now: float) -> list[str]:
+    def cell(key: str, width: int | None = None) -> str:
+        return "-" if job[key] is None else _clean(job[key], width)
+
+    about = cell("description", 40)
+    if "unreadable" in job:  # its fields that liteq could read, and why
+        about = _clean(f"UNREADABLE: {job['unreadable']}", 60)
+    return [cell("id"), cell("status"), _percent_text(job["percent"]).strip(),
+            cell("steps"), cell("queue", 20), cell("name", 32), about,
+            _age_text(job["updated_at"], now)]
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
@@ -4438,9 +4784,20 @@ def _cmd_show(args: argparse.Namespace) -> int:
         data = job.to_dict()
     if args.json:
         _print_json(data)
-    else:
+    elif "unreadable" not in data:
         _emit(_show_text(data))
-    return 0
+    return _unreadable(job, data)
+
+
+def _unreadable(job: Job, data: dict) -> int:
+    """Exit status 1, and one line on stderr, if the job's row is
+    unreadable; else 0.  Not the user's error: the row's (exit 1)."""
+    if "unreadable" not in data:
+        return 0
+    print(f"liteq: error: the stored row of job {job.id} in {job._q.path} "
+          f"is unreadable: {_clean(data['unreadable'])}; see \"Bad rows\" "
+          f"in docs/guarantees.md to fix or delete it", file=sys.stderr)
+    return 1
 
 
 _SHOW_FIELDS = (
@@ -4473,6 +4830,8 @@ def _follow(job: Job, as_json: bool) -> int:
     screen = _Screen(sys.stdout, redraw=not as_json)
     while True:
         data = job.to_dict()
+        if "unreadable" in data:
+            return _unreadable(job, data)
         key = (data["status"], data["percent"], data["steps"])
         if as_json:
             screen.draw([json.dumps(data)], [key])
@@ -4519,6 +4878,9 @@ def _cmd_retry(args: argparse.Namespace) -> int:
         job = _find_job(queue, args.id)
         job.retry()
         data = job.to_dict()
+    if "unreadable" in data:
+        _emit(f"job {job.id} is {data['status']} again\n")
+        return _unreadable(job, data)
     _emit(f"job {data['id']} is {data['status']} again: it resumes at step "
           f"{data['steps'] + 1} ({_clean(data['current'])})\n")
     return 0
@@ -4977,10 +5339,15 @@ function jobRow(job) {
   const updated = node("td", "c-updated", ago(job.updated_at));
   updated.title = localTime(job.updated_at);
   const task = node("td", "c-task mono", job.name);
-  task.title = job.name;
+  task.title = job.name || "";
   const description = node("td", "", job.description);
-  description.title = job.description;
-  if (job.status === "failed" && job.error) {
+  description.title = job.description || "";
+  if (job.unreadable) {
+    // A row changed outside liteq: its unreadable fields are null.
+    const why = node("span", "why", "unreadable row: " + job.unreadable);
+    description.appendChild(why);
+    description.title = why.textContent;
+  } else if (job.status === "failed" && job.error) {
     const why = node("span", "why", lastLine(job.error));
     description.appendChild(why);
     description.title = job.description + "\n" + why.textContent;
@@ -4988,7 +5355,7 @@ function jobRow(job) {
     description.appendChild(node("span", "note", "runs " + ahead(job.eta)));
   }
   const status = node("td");
-  status.appendChild(statusWord(job.status));
+  status.appendChild(statusWord(job.status || "unknown"));
   const bar = node("td");
   bar.appendChild(progress(job));
   row.append(node("td", "num", job.id), task, description, status, bar,
@@ -5041,12 +5408,16 @@ function renderDetail(job, id) {
     $("error").hidden = true;
     return;
   }
-  $("detail-status").replaceChildren(statusWord(job.status));
+  $("detail-status").replaceChildren(statusWord(job.status || "unknown"));
   const items = [];
   for (const field of FIELDS) {
     const dd = node("dd");
     dd.appendChild(fieldValue(job, field));
     items.push(node("dt", "", field), dd);
+  }
+  if (job.unreadable) {
+    items.push(node("dt", "", "unreadable"),
+               node("dd", "why", job.unreadable));
   }
   $("fields").replaceChildren(...items);
   $("error").hidden = !job.error;

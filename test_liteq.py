@@ -5477,3 +5477,515 @@ def test_module_docstring_lists_the_section_banners_exactly():
     assert contents == banners
     numbers = [int(line.split(".")[0]) for line in banners]
     assert numbers == list(range(1, len(banners) + 1))
+
+
+# ---------------------------------------------------------------------------
+# Bad rows and hostile input
+# ---------------------------------------------------------------------------
+# Options that would store a time no datetime can hold, rows changed outside
+# liteq (with the sqlite3 module, as an operator or another program could),
+# malformed serialized tasks, files liteq cannot use, and a command line
+# whose output goes nowhere.  Each is refused or reported in one clear line,
+# and one bad row never hides the others.
+
+
+# Malformed serialized tasks and stored calls: ValueError naming the path.
+
+def _bad_tamper(path, job_id, column, value):
+    """Set one column of one job row behind liteq's back."""
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute(f"UPDATE liteq_jobs SET {column} = ? WHERE id = ?",
+                     (value, job_id))
+        conn.commit()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("text", [
+    "[]", "5", "null", '{"args": []}', '{"__task__": 5, "args": []}',
+    '{"__task__": "x", "args": 5}', "[" * 100_000 + "]" * 100_000,
+    '{"__task__": "x", "args": [{"__tuple__": 5}], "kwargs": {}}',
+], ids=["list", "number", "null", "no-name", "name-number", "args-number",
+        "deep", "bad-tuple"])
+def test_a_stored_call_liteq_cannot_read_fails_its_job_with_its_problem(
+        q, text):
+    job = T.add.delay(1, 2)
+    _bad_tamper(q.path, job.id, "call", text)
+    liteq.Worker(q).run_once()
+    assert job.status == "failed"
+    assert "call" in job.error and "Traceback" not in job.error
+
+
+_DEEP = functools.reduce(lambda inner, _: [inner], range(10_000), [])
+
+
+@pytest.mark.parametrize("value, path, problem", [
+    ({"__task__": "x", "args": [{"__dict__": [1]}]}, "args[0]",
+     "'__dict__' object must have that one key, holding a JSON object"),
+    ({"__task__": "x", "args": [1, {"__tuple__": 5}]}, "args[1]",
+     "'__tuple__' object must have that one key, holding a JSON array"),
+    ({"__task__": "x", "kwargs": {"a": {"__tuple__": [1], "b": 2}}},
+     "kwargs['a']", "'__tuple__' object must have that one key"),
+    ({"__task__": "x", "args": 5}, "args", "is 5, not a JSON array"),
+    ({"__task__": "x", "kwargs": [1]}, "kwargs", "not a JSON object"),
+    ({"__task__": "x", "kwargs": {1: 2}}, "kwargs", "has a key 1 of type"),
+    ({"__task__": 5}, "the task", "task name must be a str"),
+    ({"__task__": "x", "args": [_DEEP]}, "args" + "[0]" * 101,
+     "is nested deeper than 100 levels"),
+    ({"__task__": "x", "then": [{"__task__": "liteq:chain",
+                                 "args": [[]]}]}, "then[0]",
+     "kwargs must be {'done': an int >= 1}"),
+    ({"__task__": "x", "then": [5]}, "then[0]", "is 5, not a chain frame"),
+    ({"__task__": "liteq:chain", "args": [["x"]]}, "the task",
+     "args must be [a list of serialized tasks]"),
+    ({"__task__": "x", "args": [{"__task__": "y", "args": [{
+        "__dict__": 1}]}]}, "args[0].args[0]", "'__dict__' object"),
+], ids=["dict-tag-list", "tuple-tag-int", "tuple-tag-extra-key",
+        "args-int", "kwargs-list", "kwargs-int-key", "name-int",
+        "10000-deep", "then-empty-chain", "then-not-a-task",
+        "chain-of-plain-values", "nested-task"])
+def test_deserialize_task_refuses_malformed_input_naming_the_path(
+        q, value, path, problem):
+    with pytest.raises(ValueError) as info:
+        liteq.deserialize_task(value)
+    assert str(info.value).startswith(f"{path} ")
+    assert problem in str(info.value)
+    with pytest.raises(ValueError):
+        liteq.chain([T.add(1, 2), value])
+    assert sum(q.counts().values()) == 0
+
+
+def test_a_chain_of_plain_dicts_too_deep_is_a_value_error(q):
+    deep = {"__task__": stored(echo), "args": [_DEEP], "kwargs": {}}
+    with pytest.raises(ValueError, match="nested deeper than 100"):
+        liteq.chain([deep, deep]).delay()
+    assert sum(q.counts().values()) == 0
+
+
+def _bad_nest(kinds):
+    value = 1
+    for kind in reversed(kinds):
+        value = {"list": lambda v: [v], "tuple": lambda v: (v,),
+                 "dict": lambda v: {"k": v},
+                 "tagged": lambda v: {"__tuple__": v},
+                 "task": lambda v: liteq.Task("x", [v]),
+                 "kwarg": lambda v: liteq.Task("x", [], {"k": v})}[kind](
+            value)
+    return value
+
+
+def test_what_liteq_stores_at_the_depth_limit_reads_back(monkeypatch):
+    # Decoding counts depth as encoding does: a value encoded within the
+    # limit always decodes, and one past it (written by hand) never does.
+    rng = random.Random(7)
+    kinds = ["list", "tuple", "dict", "tagged", "task", "kwarg"]
+    outcomes = set()
+    for _ in range(200):
+        call = liteq.Task("x", [_bad_nest(
+            [rng.choice(kinds) for _ in range(rng.randint(96, 104))])])
+        try:
+            text, stored_ok = liteq._encode(call, "", 2**30), True
+        except TypeError:
+            with monkeypatch.context() as patch:
+                patch.setattr(liteq, "_MAX_DEPTH", 10**6)
+                text, stored_ok = liteq._encode(call, "", 2**30), False
+        try:
+            assert liteq._decode_call(text) == call
+            read_ok = True
+        except ValueError:
+            read_ok = False
+        assert read_ok == stored_ok
+        outcomes.add(stored_ok)
+    assert outcomes == {True, False}
+
+
+# Rows liteq cannot read: marked in every listing, never hiding the others.
+
+#: Rows changed outside liteq: (column, value, what to_dict() says).
+_BAD_ROWS = {
+    "call-list": ("call", "[]", "call is '[]', not a serialized task"),
+    "call-number": ("call", "5", "call is '5', not a serialized task"),
+    "call-null": ("call", "null", "call is 'null', not a serialized task"),
+    "call-blob": ("call", b"\x00\x01", "call is a BLOB, not JSON text"),
+    "call-deep": ("call", "[" * 100_000 + "]" * 100_000,
+                  "call is JSON nested too deeply"),
+    "call-invalid": ("call", '{"__task__": "x", "args": [1',
+                     "call is not valid JSON (Expecting"),
+    "call-nan": ("call", '{"__task__": "x", "args": [NaN], "kwargs": {}}',
+                 "call holds NaN"),
+    "call-bad-tag": ("call", '{"__task__": "x", "args": [{"__dict__": [1]}],'
+                             ' "kwargs": {}}', "call.args[0] is not in"),
+    "eta-text": ("eta", "x", "eta is 'x', not a unix time"),
+    "created-far": ("created_at", -1e18, "created_at is -1e+18, not a unix"),
+    "error-blob": ("error", b"\xff\xfe", "error is a BLOB, not text"),
+    "percent-inf": ("percent", math.inf, "percent is inf, not a finite"),
+}
+
+
+@pytest.fixture
+def bad_rows(q):
+    """One good job before and after one tampered job per _BAD_ROWS case;
+    returns (good ids, {case: tampered id})."""
+    good = [T.add.delay(1, 2).id]
+    bad = {case: T.add.delay(3, 4).id for case in _BAD_ROWS}
+    good.append(T.echo.delay({"__task__": "not a task"}).id)
+    q.close()
+    for case, (column, value, _) in _BAD_ROWS.items():
+        _bad_tamper(q.path, bad[case], column, value)
+    return good, bad
+
+
+def test_listings_mark_each_bad_row_and_show_every_other_row(q, bad_rows):
+    good, bad = bad_rows
+    jobs = {job.id: job.to_dict() for job in q.jobs()}
+    assert sorted(jobs) == sorted(good + list(bad.values()))
+    for job_id in good:
+        assert "unreadable" not in jobs[job_id]
+    assert jobs[good[0]]["args"] == [1, 2]
+    for case, (column, _, what) in _BAD_ROWS.items():
+        data = jobs[bad[case]]
+        assert what in data["unreadable"], case
+        assert data["id"] == bad[case]
+        assert data["name"] == stored(add)  # what could be read, is
+        assert data[column if column in data else "args"] is None
+        # Every listing is still one valid JSON document.
+        json.dumps(data, allow_nan=False)
+    assert jobs[bad["eta-text"]]["eta"] is None
+    assert jobs[bad["eta-text"]]["args"] == [3, 4]
+    assert jobs[bad["call-blob"]]["args"] is None
+    assert set(jobs[bad["call-list"]]) == set(jobs[good[0]]) | {
+        "unreadable"}
+
+
+def test_http_lists_bad_rows_marked_among_the_others(q, bad_rows):
+    good, bad = bad_rows
+    app = liteq.wsgi_app(q)
+    status, _, body = _ops_call(app, _ops_environ("/tasks",
+                                                  query="limit=1000"))
+    assert status == "200 OK"
+    listed = {job["id"]: job for job in json.loads(body)}
+    assert sorted(listed) == sorted(good + list(bad.values()))
+    assert "unreadable" not in listed[good[0]]
+    assert "call is a BLOB" in listed[bad["call-blob"]]["unreadable"]
+    status, _, body = _ops_call(app, _ops_environ(f"/tasks/{bad['eta-text']}"))
+    assert status == "200 OK"
+    assert json.loads(body)["unreadable"] == "eta is 'x', not a unix time"
+
+
+def test_cli_lists_bad_rows_and_show_prints_one_line_exit_1(q, bad_rows,
+                                                            capsys):
+    good, bad = bad_rows
+    assert liteq.main(["list", "--limit", "100", "--db", q.path]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert sorted(map(int, lines)) == sorted(good + list(bad.values()))
+    assert "UNREADABLE" not in lines[str(good[0])]
+    assert "UNREADABLE: call is a BLOB" in lines[str(bad["call-blob"])]
+    assert liteq.main(["list", "--json", "--db", q.path]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == len(lines)
+    for args in ([], ["--follow"]):
+        job_id = bad["call-invalid"]
+        assert liteq.main(["show", str(job_id), "--db", q.path, *args]) == 1
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err.count("\n") == 1
+        assert captured.err.startswith(
+            f"liteq: error: the stored row of job {job_id} in {q.path} is "
+            f"unreadable: call is not valid JSON (Expecting")
+        assert '"Bad rows" in docs/guarantees.md' in captured.err
+    assert liteq.main(["show", str(bad["eta-text"]), "--json",
+                       "--db", q.path]) == 1
+    assert json.loads(capsys.readouterr().out)["unreadable"]
+    assert liteq.main(["show", str(good[0]), "--db", q.path]) == 0
+
+
+def test_result_of_a_tampered_done_job_is_a_value_error_naming_it(q):
+    job = T.add.delay(1, 2)
+    assert liteq.Worker(q).run_once()
+    _bad_tamper(q.path, job.id, "result", '{"__tuple__": 5}')
+    with pytest.raises(ValueError) as info:
+        job.result(timeout=5)
+    assert str(info.value).startswith(
+        f"stored row of job {job.id} is malformed: result is not in")
+    assert "unreadable" in job.to_dict()
+
+
+# The dashboard's own script, run by Node.js against a minimal stand-in for
+# the DOM and fetch(), fed the JSON that wsgi_app serves.  It prints what
+# the page shows: the live indicator, each job row, the detail panel.
+_BAD_DOM = r"""
+"use strict";
+const fs = require("fs");
+const [script, answers, hash] = process.argv.slice(2);
+const bodies = JSON.parse(fs.readFileSync(answers, "utf8"));
+const later = setTimeout;
+class Node {
+  constructor(tag) {
+    Object.assign(this, {tag, children: [], className: "", dataset: {},
+                         style: {}, attrs: {}, own: "", hidden: false,
+                         title: "", value: ""});
+    const node = this;
+    this.classList = {
+      toggle(name, on) {
+        const names = node.className.split(" ").filter((n) => n !== name);
+        if (on) names.push(name);
+        node.className = names.join(" ");
+      },
+    };
+  }
+  get textContent() {
+    return this.own + this.children.map((c) => c.textContent).join("");
+  }
+  set textContent(text) { this.own = String(text); this.children = []; }
+  get firstChild() { return this.children[0]; }
+  get options() { return this.children; }
+  appendChild(child) { this.children.push(child); return child; }
+  append(...nodes) { this.children.push(...nodes); }
+  replaceChildren(...nodes) { this.children = nodes; }
+  setAttribute(name, value) { this.attrs[name] = String(value); }
+  addEventListener() {}
+}
+const byId = {};
+globalThis.document = {
+  getElementById: (id) => byId[id] || (byId[id] = new Node("div")),
+  querySelector: () => ({content: "/"}),
+  createElement: (tag) => new Node(tag),
+  addEventListener() {},
+};
+globalThis.window = {addEventListener() {}};
+globalThis.location = {hash, pathname: "/", search: ""};
+globalThis.history = {replaceState() {}};
+globalThis.setTimeout = () => 0;  // one refresh only
+globalThis.fetch = async (url) => {
+  const body = bodies[url.split("?")[0]];
+  return {status: body ? 200 : 404, ok: !!body,
+          json: async () => body || {error: "no route"}};
+};
+new Function(fs.readFileSync(script, "utf8"))();
+later(() => {
+  const rows = byId.jobs.children.map((row) => ({
+    id: Number(row.dataset.id), text: row.textContent}));
+  console.log(JSON.stringify({live: byId.live.className,
+                              said: byId.live.textContent, rows,
+                              detail: byId.fields.textContent}));
+}, 300);
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js")
+def test_dashboard_shows_bad_rows_marked_among_the_others(q, bad_rows,
+                                                          tmp_path):
+    good, bad = bad_rows
+    app = liteq.wsgi_app(q)
+    bodies = {}
+    for route in ("/counts", "/tasks", f"/tasks/{bad['call-blob']}"):
+        status, _, body = _ops_call(app, _ops_environ(route,
+                                                      query="limit=50"))
+        assert status == "200 OK", (route, body)
+        bodies[route] = json.loads(body)
+    (tmp_path / "answers.json").write_text(json.dumps(bodies))
+    (tmp_path / "page.js").write_text(
+        liteq._DASHBOARD.split("<script>", 1)[1].split("</script>", 1)[0])
+    (tmp_path / "dom.js").write_text(_BAD_DOM)
+    out = subprocess.run(
+        ["node", str(tmp_path / "dom.js"), str(tmp_path / "page.js"),
+         str(tmp_path / "answers.json"), f"#job-{bad['call-blob']}"],
+        capture_output=True, text=True, timeout=DEADLINE)
+    assert out.returncode == 0, out.stderr
+    page = json.loads(out.stdout)
+    assert (page["live"], page["said"][:4]) == ("ok", "live"), page["said"]
+    rows = {row["id"]: row["text"] for row in page["rows"]}
+    assert sorted(rows) == sorted(good + list(bad.values()))
+    assert "unreadable row" not in rows[good[0]]
+    assert "pending" in rows[good[0]]
+    assert "unreadable row: call is a BLOB, not JSON text" in rows[
+        bad["call-blob"]]
+    assert "unreadable row: eta is 'x'" in rows[bad["eta-text"]]
+    assert "unreadablecall is a BLOB" in page["detail"]
+
+
+# Times no datetime can hold, refused at the call.
+
+@pytest.mark.parametrize("options", [
+    {"countdown": 1e308}, {"eta": 1e300}, {"eta": dt.datetime.max},
+    {"eta": dt.datetime.max.replace(tzinfo=UTC)},
+    {"eta": dt.datetime(9999, 1, 1, tzinfo=UTC)},
+], ids=["countdown", "eta-number", "eta-naive-max", "eta-aware-max",
+        "eta-bound"])
+def test_a_start_time_past_year_9998_is_refused_and_nothing_stored(q,
+                                                                   options):
+    with pytest.raises(ValueError, match="before 9999-01-01T00:00:00Z") \
+            as info:
+        T.add.apply_async((1, 2), **options)
+    name = next(iter(options))
+    assert str(info.value).startswith(f"{name} must ")
+    assert repr(options[name]) in str(info.value)
+    with pytest.raises(ValueError):
+        with q.batch():
+            T.add.apply_async((1, 2), **options)
+    assert sum(q.counts().values()) == 0
+
+
+@pytest.mark.parametrize("countdown", [math.inf, -math.inf, math.nan,
+                                       10**400],
+                         ids=["inf", "-inf", "nan", "10**400"])
+def test_a_non_finite_countdown_is_a_value_error(q, countdown):
+    with pytest.raises(ValueError, match="countdown must be a finite "
+                                         "number, got"):
+        T.add.apply_async((1, 2), countdown=countdown)
+    assert sum(q.counts().values()) == 0
+
+
+def test_the_latest_and_earliest_start_times_read_back(q, clock):
+    late = dt.datetime(9998, 12, 31, 23, 59, tzinfo=UTC)
+    job = T.add.apply_async((1, 2), eta=late)
+    assert job.eta == late
+    assert job.to_dict()["eta"] == "9998-12-31T23:59:00Z"
+    for early in (dt.datetime.min, dt.datetime.min.replace(tzinfo=UTC)):
+        assert T.add.apply_async((1, 2), eta=early).eta == utc(clock.now)
+    assert "unreadable" not in job.to_dict()
+
+
+def test_retry_delays_longer_than_a_century_are_refused(q):
+    for option in ("retry_delay", "retry_max_delay"):
+        with pytest.raises(ValueError, match=f"{option} must be at most "
+                                             f"3155760000 seconds"):
+            q.task(add, **{option: 1e300})
+
+
+def test_huge_ints_for_durations_are_value_errors(q, tmp_path):
+    with pytest.raises(ValueError, match="busy_timeout must be finite"):
+        liteq.Queue(tmp_path / "x.db", busy_timeout=10**400)
+    with pytest.raises(ValueError, match="older_than must be finite"):
+        q.purge(older_than=10**400)
+
+
+# Files liteq cannot use: the real cause, and never "another file" for a
+# damaged queue.
+
+def _bad_copy(path, keep):
+    """Damage a copy of a liteq database: keep(data) gives its bytes."""
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    with open(path, "rb") as fh:
+        data = fh.read()
+    with open(path, "wb") as fh:
+        fh.write(keep(data))
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path + suffix)
+
+
+@pytest.mark.parametrize("keep", [
+    lambda data: data[:100], lambda data: data[:5000],
+    lambda data: data[:10],
+    lambda data: data[:4096] + bytes(len(data) - 4096),
+], ids=["cut-at-100", "cut-at-5000", "cut-at-10", "pages-zeroed"])
+def test_a_damaged_liteq_file_is_reported_damaged_never_foreign(
+        make_queue, tmp_path, capsys, keep):
+    queue = make_queue("hurt.db")
+    for i in range(20):
+        T.add.delay(i, i)
+    queue.close()
+    _bad_copy(queue.path, keep)
+    before = file_state(queue.path)
+    with pytest.raises(liteq.StorageError) as info:
+        queue.counts()
+    message = str(info.value)
+    assert message.startswith(f"{queue.path} is damaged (")
+    assert "copy it" in message and "before any repair" in message
+    assert "PRAGMA integrity_check" in message
+    assert "another file" not in message
+    queue.close()
+    assert liteq.main(["status", "--db", queue.path]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is damaged" in err
+    assert file_state(queue.path) == before
+
+
+def test_a_read_only_directory_is_a_storage_error(make_queue, tmp_path,
+                                                 capsys, drop_file_override):
+    # As root, permissions only apply in a thread without CAP_DAC_OVERRIDE
+    # (see drop_file_override).
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    queue = make_queue("ro/q.db")
+    T.add.delay(1, 2)
+    queue.close()
+    os.chmod(folder, 0o555)
+
+    def attempt():
+        try:
+            open(folder / "probe", "w").close()
+            pytest.skip("the directory stayed writable")
+        except PermissionError:
+            pass
+        with pytest.raises(liteq.StorageError) as info:
+            liteq.Queue(queue.path).counts()
+        return str(info.value), liteq.main(["status", "--db", queue.path])
+
+    try:
+        message, code = drop_file_override(attempt)
+    finally:
+        os.chmod(folder, 0o755)
+    assert message.startswith(f"cannot use {queue.path}: ")
+    assert "readonly" in message and "not a liteq" not in message
+    assert "write the file and its directory" in message
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "readonly" in err
+
+
+# The command line: one line and an exit status, never a traceback or a
+# write.
+
+def test_read_commands_and_http_never_write_an_empty_file(tmp_path, capsys):
+    path = tmp_path / "empty.db"
+    path.write_bytes(b"")
+    for command in (["status"], ["list"], ["show", "1"], ["status",
+                                                          "--json"]):
+        assert liteq.main([*command, "--db", str(path)]) == 2
+        assert capsys.readouterr().err == (
+            f"liteq: error: no liteq database in {path} yet: the file is "
+            f"empty (run and demo create one)\n")
+    app = liteq.wsgi_app(liteq.Queue(path))
+    for route in ("/counts", "/tasks", "/tasks/1"):
+        status, _, body = _ops_call(app, _ops_environ(route))
+        assert status.startswith("503"), route
+    assert path.read_bytes() == b""
+    assert sorted(os.listdir(tmp_path)) == ["empty.db"]
+
+
+def test_list_limit_beyond_64_bits_is_a_one_line_user_error(q, capsys):
+    big = str(2**63)
+    assert liteq.main(["list", "--limit", big, "--db", q.path]) == 2
+    assert capsys.readouterr().err == (
+        f"liteq: error: --limit must be from 0 to {2**63 - 1}, got {big}\n")
+    with pytest.raises(ValueError, match="limit must be <= "):
+        q.jobs(limit=2**63)
+    assert q.get(2**63) is None and q.get(-2**63 - 1) is None
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+def test_a_full_or_closed_stdout_exits_1_with_one_line(tmp_path):
+    db = str(tmp_path / "ops.db")
+    with liteq.Queue(db) as queue:
+        _ops_register(queue)["add"].delay(1, 2)
+    with open("/dev/full", "w") as full:
+        out = subprocess.run(
+            [sys.executable, "-m", "liteq", "status", "--db", db],
+            stdout=full, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
+            cwd=str(tmp_path), timeout=DEADLINE)
+    assert (out.returncode, out.stderr) == (
+        1, "liteq: error: cannot write the output: [Errno 28] No space "
+           "left on device\n")
+    for command in ("list", "show 1", "status --json"):
+        out = subprocess.run(
+            ["sh", "-c", f'exec "$0" -m liteq {command} --db "$1" >&-',
+             sys.executable, db], stderr=subprocess.PIPE, text=True,
+            env=subprocess_env(), cwd=str(tmp_path), timeout=DEADLINE)
+        assert (out.returncode, out.stderr) == (
+            1, "liteq: error: cannot write the output: standard output is "
+               "closed\n"), command
