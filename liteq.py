@@ -1966,11 +1966,6 @@ class _Signal:
         # Threads waiting in a select() (see _Bell.wait): rung through
         # their pipe.  Changed under the condition.
         self.bells: set[_Bell] = set()
-        # Notifiers may be several threads at once: each takes a fresh
-        # value (next() of a count is atomic), so a waiter that compares
-        # with the value it read never misses a notification.
-        self._generations = itertools.count(1)
-        self._locals = itertools.count(1)
 
     @classmethod
     def of(cls, path: str, kind: str = "work") -> _Signal:
@@ -1984,14 +1979,12 @@ class _Signal:
         # Only increments, so a waiter never mistakes a new generation for
         # the one it read.  A waiter counts itself before it compares, so
         # either it sees the new generation or this sees it waiting.
-        if local:
-            self.local = next(self._locals)
-        self.generation = next(self._generations)
-        if self.waiting:
-            with self.condition:
+        with self.condition:  # notifiers may be several threads at once
+            self.local += local
+            self.generation += 1
+            if self.waiting:
                 self.condition.notify_all()
-        if self.bells:
-            for bell in list(self.bells):
+            for bell in self.bells:  # takes each bell's own lock
                 bell.interrupt()
 
     def wait(self, generation: int, timeout: float) -> None:
@@ -3011,11 +3004,14 @@ class _WorkerThread:
         self.seen_local = self.wakeups.local
         self.generation = self.wakeups.generation
         self.listen = True  # whether the next wait listens for commits
-        # After another process's writes: the gap to the next look.
+        # After another process's writes: whether they go on, and the
+        # gap to the next look once they stop (see _bell_wait).
+        self.streaming = False
         self.settle: float | None = None
         self.data_version: int | None = None
         self.stop_by: float | None = None
         self.fault = crew.write_fault
+        self.poke = crew.housekeeper.poke
 
     # The loop -----------------------------------------------------------------
 
@@ -3046,7 +3042,8 @@ class _WorkerThread:
         try:
             if self.stopping.is_set():
                 return self._finish()
-            step = self._next_ahead()
+            with self.lock:
+                step = self.ahead.popleft() if self.ahead else None
             if step is not None:
                 return self._run_ahead(step)
             return self._claim_or_wait(now)
@@ -3065,10 +3062,6 @@ class _WorkerThread:
                 self.pending = []
             return self.fault.failed(None)
 
-    def _next_ahead(self) -> _Step | None:
-        with self.lock:
-            return self.ahead.popleft() if self.ahead else None
-
     def _run_ahead(self, step: _Step) -> float:
         """Run a step claimed ahead: deferred, or after writing its start."""
         if self.may_defer():
@@ -3081,7 +3074,8 @@ class _WorkerThread:
             with self.lock:
                 self.ahead.appendleft(step)  # tried again next turn
             raise
-        self.fault.ok()
+        if self.fault.count:
+            self.fault.ok()
         if started is not None:
             self.run_step(started)
         else:
@@ -3108,7 +3102,8 @@ class _WorkerThread:
             return self.tuning.idle_max
         self.seen_local = local
         started, due = self.write_and_claim(None, claim=hold is None)
-        self.fault.ok()
+        if self.fault.count:
+            self.fault.ok()
         self.woken = False
         if started is not None:
             self.run_step(started)
@@ -3193,7 +3188,7 @@ class _WorkerThread:
                         step.id, step.current, step.number, step.attempt)
         with self.lock:
             self.running = step
-        self.crew.housekeeper.poke(self.tuning.rescue)
+        self.poke(self.tuning.rescue)
         outcome = _run_step(step, self.crew.queue)
         outcome.ended = self.tick()
         follow = None
@@ -3201,14 +3196,14 @@ class _WorkerThread:
                 step, outcome):
             outcome.kind = "continue_here"
             follow = step.follow(outcome)
+        short = outcome.ended - step.began < self.tuning.fast
         with self.lock:
             step.state = _ENDED
             self.running = None
             self.pending.append(outcome)
             if follow is not None:
                 self.ahead.appendleft(follow)
-        short = outcome.ended - step.began < self.tuning.fast
-        self.streak = self.streak + 1 if short else 0
+            self.streak = self.streak + 1 if short else 0
         if outcome.kind == "release":  # KeyboardInterrupt in a task
             logger.warning("job %d: KeyboardInterrupt in %s: step released, "
                            "worker stopping", step.id, step.current)
@@ -3277,20 +3272,27 @@ class _WorkerThread:
             self.woken = self.woken or self.wakeups.local == self.seen_local
 
     def _bell_wait(self, timeout: float) -> None:
-        # A commit's last write to the -wal comes a moment before SQLite
-        # publishes it, so a look right after the write may miss it.  After
-        # another process's writes, look again at growing gaps (wake_gap,
-        # doubling up to settle_max) before waiting for the next write.
-        settling = self.settle is not None
-        if settling:
-            timeout = min(timeout, self.settle)
+        # While another process's writes go on (``streaming``), look at
+        # most every wake_gap, without waking for each write.  A commit's
+        # last write to the -wal comes a moment before SQLite publishes
+        # it, so once the writes stop, look again at growing gaps
+        # (``settle``: doubling up to settle_max), while listening again.
+        if self.streaming:
+            timeout, listen = min(timeout, self.tuning.wake_gap), False
+        elif self.settle is not None:
+            timeout, listen = min(timeout, self.settle), True
+        else:
+            listen = True
         changed = self.bell.wait(self.wakeups, self.generation, timeout,
-                                 self.watch, listen=not settling)
+                                 self.watch, listen)
         if changed:
-            self.settle, self.woken = self.tuning.wake_gap, True
+            self.streaming, self.settle = True, self.tuning.wake_gap
+            self.woken = True
             if self.crew.threads > 1:  # the others may be asleep
                 self.wakeups.notify(local=False)
-        elif settling:
+        elif self.streaming:
+            self.streaming = False
+        elif self.settle is not None:
             self.settle *= 2
             if self.settle > self.tuning.settle_max:
                 self.settle = None
@@ -3363,8 +3365,7 @@ class _WorkerThread:
                 self.ahead.extend(batch)
         held = batch + [started] if started else batch
         if held:
-            self.crew.housekeeper.poke(
-                min(step.lease for step in held) / 3, period=True)
+            self.poke(min(step.lease for step in held) / 3, period=True)
         self._after_write(outcomes, rows, release, finished)
         return started, due
 
@@ -3410,7 +3411,8 @@ class _WorkerThread:
         """Log the outcomes just written and wake who waits for them."""
         in_line = bool(release)
         for outcome, row in zip(outcomes, rows):
-            _log_outcome(outcome, row)
+            first_loss = row is None and self.note_lost(outcome.step)
+            _log_outcome(outcome, row, first_loss)
             status = row[0] if isinstance(row, tuple) else None
             if status in _FINISHED:
                 finished += 1
@@ -3481,6 +3483,13 @@ class _WorkerThread:
             wake = min(wake, now + rescue)
         return due, turned_long, wake
 
+    def note_lost(self, step: _Step) -> bool:
+        """Mark that ``step`` lost its lease; True the first time, so that
+        it is logged once (the thread and the housekeeper both see it)."""
+        with self.lock:
+            first, step.lost_logged = not step.lost_logged, True
+        return first
+
     def drop_lapsed(self, step: _Step) -> bool:
         """Forget a step claimed ahead whose claim lapsed (another worker
         may hold it now); True if it was still ahead (call under lock)."""
@@ -3490,7 +3499,9 @@ class _WorkerThread:
         return False
 
 
-def _log_outcome(outcome: _Outcome, row: Any) -> None:
+def _log_outcome(outcome: _Outcome, row: Any, first_loss: bool) -> None:
+    """Log a written outcome; ``first_loss``: no lost lease of its step
+    was logged yet."""
     step = outcome.step
     if row is None:
         if outcome.refusal == "cancelled":
@@ -3499,8 +3510,7 @@ def _log_outcome(outcome: _Outcome, row: Any) -> None:
         elif outcome.refusal == "finished":
             logger.info("job %d was finished and purged while claimed; "
                         "its outcome was discarded", step.id)
-        elif not step.lost_logged:
-            step.lost_logged = True
+        elif first_loss:
             logger.warning("job %d: lease lost while running %s (step %d); "
                            "its outcome was discarded", step.id,
                            step.current, step.number)
@@ -3654,8 +3664,7 @@ class _Housekeeper:
                             "not run here", step.id)
                 return
             held = any(other is step for other in thread.held())
-        if held and not step.lost_logged:
-            step.lost_logged = True
+        if held and thread.note_lost(step):
             logger.warning("job %d: lease lost while running %s (step %d); "
                            "its outcome will be discarded", step.id,
                            step.current, step.number)
@@ -3663,7 +3672,7 @@ class _Housekeeper:
     def _check_file(self) -> None:
         if self.store.identity() != self._identity:
             self.crew.die(f"database file {self.store.path} was deleted "
-                             f"or replaced")
+                       f"or replaced")
 
     def _bound_wal(self) -> None:
         try:
@@ -4010,7 +4019,8 @@ class Worker:
         # Set by stop(): no new claims; idle threads wake at once.
         self._stopping = threading.Event()
         self._lifecycle = threading.Lock()  # serialises start() and stop()
-        self._left_lock = threading.Lock()  # guards left_to_leases
+        # Guards fatal and left_to_leases: any of its threads may set them.
+        self._notes = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._lead = _Lead(self.queue.path)
         self._running: _Crew | None = None
@@ -4049,7 +4059,7 @@ class Worker:
         crew.open_watch()
         units = [_WorkerThread(crew, f"liteq-worker-{i + 1}")
                  for i in range(self.threads)]
-        crew.housekeeper = _Housekeeper(crew, units)
+        crew.housekeeper.threads.extend(units)
         self._threads = [threading.Thread(target=unit.run, daemon=True,
                                           name=unit.name) for unit in units]
         logger.info("worker %s serving %s on %s with %d thread(s)",
@@ -4111,11 +4121,12 @@ class Worker:
 
     def _die(self, message: str) -> None:
         logger.error("worker stopping: %s", message)
-        self.fatal = message
+        with self._notes:
+            self.fatal = message
         self._request_stop()
 
     def _left(self, count: int, exc: Exception) -> None:
-        with self._left_lock:
+        with self._notes:
             self.left_to_leases += count
         logger.error("worker stopping without writing %d step(s): %s; "
                      "they run again after their leases", count, exc)

@@ -2760,8 +2760,8 @@ class HandWorker:
         self.crew = self.worker._crew(self.pace)
         self.threads = [liteq._WorkerThread(self.crew, f"t{i}")
                         for i in range(threads)]
-        self.housekeeper = liteq._Housekeeper(self.crew, self.threads)
-        self.crew.housekeeper = self.housekeeper
+        self.housekeeper = self.crew.housekeeper
+        self.housekeeper.threads.extend(self.threads)
 
     @property
     def thread(self):
@@ -2842,7 +2842,8 @@ def test_a_batch_is_claimed_at_once_and_its_outcomes_written_together(
 
 def test_outcomes_wait_at_most_group_age_to_be_written(q, hand):
     worker = hand(streak=0, group_age=0.01, rescue=3600.0)
-    first, second = T.observe.delay("a"), T.observe.delay("b")
+    first = T.observe.delay("a")
+    T.observe.delay("b")
     worker.turn()  # claims both, to run deferred
     worker.turn()  # runs the first
     assert first.status == "pending"
