@@ -2802,8 +2802,13 @@ DEFER = {"streak": 0, "group_age": 3600.0, "rescue": 3600.0}
 
 
 def ready_of(queue, job):
-    return queue._store.read("SELECT ready FROM liteq_jobs WHERE id = ?",
-                             (job.id,))[0][0]
+    """A job's place in line (None: out of line), read from the file."""
+    conn = sqlite3.connect(queue.path)
+    try:
+        return conn.execute("SELECT ready FROM liteq_jobs WHERE id = ?",
+                            (job.id,)).fetchone()[0]
+    finally:
+        conn.close()
 
 
 def test_a_thread_defers_after_a_streak_of_short_steps(q, hand):
