@@ -100,9 +100,10 @@ idle 2-CPU machine.
 ``--profile`` runs no benchmark: it runs cProfile over N in-process
 ``.delay()`` calls, a ``Worker.run_once()`` loop over N jobs, and a real
 ``Worker`` thread draining N jobs and running one N-step job, and prints
-the top functions, the SQL statements each job costs with their times,
-and how long each write transaction holds the lock; then the same SQL
-figures for the raw loops.
+the top functions, the SQL statements each job costs, each timed from
+liteq's DEBUG log up to its thread's next statement (so with the Python
+after it), and how long each write transaction holds the lock; then the
+same SQL figures for the raw loops.
 """
 
 # ---------------------------------------------------------------------------
@@ -118,6 +119,7 @@ import cProfile
 import dataclasses
 import datetime as _dt
 import json
+import logging
 import os
 import pstats
 import random
@@ -1330,68 +1332,156 @@ def write_json(path: str, info: dict, bench: Bench,
 # ---------------------------------------------------------------------------
 
 # Each scenario runs three times on fresh files: once plain (the time per
-# job), once with every SQL statement counted and timed, once under
-# cProfile.  Tracing and profiling never share a pass, so neither
-# distorts the other's figures.
+# job), once with every SQL statement counted and timed from liteq's DEBUG
+# log, once under cProfile.  Tracing and profiling never share a pass, so
+# neither distorts the other's figures.
+#
+# liteq sends every statement through liteq._execute, which logs it on
+# logger "liteq" at DEBUG (``sql: TEXT PARAMS``, or ``sql: TEXT xN`` for
+# executemany) just before running it.  sql_timer() listens to that log:
+# no private class of liteq is needed.  A record says when a statement
+# started, not when it ended, so each statement is charged the time from
+# its record to the next record of the same thread: the statement itself
+# AND the Python work between it and the next one (fetching rows,
+# decoding, running a step, encoding the next call).  The figures say
+# where the time lies between statements, not how long SQLite took.
+#
+# A thread's last statement of the block is counted but not timed: after
+# it the thread may go idle until the block ends, and that wait is no
+# statement's cost.  A Worker thread also goes idle before its first job
+# (start-up) and after its last (until the block sees the jobs done and
+# stops it), between statements; so for a Worker's pass only statements
+# sent inside the pass's timed window (first job's start to last job's
+# end, as the jobs table says) go into the table, and those outside it
+# are summed on one line.  The longest single span is printed, so an idle
+# wait left inside would show (a COMMIT that checkpoints the WAL is a
+# real long span).  DEBUG logging costs time (a LogRecord per statement,
+# and liteq's INFO records, which DEBUG lets through too): in the traced
+# pass only, but in all of its figures (the spans, the write lock held),
+# so its excess over the plain pass is shown.
+
+HELD = "BEGIN IMMEDIATE to the start of COMMIT/ROLLBACK"
+RAW_LOGGER = "bench_liteq.raw"  # the raw loops' statements, traced
 
 
-HELD = "(write lock held: BEGIN IMMEDIATE started to COMMIT returned)"
+@dataclasses.dataclass
+class SqlTally:
+    """``statements``: {statement text: [calls, seconds]}, the seconds
+    from each record to its thread's next; ``held``: [transactions,
+    seconds] from each BEGIN IMMEDIATE record to its thread's COMMIT or
+    ROLLBACK record (how long other processes may wait for the write
+    lock, less the COMMIT itself); ``longest``: (seconds, statement) of
+    the longest span counted; ``outside``: [statements, seconds] sent
+    outside the window."""
+
+    statements: dict[str, list] = dataclasses.field(default_factory=dict)
+    held: list = dataclasses.field(default_factory=lambda: [0, 0.0])
+    longest: tuple[float, str] = (0.0, "")
+    outside: list = dataclasses.field(default_factory=lambda: [0, 0.0])
+
+    def charge(self, previous: tuple[str, float, bool], now: float) -> None:
+        text, then, inside = previous
+        if not inside:
+            self.outside[1] += now - then
+            return
+        self.statements[text][1] += now - then
+        if now - then > self.longest[0]:
+            self.longest = (now - then, text)
 
 
-class TimedConnection(liteq._Connection):
-    """A connection that times each ``execute`` by statement text.
+class SqlLog(logging.Handler):
+    """Collects the ``sql:`` records of chosen threads; tally() sums them.
 
-    It also times each write transaction as a whole, from the start of
-    ``BEGIN IMMEDIATE`` to the return of ``COMMIT``: how long other
-    processes may wait for the lock.
+    emit() only notes (thread, statement, perf_counter, record.created),
+    so the traced pass pays little beyond the logging itself.
     """
 
-    #: Set by sql_timer(): (thread filter, {sql: [calls, seconds]}).
-    probe: tuple[Callable[[str], bool], dict] | None = None
-    _began: float | None = None
+    def __init__(self, threads: Callable[[str], bool]) -> None:
+        super().__init__(logging.DEBUG)
+        self.threads = threads
+        self.records: list[tuple[int | None, str, float, float]] = []
 
-    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
-        probe = TimedConnection.probe
-        if probe is None or not probe[0](threading.current_thread().name):
-            return super().execute(sql, *args)
-        start = time.perf_counter()
-        try:
-            return super().execute(sql, *args)
-        finally:
-            end = time.perf_counter()
-            entry = probe[1].setdefault(" ".join(sql.split()), [0, 0.0])
-            entry[0] += 1
-            entry[1] += end - start
-            if sql.startswith("BEGIN"):
-                self._began = start
-            elif sql in ("COMMIT", "ROLLBACK") and self._began is not None:
-                entry = probe[1].setdefault(HELD, [0, 0.0])
-                entry[0] += 1
-                entry[1] += end - self._began
-                self._began = None
+    def emit(self, record: logging.LogRecord) -> None:
+        now = time.perf_counter()  # first, so little of this is charged
+        if not (isinstance(record.msg, str) and
+                record.msg.startswith("sql: ") and
+                isinstance(record.args, tuple) and record.args and
+                self.threads(record.threadName or "")):
+            return  # liteq's INFO records, other threads
+        # args[0] is the statement, whitespace collapsed; params dropped.
+        text = str(record.args[0])
+        if record.msg.endswith("x%d"):
+            text += "  (executemany)"
+        self.records.append((record.thread, text, now, record.created))
+
+    def tally(self, window: tuple[float, float] | None = None) -> SqlTally:
+        """Sum the records; with ``window`` (time.time() seconds, first
+        and last), only those made inside it, the rest in ``outside``."""
+        found = SqlTally()
+        last: dict[int | None, tuple[str, float, bool]] = {}
+        began: dict[int | None, float] = {}
+        for thread, text, now, created in self.records:
+            inside = window is None or window[0] <= created <= window[1]
+            previous = last.get(thread)
+            if previous is not None:
+                found.charge(previous, now)
+            last[thread] = (text, now, inside)
+            if not inside:
+                found.outside[0] += 1
+                continue
+            found.statements.setdefault(text, [0, 0.0])[0] += 1
+            if text == "BEGIN IMMEDIATE":
+                began[thread] = now
+            elif text in ("COMMIT", "ROLLBACK") and thread in began:
+                found.held[0] += 1
+                found.held[1] += now - began.pop(thread)
+        return found
 
 
 @contextlib.contextmanager
-def sql_timer(threads: Callable[[str], bool]) -> Iterator[dict]:
-    """Time the statements that chosen threads run on new connections.
+def sql_timer(threads: Callable[[str], bool],
+              name: str = "liteq") -> Iterator[SqlLog]:
+    """Collect the statements chosen threads log on logger ``name``.
 
-    Wraps sqlite3.connect for the block, so only connections opened
-    inside it (liteq's: it opens them lazily) are timed.
+    Sets that logger to DEBUG for the block, with no propagation (no
+    DEBUG record reaches a root handler), and restores both after.
     """
-    found: dict[str, list] = {}
-    real_connect = sqlite3.connect
-
-    def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
-        kwargs["factory"] = TimedConnection  # liteq passes its own
-        return real_connect(*args, **kwargs)
-
-    sqlite3.connect = connect
-    TimedConnection.probe = (threads, found)
+    log = logging.getLogger(name)
+    found = SqlLog(threads)
+    level, propagate = log.level, log.propagate
+    log.addHandler(found)
+    log.setLevel(logging.DEBUG)
+    log.propagate = False
     try:
         yield found
     finally:
-        sqlite3.connect = real_connect
-        TimedConnection.probe = None
+        log.setLevel(level)
+        log.propagate = propagate
+        log.removeHandler(found)
+
+
+class LoggedConnection:
+    """A raw connection whose statements are logged as liteq._execute
+    logs its own (at DEBUG, on logger RAW_LOGGER), for sql_timer; so the
+    raw loops pay the same logging cost in their traced pass as liteq."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._log = logging.getLogger(RAW_LOGGER)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    def execute(self, sql: str, params: Any = ()) -> sqlite3.Cursor:
+        if self._log.isEnabledFor(logging.DEBUG):
+            self._log.debug("sql: %s %r", " ".join(sql.split()), params)
+        return self._conn.execute(sql, params)
+
+    def executemany(self, sql: str, rows: Any) -> sqlite3.Cursor:
+        rows = list(rows)
+        if self._log.isEnabledFor(logging.DEBUG):
+            self._log.debug("sql: %s x%d", " ".join(sql.split()), len(rows))
+        return self._conn.executemany(sql, rows)
 
 
 # Up to Python 3.11 a cProfile.Profile sees only the thread that enabled
@@ -1486,13 +1576,13 @@ def profile_pass(scenario: Scenario, path: str, n: int,
             return name == threading.current_thread().name
     with open_queue(path) as (queue, tasks):
         last = scenario.prepare(queue, tasks, n)
-        queue.close()  # reopened inside the probe, so the probe sees it
+        queue.close()  # every pass opens its connection in the work
 
         def work() -> None:
             scenario.work(queue, tasks, n, last)
 
         if kind == "sql":
-            with sql_timer(chosen) as probe:
+            with sql_timer(chosen) as log:
                 seconds = timed(work)
         elif kind == "profile" and scenario.threaded:
             with thread_profiles() as probe:
@@ -1506,25 +1596,43 @@ def profile_pass(scenario: Scenario, path: str, n: int,
                 probe.disable()
         else:
             probe, seconds = None, timed(work)
+    window = None
     if scenario.threaded:  # time the worker's own work, not start/stop
         seconds = span(path, "liteq_jobs")[1]
+        window = read_one(path, "SELECT min(started_at), max(finished_at) "
+                                "FROM liteq_jobs")
+    if kind == "sql":
+        probe = log.tally(window)
     return seconds, probe
 
 
-def print_sql(found: dict, n: int, per_job: float) -> None:
-    """The statements of a traced pass; ``per_job``: that pass's time."""
-    found = dict(found)
-    held = found.pop(HELD, None)
-    calls = sum(c for c, _ in found.values())
-    spent = sum(s for _, s in found.values())
-    print(f"SQL: {calls / n:.2f} statements per job, {spent / n * 1e6:.1f} "
-          f"us/job inside Connection.execute ({spent / n / per_job:.0%} "
-          f"of the time), the rest is Python:")
-    if held:
-        print(f"  write lock held {held[1] / held[0] * 1e6:.1f} us per "
-              f"transaction, {held[0] / n:.2f} transactions per job")
-    print(f"  {'calls':>6} {'us/call':>8} {'us/job':>7}  statement")
-    ranked = sorted(found.items(), key=lambda item: -item[1][1])
+def print_sql(found: SqlTally, n: int, per_job: float,
+              plain: float) -> None:
+    """The statements of a traced pass; ``per_job``: that pass's time,
+    ``plain``: the plain pass's (the difference is the logging's cost)."""
+    calls = sum(c for c, _ in found.statements.values())
+    spent = sum(s for _, s in found.statements.values())
+    print(f"SQL: {calls / n:.2f} statements per job; traced pass "
+          f"{per_job * 1e6:.1f} us/job ({(per_job - plain) * 1e6:+.1f} "
+          f"for DEBUG logging); {spent / n * 1e6:.1f} us/job ("
+          f"{spent / n / per_job:.0%}) from a statement to its thread's "
+          f"next, each span holding the statement and the Python after "
+          f"it:")
+    count, seconds = found.held
+    if count:
+        print(f"  write lock held {seconds / count * 1e6:.1f} us per "
+              f"transaction ({HELD}), {count / n:.2f} transactions per "
+              f"job")
+    if found.outside[0]:
+        print(f"  outside the timed window (start-up, the last writes, "
+              f"idle waits; not below): {found.outside[0]} statements, "
+              f"{found.outside[1] * 1e3:.1f} ms")
+    if found.longest[1]:
+        print(f"  longest span {found.longest[0] * 1e6:.0f} us, after "
+              f"{found.longest[1][:60]}")
+    print(f"  {'calls':>6} {'us/call':>8} {'us/job':>7}  statement  (calls "
+          f"per job; time to the thread's next statement)")
+    ranked = sorted(found.statements.items(), key=lambda item: -item[1][1])
     for sql, (count, seconds) in ranked:
         if count / n < 0.01:
             continue
@@ -1568,15 +1676,18 @@ def profile_raw(workdir: str, n: int) -> None:
                                          f"{title[4:9]}.db")
             with contextlib.closing(raw_create(path)) as conn:
                 prepare(conn)
-            timer = sql_timer(lambda name: True) if kind == "sql" else \
-                contextlib.nullcontext({})
-            with timer as found, contextlib.closing(raw_connect(path)) as \
-                    conn:
-                seconds.append(timed(lambda: work(conn)))
+            with contextlib.closing(raw_connect(path)) as conn:
+                if kind == "plain":
+                    seconds.append(timed(lambda: work(conn)))
+                    continue
+                logged = LoggedConnection(conn)
+                with sql_timer(lambda name: True, RAW_LOGGER) as log:
+                    seconds.append(timed(lambda: work(logged)))
+                found = log.tally()
         print(f"\n== {title} ==")
         print(f"{seconds[0] / n * 1e6:.1f} us/job ({n / seconds[0]:,.0f} "
               f"jobs/s) plain")
-        print_sql(found, n, seconds[1] / n)
+        print_sql(found, n, seconds[1] / n, seconds[0] / n)
 
 
 def run_profile(workdir: str, n: int, top: int) -> None:
@@ -1592,7 +1703,7 @@ def run_profile(workdir: str, n: int, top: int) -> None:
         print(f"\n== {number}. {scenario.title} ==")
         print(f"{plain / n * 1e6:.1f} us/job ({n / plain:,.0f} jobs/s) "
               f"plain; {profiled / n * 1e6:.1f} us/job under cProfile")
-        print_sql(found, n, traced / n)
+        print_sql(found, n, traced / n, plain / n)
         if scenario.threaded and not PER_THREAD_PROFILES:
             print("(no cProfile of Worker threads on Python 3.12+: run "
                   "--profile with Python 3.11 or older for it)")
