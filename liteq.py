@@ -990,11 +990,21 @@ _SQL_SELECT_GONE = """
      WHERE id IN ({}) AND (cancel OR finished_at IS NOT NULL)
 """
 
+# A cancelled job whose eta is still ahead (a countdown, a retry's
+# backoff) resumes that wait, on its timer, out of line; any other job
+# goes in line at once (a failed job's eta is the retry it ran out of).
+# SET expressions read the row as it was before the UPDATE.
 _SQL_RETRY = """
     UPDATE liteq_jobs
        SET status = CASE WHEN steps > 0 THEN 'running' ELSE 'pending' END,
            attempts = 0, failures = 0, lost = 0, cancel = 0, error = NULL,
-           worker = NULL, timer = NULL, ready = :ready, eta = :now,
+           worker = NULL,
+           timer = CASE WHEN status = 'cancelled' AND eta > :now
+                        THEN eta END,
+           ready = CASE WHEN status = 'cancelled' AND eta > :now
+                        THEN NULL ELSE :ready END,
+           eta = CASE WHEN status = 'cancelled' AND eta > :now
+                      THEN eta ELSE :now END,
            finished_at = NULL, updated_at = :now
      WHERE id = :id AND status IN ('failed', 'cancelled')
 """
@@ -2125,7 +2135,11 @@ class Job:
         return cancelled
 
     def retry(self) -> Job:
-        """Send a failed or cancelled job back to run its current call."""
+        """Send a failed or cancelled job back to run its current call.
+
+        A cancelled job whose eta is still ahead waits for it again; any
+        other runs as soon as a worker is free.
+        """
         store = self._q._store
 
         def body(conn: sqlite3.Connection) -> None:
@@ -4881,8 +4895,11 @@ def _cmd_retry(args: argparse.Namespace) -> int:
     if "unreadable" in data:
         _emit(f"job {job.id} is {data['status']} again\n")
         return _unreadable(job, data)
+    wait = ""
+    if data["eta"] and _seconds(data["eta"]) > time.time():
+        wait = f" at its eta, {data['eta']}"
     _emit(f"job {data['id']} is {data['status']} again: it resumes at step "
-          f"{data['steps'] + 1} ({_clean(data['current'])})\n")
+          f"{data['steps'] + 1} ({_clean(data['current'])}){wait}\n")
     return 0
 
 

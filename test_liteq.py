@@ -2115,6 +2115,40 @@ def test_retry_sends_a_cancelled_job_back(q):
     assert job.result(timeout=5) == "late"
 
 
+def test_retry_of_a_cancelled_job_resumes_the_wait_for_its_eta(q, clock):
+    waiting = T.record.apply_async(("waited",), countdown=100)
+    due = T.record.apply_async(("due",), countdown=20)
+    for job in (waiting, due):
+        job.cancel()
+    clock.advance(30)
+    waiting.retry()  # 70 s of its wait remain
+    due.retry()  # its eta has passed: it runs at once
+    assert (waiting.status, waiting.eta) == ("pending", utc(T0 + 100))
+    assert (due.status, due.eta) == ("pending", utc(T0 + 30))
+    worker = liteq.Worker(q)
+    run_all(worker)
+    assert LOG == ["due"]
+    clock.advance(69)
+    assert worker.run_once() is False
+    clock.advance(1)
+    run_all(worker)
+    assert LOG == ["due", "waited"]
+
+
+def test_retry_of_a_failed_job_runs_it_at_once(q, clock):
+    register(q, fail, retries=1, retry_delay=3600)
+    job = T.fail.delay("late")
+    worker = liteq.Worker(q)
+    worker.run_once()
+    clock.advance(3600)
+    worker.run_once()
+    assert job.status == "failed"
+    job.retry()  # its eta is where a third attempt would have been
+    assert job.eta == utc(clock.now)
+    assert worker.run_once() is True
+    assert COUNTS["fail"] == 3
+
+
 def test_retry_of_an_unfinished_or_done_job_raises_value_error(q):
     done = T.add.delay(1, 2)
     running = T.wait.delay(2)
@@ -4560,6 +4594,17 @@ def test_retry_command_sends_a_failed_job_back_to_pending(tmp_path):
     assert (status, attempts) == ("pending", 0)
     assert twice.returncode == 2
     assert twice.stderr.count("\n") == 1 and "only failed or" in twice.stderr
+
+
+def test_retry_command_names_the_eta_a_cancelled_job_waits_for(q, capsys):
+    job = T.record.apply_async(("later",), countdown=3600)
+    job.cancel()
+    assert liteq.main(["retry", str(job.id), "--db", q.path]) == 0
+    eta = job.to_dict()["eta"]
+    assert capsys.readouterr().out == (
+        f"job {job.id} is pending again: it resumes at step 1 "
+        f"({stored(record)}) at its eta, {eta}\n")
+    assert job.eta > dt.datetime.now(UTC) + dt.timedelta(minutes=59)
 
 
 def test_purge_deletes_finished_jobs_older_than_a_duration(tmp_path):
