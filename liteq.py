@@ -4280,14 +4280,14 @@ def _http_read(queue: Queue, read: Callable[[Queue], Any]) -> Any:
     The file is checked first: the app must never create a database.
     """
     if not os.path.isfile(queue.path):
-        logger.error("http: no database at %s", queue.path)
+        logger.error("http: answering 503: no database at %s", queue.path)
         raise _HTTPError(503, "the database is missing: see the server log")
     try:
         with Queue(queue.path) as reader:
             reader._store.creates = False  # an empty file stays empty
             return read(reader)
     except Error as exc:
-        logger.error("http: %s", exc)
+        logger.error("http: answering 503: %s", exc, exc_info=exc)
         raise _HTTPError(503, f"the database is unavailable "
                               f"({type(exc).__name__}): see the server "
                               f"log") from None

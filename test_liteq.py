@@ -4977,6 +4977,22 @@ def test_wsgi_app_never_creates_a_missing_database(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_wsgi_app_logs_why_it_answers_503(tmp_path, caplog):
+    caplog.set_level(logging.ERROR, logger="liteq")
+    empty, gone = tmp_path / "empty.db", tmp_path / "gone.db"
+    empty.write_bytes(b"")
+    for path in (empty, gone):
+        status, _, body = _ops_call(liteq.wsgi_app(liteq.Queue(path)),
+                                    _ops_environ("/counts"))
+        assert status == "503 Service Unavailable"
+        assert "see the server log" in json.loads(body)["error"]
+    first, second = [r for r in caplog.records if r.name == "liteq"]
+    assert first.levelno == second.levelno == logging.ERROR
+    assert f"no liteq database in {empty} yet" in first.getMessage()
+    assert isinstance(first.exc_info[1], liteq.SchemaError)
+    assert f"no database at {gone}" in second.getMessage()
+
+
 def test_wsgi_app_uses_the_default_queue_when_given_none(tmp_path,
                                                          monkeypatch):
     db = str(tmp_path / "default.db")
