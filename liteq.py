@@ -1073,7 +1073,7 @@ class _Store:
                                    check_same_thread=False,
                                    factory=_Connection)
         except sqlite3.Error as exc:
-            raise StorageError(f"cannot open {self.path}: {exc}") from exc
+            raise StorageError(_open_problem(self.path, exc)) from exc
         try:
             if not self._schema_ok:
                 self._prepare(conn)
@@ -1325,6 +1325,18 @@ def _fault_kind(exc: sqlite3.Error) -> str:
     return ("damaged" if "malformed" in text or "not a database" in text
             else "access" if "readonly" in text or "unable to open" in text
             else "")
+
+
+def _open_problem(path: str, exc: sqlite3.Error) -> str:
+    """Why SQLite cannot open ``path``, in the user's terms."""
+    folder = os.path.dirname(path)
+    if os.path.isdir(path):
+        example = os.path.join(path, _DEFAULT_DB)
+        return (f"cannot open {path}: it is a folder, not a database file "
+                f"(name a file in it, e.g. {example})")
+    if not os.path.isdir(folder):
+        return f"cannot open {path}: its folder {folder} does not exist"
+    return f"cannot open {path}: {exc}"
 
 
 def _sqlite_header(path: str) -> bool:

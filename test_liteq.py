@@ -5146,6 +5146,25 @@ def test_file_that_is_not_sqlite_is_refused_untouched(make_queue, tmp_path):
     assert path.read_bytes() == before
 
 
+def test_a_missing_folder_or_a_folder_given_as_the_file_is_named(
+        make_queue, tmp_path):
+    missing = make_queue("no/such/jobs.db", register_tasks=False)
+    folder = tmp_path / "jobs"
+    folder.mkdir()
+    given_a_folder = make_queue("jobs", register_tasks=False)
+    with pytest.raises(liteq.StorageError) as info:
+        missing.counts()
+    assert str(info.value).startswith(
+        f"cannot open {tmp_path}/no/such/jobs.db: its folder "
+        f"{tmp_path}/no/such does not exist")
+    with pytest.raises(liteq.StorageError) as info:
+        given_a_folder.counts()
+    assert str(info.value).startswith(
+        f"cannot open {folder}: it is a folder, not a database file")
+    assert sorted(os.listdir(tmp_path)) == ["jobs"]
+    assert os.listdir(folder) == []
+
+
 def _set_user_version(path, version):
     conn = sqlite3.connect(path, isolation_level=None)
     try:
