@@ -4369,8 +4369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     imported).  Errors are reported in one line on stderr.
     """
     parser = _build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         code = args.handler(args)
         _flush(sys.stdout)  # a full disk shows only now
         return code
@@ -4394,9 +4394,17 @@ def _drop_stdout() -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line, like every other
+    error of the command line (argparse prints the usage first)."""
+
+    def error(self, message: str) -> Any:
+        raise _UsageError(f"{message} (see {self.prog} --help)")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     console = os.path.basename(sys.argv[0] if sys.argv else "") == "liteq"
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="liteq" if console else "python -m liteq",
         description="A durable background task queue on SQLite.")
     parser.add_argument("--version", action="version",
@@ -4411,14 +4419,14 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _add_command(commands: Any, name: str, handler: Callable, text: str,
-                 json_output: bool = False) -> argparse.ArgumentParser:
+                 json_output: str | None = None) -> argparse.ArgumentParser:
     sub = commands.add_parser(name, help=text, description=text)
     sub.add_argument("--db", metavar="PATH",
                      help="database file (default: $LITEQ_DB, else "
                           "./liteq.db)")
     if json_output:
         sub.add_argument("--json", action="store_true",
-                         help="print JSON (the fields of Job.to_dict())")
+                         help=f"print JSON: {json_output}")
     sub.set_defaults(handler=handler)
     return sub
 
@@ -4440,16 +4448,18 @@ def _add_worker_commands(add: Callable) -> None:
 
 def _add_read_commands(add: Callable) -> None:
     add("status", _cmd_status, "count jobs per status per queue name",
-        json_output=True)
+        json_output="{queue name: {status: count}}")
     jobs = add("list", _cmd_list, "list jobs, newest first",
-               json_output=True)
+               json_output="a list of Job.to_dict() objects")
     jobs.add_argument("--status", choices=_STATUSES)
     jobs.add_argument("--queue", metavar="NAME", help="queue name")
     jobs.add_argument("--name", metavar="TASK", help="stored task name")
     jobs.add_argument("--limit", type=int, default=_LIST_LIMIT,
-                      help=f"most jobs to show (default {_LIST_LIMIT})")
+                      help=f"most jobs to show, 1 or more (default "
+                           f"{_LIST_LIMIT})")
     show = add("show", _cmd_show, "show every field of a job",
-               json_output=True)
+               json_output="the job's Job.to_dict() (with --follow, one "
+                           "per line at each change)")
     show.add_argument("id", metavar="ID")
     show.add_argument("--follow", action="store_true",
                       help="draw a progress bar until the job finishes; "
@@ -4770,8 +4780,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    if not 0 <= args.limit <= _INT64[1]:
-        raise _UsageError(f"--limit must be from 0 to {_INT64[1]}, got "
+    if not 1 <= args.limit <= _INT64[1]:
+        raise _UsageError(f"--limit must be from 1 to {_INT64[1]}, got "
                           f"{args.limit}")
     with _cli_queue(args, create=False) as queue:
         rows = queue._job_rows(args.status, args.name, args.queue,

@@ -4739,6 +4739,47 @@ def test_every_subcommand_has_help_and_a_db_option(capsys):
     assert all(command in text for command in commands)
 
 
+def test_json_help_says_what_each_command_prints(capsys):
+    helps = {}
+    for command in ("status", "list", "show"):
+        with pytest.raises(SystemExit):
+            liteq.main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        helps[command] = text[text.index("--json print"):]
+    assert helps["status"].startswith(
+        "--json print JSON: {queue name: {status: count}}")
+    assert helps["list"].startswith(
+        "--json print JSON: a list of Job.to_dict() objects")
+    assert helps["show"].startswith(
+        "--json print JSON: the job's Job.to_dict()")
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "the following arguments are required: COMMAND (see python -m "
+         "liteq --help)"),
+    (["list", "--limit", "ten"], "argument --limit: invalid int value: "
+                                 "'ten' (see python -m liteq list --help)"),
+    (["show"], "the following arguments are required: ID (see python -m "
+               "liteq show --help)"),
+    (["status", "--frobnicate"], "unrecognized arguments: --frobnicate "
+                                 "(see python -m liteq --help)"),
+])
+def test_usage_errors_are_one_line_and_exit_2(argv, message, capsys,
+                                              monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["liteq.py"])
+    assert liteq.main(argv) == 2
+    assert capsys.readouterr() == ("", f"liteq: error: {message}\n")
+
+
+def test_list_limit_must_be_at_least_1(q, capsys):
+    T.add.delay(1, 2)
+    assert liteq.main(["list", "--limit", "0", "--db", q.path]) == 2
+    assert capsys.readouterr().err == (
+        f"liteq: error: --limit must be from 1 to {2**63 - 1}, got 0\n")
+    assert liteq.main(["list", "--limit", "1", "--db", q.path]) == 0
+    assert "add" in capsys.readouterr().out
+
+
 def test_main_reports_user_errors_in_process(tmp_path, capsys):
     code = liteq.main(["show", "1", "--db", str(tmp_path / "none.db")])
     assert code == 2
@@ -6042,7 +6083,7 @@ def test_list_limit_beyond_64_bits_is_a_one_line_user_error(q, capsys):
     big = str(2**63)
     assert liteq.main(["list", "--limit", big, "--db", q.path]) == 2
     assert capsys.readouterr().err == (
-        f"liteq: error: --limit must be from 0 to {2**63 - 1}, got {big}\n")
+        f"liteq: error: --limit must be from 1 to {2**63 - 1}, got {big}\n")
     with pytest.raises(ValueError, match="limit must be <= "):
         q.jobs(limit=2**63)
     assert q.get(2**63) is None and q.get(-2**63 - 1) is None
