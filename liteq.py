@@ -65,9 +65,11 @@ import json
 import logging
 import math
 import os
+import pkgutil
 import random
 import re
 import select
+import shlex
 import signal
 import socket
 import socketserver
@@ -813,6 +815,12 @@ _SQL_LINE_LOAD = """
 """
 
 _SQL_NEXT_TIMER = "SELECT min(timer) FROM liteq_jobs WHERE timer IS NOT NULL"
+
+# The queue names that ready jobs wait under: read from the ready index
+# alone, once, when a worker starts.
+_SQL_READY_QUEUES = """
+    SELECT DISTINCT queue FROM liteq_jobs WHERE ready IS NOT NULL
+"""
 
 _SQL_MAKE_READY = """
     UPDATE liteq_jobs SET ready = :ready, timer = NULL, worker = NULL,
@@ -4069,6 +4077,7 @@ class Worker:
         # _stopping stays set if stop() came first: the threads then end
         # at once, and run_forever() returns.
         self.queue._store.connection()  # open (and check) the file now
+        self._warn_unserved()
         self.left_to_leases = 0
         crew = self._running = self._crew()
         # The watch first, so a thread's first idle wait listens to it.
@@ -4084,6 +4093,26 @@ class Worker:
         for thread in self._threads:
             thread.start()
         crew.housekeeper.start()
+
+    def _warn_unserved(self) -> None:
+        """Warn of ready jobs under queue names this worker does not serve:
+        `@task(queue="emails")` with a worker of the default name only."""
+        try:
+            ready = self.queue._store.read(_SQL_READY_QUEUES)
+        except Error:
+            return  # the threads meet it, and say so
+        unserved = sorted({name for (name,) in ready} - set(self.queues))
+        if unserved:
+            names = ", ".join(unserved)
+            options = " ".join(f"--queue {shlex.quote(name)}"
+                               for name in unserved)
+            _warn_once(
+                f"unserved {self.queue.path} {unserved} {self.queues}",
+                f"ready jobs wait under queue name(s) {names}, which this "
+                f"worker does not serve (it serves "
+                f"{', '.join(self.queues)}): unless another worker serves "
+                f"them, add {options} to liteq run (or to "
+                f"Worker(queues=...))")
 
     def stop(self, timeout: float | None = None) -> bool:
         """Stop claiming, wait for running steps; True if all finished."""
@@ -4499,6 +4528,14 @@ def _cli_queue(args: argparse.Namespace, create: bool) -> Queue:
     others get a Queue of their own, to close when done.
     """
     path = args.db or os.environ.get("LITEQ_DB") or _DEFAULT_DB
+    if os.path.isdir(path):
+        raise _UsageError(f"{os.path.abspath(path)} is a folder, not a "
+                          f"database file: pass --db "
+                          f"{os.path.join(path, _DEFAULT_DB)}, say")
+    folder = os.path.dirname(os.path.abspath(path))
+    if create and not os.path.isdir(folder):
+        raise _UsageError(f"cannot open {os.path.abspath(path)}: its "
+                          f"folder {folder} does not exist")
     if create:
         return configure(path)
     if not os.path.isfile(path):
@@ -4526,19 +4563,88 @@ def _find_job(queue: Queue, text: str) -> Job:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    _setup_logging(args.log_level)
+    # User errors first, before a module runs or anything is printed.
+    _check_int("--threads", args.threads, 1, 1024)
+    for name in args.queues or ():
+        _check_name("queue name", name)
     queue = _cli_queue(args, create=True)
+    _setup_logging(args.log_level)
     sys.path.insert(0, os.getcwd())
     for module in args.modules:
-        try:
-            importlib.import_module(module)
-        except Exception as exc:
-            raise _UsageError(f"cannot import {module}: "
-                              f"{type(exc).__name__}: {exc}") from None
+        _import_tasks(module)
+    if not (args.db or os.environ.get("LITEQ_DB")):
+        queue = default_queue()  # as a module's liteq.configure() set it
+    _warn_other_files(queue)
     worker = Worker(queue, threads=args.threads, queues=args.queues)
     _on_stop_signals(worker)
     worker.run_forever()
     return 1 if worker.left_to_leases else 0
+
+
+def _import_tasks(name: str) -> None:
+    """Import a MODULE given to ``run``; warn if it registers no task."""
+    before = set(_PROCESS.tasks)
+    try:
+        module = importlib.import_module(name)
+    except Exception as exc:
+        raise _UsageError(f"cannot import {name}: {type(exc).__name__}: "
+                          f"{exc}{_file_hint(name)}") from None
+    if set(_PROCESS.tasks) - before or any(
+            fn.__module__ == name or fn.__module__.startswith(name + ".")
+            for fn in list(_PROCESS.tasks.values())):
+        return
+    logger.warning("module %s registers no task: %s", name,
+                   _taskless_hint(name, module))
+
+
+def _file_hint(name: str) -> str:
+    """For ``run jobs.py``: the module name that was meant."""
+    stem = name[:-3] if name.endswith(".py") else name
+    if stem == name and "/" not in name and os.sep not in name:
+        return ""
+    folder, base = os.path.split(stem)
+    parts = [p for p in re.split(r"[/\\]", stem) if p not in ("", ".")]
+    if os.path.isabs(stem) or ".." in parts or not parts:
+        return (f"; did you mean run {base}, in the folder {folder}? "
+                f"(MODULE is a module name, not a file)")
+    return (f"; did you mean run {'.'.join(parts)}? (MODULE is a module "
+            f"name, not a file)")
+
+
+def _taskless_hint(name: str, module: Any) -> str:
+    """What to say of a module given to ``run`` that registers no task."""
+    local = os.path.join(os.getcwd(), *name.split(".")) + ".py"
+    where = getattr(module, "__file__", None) or "a module built in"
+    if os.path.isfile(local) and os.path.abspath(where) != local:
+        return (f"the name {name} was already taken by {where}, so "
+                f"{local} was not imported: rename that file")
+    guesses = [f"{name}.{info.name}" for info in
+               pkgutil.iter_modules(getattr(module, "__path__", []))
+               if "task" in info.name]
+    guesses += sorted(entry[:-3] for entry in os.listdir(os.getcwd())
+                      if entry.endswith(".py") and "task" in entry
+                      and entry[:-3] != name)
+    if guesses:
+        return f"did you mean {' or '.join(guesses[:3])}?"
+    return ("name the module that defines your @task functions (a worker "
+            "runs only the tasks its modules register)")
+
+
+def _warn_other_files(queue: Queue) -> None:
+    """Warn of registered tasks whose jobs go to another database file."""
+    elsewhere: dict[str, list[str]] = {}
+    for fn in list(_PROCESS.tasks.values()):
+        home = (fn._queue or default_queue()).path
+        if os.path.realpath(home) != os.path.realpath(queue.path):
+            elsewhere.setdefault(home, []).append(fn.name)
+    for path, names in sorted(elsewhere.items()):
+        shown = ", ".join(sorted(names)[:5])
+        if len(names) > 5:
+            shown += f" and {len(names) - 5} more"
+        they = ("task %s stores its" if len(names) == 1 else
+                "tasks %s store their")
+        logger.warning(they + " jobs in %s, but this worker serves %s: run "
+                       "it with --db %s", shown, path, queue.path, path)
 
 
 def _on_stop_signals(worker: Worker) -> None:

@@ -2411,6 +2411,30 @@ def test_failing_step_is_retried_with_exponential_backoff(q, clock):
         job.result(timeout=5)
 
 
+def test_worker_warns_at_start_of_ready_jobs_under_names_it_does_not_serve(
+        q, start_worker, caplog):
+    caplog.set_level(logging.WARNING, logger="liteq")
+    for name in ("emails", "reports", "emails"):
+        T.record.apply_async((name,), queue=name)
+    T.record.apply_async(("later",), queue="later", countdown=3600)
+    T.record.delay("here")
+    worker = start_worker(q)
+    wait_until(lambda: LOG == ["here"], what="the default job to run")
+    assert worker.stop(timeout=DEADLINE)
+    worker.start()  # the same warning is not given twice
+    assert [r.getMessage() for r in caplog.records] == [
+        "ready jobs wait under queue name(s) emails, reports, which this "
+        "worker does not serve (it serves default): unless another worker "
+        "serves them, add --queue emails --queue reports to liteq run (or "
+        "to Worker(queues=...))"]
+    assert caplog.records[0].levelno == logging.WARNING
+    start_worker(q, queues=["default", "emails", "reports"])
+    wait_until(lambda: sorted(LOG) == ["emails", "emails", "here",
+                                       "reports"],
+               what="the other queue names to be served")
+    assert len(caplog.records) == 1
+
+
 def test_retry_budget_is_per_step(q):
     job = T.flaky_steps.delay(3)  # retries=1: each step fails once
     run_all(liteq.Worker(q))
@@ -4686,6 +4710,90 @@ def test_run_exits_2_when_a_module_fails_to_import(tmp_path):
         "liteq: error: cannot import no_such_tasks: ModuleNotFoundError")
 
 
+def test_run_of_a_file_name_suggests_the_module_name(tmp_path):
+    (tmp_path / "jobs.py").write_text("")
+    (tmp_path / "app").mkdir()
+    plain = _ops_cli(tmp_path, "run", "jobs.py", "--db", "w.db")
+    nested = _ops_cli(tmp_path, "run", "app/jobs.py", "--db", "w.db")
+    assert plain.returncode == nested.returncode == 2
+    assert plain.stderr.endswith(
+        "; did you mean run jobs? (MODULE is a module name, not a file)\n")
+    assert plain.stderr.count("\n") == 1
+    assert nested.stderr.endswith(
+        "; did you mean run app.jobs? (MODULE is a module name, not a "
+        "file)\n")
+
+
+def _ops_warnings(tmp_path, *args):
+    """The WARNING lines a worker started with ``run ARGS`` logs before
+    it serves, and the line that says what it serves."""
+    worker = _ops_popen(tmp_path, "run", *args)
+    try:
+        lines = []
+        while "serving" not in (lines or [""])[-1]:
+            lines.append(_ops_readline(worker.stderr, "the worker's log"))
+            assert lines[-1], worker.wait(DEADLINE)
+        worker.send_signal(signal.SIGINT)
+        worker.communicate(timeout=DEADLINE)
+    finally:
+        _ops_stop(worker)
+    assert worker.returncode == 0
+    warnings = [line.split(" WARNING liteq: ", 1)[1].rstrip("\n")
+                for line in lines if " WARNING liteq: " in line]
+    return warnings, lines[-1]
+
+
+def test_run_warns_of_modules_without_tasks_and_tasks_of_other_files(
+        tmp_path):
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "__init__.py").write_text("")
+    (tmp_path / "app" / "tasks.py").write_text(
+        "from liteq import task\n\n@task\ndef ping():\n    pass\n")
+    (tmp_path / "mine.py").write_text(
+        "import liteq\n\n"
+        "q = liteq.Queue('jobs.db')\n\n"
+        "@q.task\ndef hello(name):\n    pass\n")
+    warnings, serving = _ops_warnings(tmp_path, "app", "mine", "--db",
+                                      "w.db")
+    assert warnings == [
+        "module app registers no task: did you mean app.tasks?",
+        f"task mine:hello stores its jobs in {tmp_path}/jobs.db, but "
+        f"this worker serves {tmp_path}/w.db: run it with --db "
+        f"{tmp_path}/jobs.db"]
+    assert f"serving default on {tmp_path}/w.db" in serving
+    warnings, _ = _ops_warnings(tmp_path, "mine", "--db", "jobs.db")
+    assert warnings == []
+
+
+def test_run_serves_the_file_a_task_module_configures(tmp_path):
+    (tmp_path / "var").mkdir()
+    (tmp_path / "configured.py").write_text(
+        "import liteq\n\n"
+        "liteq.configure('var/jobs.db')\n\n"
+        "@liteq.task\ndef hello(name):\n    pass\n")
+    warnings, serving = _ops_warnings(tmp_path, "configured")
+    assert warnings == []
+    assert f"serving default on {tmp_path}/var/jobs.db" in serving
+    assert not (tmp_path / "liteq.db").exists()
+
+
+def test_run_and_status_of_a_folder_exit_2_before_anything(tmp_path):
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "loud.py").write_text("print('imported')\n")
+    run = _ops_cli(tmp_path, "run", "loud", "--db", "adir")
+    status = _ops_cli(tmp_path, "status", "--db", "adir")
+    nowhere = _ops_cli(tmp_path, "run", "loud", "--db", "no/w.db")
+    folder = tmp_path / "adir"
+    for out in (run, status):
+        assert (out.returncode, out.stdout, out.stderr) == (
+            2, "", f"liteq: error: {folder} is a folder, not a database "
+                   f"file: pass --db adir/liteq.db, say\n")
+    assert (nowhere.returncode, nowhere.stdout, nowhere.stderr) == (
+        2, "", f"liteq: error: cannot open {tmp_path}/no/w.db: its folder "
+               f"{tmp_path}/no does not exist\n")
+    assert sorted(os.listdir(tmp_path)) == ["adir", "loud.py"]
+
+
 def test_run_works_jobs_logs_one_line_each_and_stops_on_sigint(tmp_path):
     (tmp_path / "ops_tasks.py").write_text(
         "from liteq import task\n\n"
@@ -5451,13 +5559,15 @@ def test_worker_keep_rejects_a_bad_duration(q):
         liteq.Worker(q, keep="seven days")
 
 
-@pytest.mark.parametrize("sql", ["_SQL_LINE", "_SQL_HIGHER_READY"])
+@pytest.mark.parametrize("sql", ["_SQL_LINE", "_SQL_HIGHER_READY",
+                                 "_SQL_READY_QUEUES"])
 def test_claim_queries_use_the_ready_index(q, sql):
     q.counts()
+    text = getattr(liteq, sql)
     conn = sqlite3.connect(q.path)
     try:
-        plan = conn.execute("EXPLAIN QUERY PLAN " + getattr(liteq, sql),
-                            ("default", 5)).fetchall()
+        plan = conn.execute("EXPLAIN QUERY PLAN " + text,
+                            ("default", 5)[:text.count("?")]).fetchall()
     finally:
         conn.close()
     details = " ".join(row[-1] for row in plan)
