@@ -5693,6 +5693,17 @@ def test_every_public_name_exists_and_has_a_docstring():
         assert doc and doc.strip(), f"{name} has no docstring"
 
 
+def test_ci_runs_the_readmes_test_command_exactly():
+    with open(os.path.join(LITEQ_DIR, "README.md")) as readme:
+        first_block = readme.read().split("```sh\n", 1)[1].split("```")[0]
+    demo, tests = first_block.splitlines()
+    assert demo == "python3 liteq.py demo"
+    with open(os.path.join(LITEQ_DIR, ".ci", "run")) as ci:
+        assert f"\n{tests} || exit\n" in ci.read()
+    with open(os.path.join(LITEQ_DIR, ".gitignore")) as ignored:
+        assert ".venv/" in ignored.read().split()
+
+
 def test_module_docstring_example_runs():
     results = doctest.testmod(liteq, optionflags=doctest.ELLIPSIS)
     assert results.attempted > 0
