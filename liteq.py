@@ -4634,6 +4634,8 @@ def _warn_other_files(queue: Queue) -> None:
     """Warn of registered tasks whose jobs go to another database file."""
     elsewhere: dict[str, list[str]] = {}
     for fn in list(_PROCESS.tasks.values()):
+        if fn.__module__ == __name__:
+            continue  # liteq's own (chain): it runs in any file
         home = (fn._queue or default_queue()).path
         if os.path.realpath(home) != os.path.realpath(queue.path):
             elsewhere.setdefault(home, []).append(fn.name)

@@ -4775,6 +4775,13 @@ def test_run_serves_the_file_a_task_module_configures(tmp_path):
     assert warnings == []
     assert f"serving default on {tmp_path}/var/jobs.db" in serving
     assert not (tmp_path / "liteq.db").exists()
+    warnings, serving = _ops_warnings(tmp_path, "configured", "--db",
+                                      "w.db")  # an explicit --db wins
+    assert f"serving default on {tmp_path}/w.db" in serving
+    assert warnings == [
+        f"task configured:hello stores its jobs in {tmp_path}/var/jobs.db, "
+        f"but this worker serves {tmp_path}/w.db: run it with --db "
+        f"{tmp_path}/var/jobs.db"]
 
 
 def test_run_and_status_of_a_folder_exit_2_before_anything(tmp_path):
