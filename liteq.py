@@ -4395,7 +4395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     job whose stored row is unreadable), or a storage error, or when
     standard output is closed or full; 2 for a user error (missing
     database, unknown id, bad duration, a module that cannot be
-    imported).  Errors are reported in one line on stderr.
+    imported, a bad option).  Errors are reported in one line on stderr.
     """
     parser = _build_parser()
     try:
