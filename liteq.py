@@ -65,9 +65,11 @@ import json
 import logging
 import math
 import os
+import pkgutil
 import random
 import re
 import select
+import shlex
 import signal
 import socket
 import socketserver
@@ -814,6 +816,12 @@ _SQL_LINE_LOAD = """
 
 _SQL_NEXT_TIMER = "SELECT min(timer) FROM liteq_jobs WHERE timer IS NOT NULL"
 
+# The queue names that ready jobs wait under: read from the ready index
+# alone, once, when a worker starts.
+_SQL_READY_QUEUES = """
+    SELECT DISTINCT queue FROM liteq_jobs WHERE ready IS NOT NULL
+"""
+
 _SQL_MAKE_READY = """
     UPDATE liteq_jobs SET ready = :ready, timer = NULL, worker = NULL,
                           lost = lost + :lost, updated_at = :now
@@ -990,11 +998,21 @@ _SQL_SELECT_GONE = """
      WHERE id IN ({}) AND (cancel OR finished_at IS NOT NULL)
 """
 
+# A cancelled job whose eta is still ahead (a countdown, a retry's
+# backoff) resumes that wait, on its timer, out of line; any other job
+# goes in line at once (a failed job's eta is the retry it ran out of).
+# SET expressions read the row as it was before the UPDATE.
 _SQL_RETRY = """
     UPDATE liteq_jobs
        SET status = CASE WHEN steps > 0 THEN 'running' ELSE 'pending' END,
            attempts = 0, failures = 0, lost = 0, cancel = 0, error = NULL,
-           worker = NULL, timer = NULL, ready = :ready, eta = :now,
+           worker = NULL,
+           timer = CASE WHEN status = 'cancelled' AND eta > :now
+                        THEN eta END,
+           ready = CASE WHEN status = 'cancelled' AND eta > :now
+                        THEN NULL ELSE :ready END,
+           eta = CASE WHEN status = 'cancelled' AND eta > :now
+                      THEN eta ELSE :now END,
            finished_at = NULL, updated_at = :now
      WHERE id = :id AND status IN ('failed', 'cancelled')
 """
@@ -1063,7 +1081,7 @@ class _Store:
                                    check_same_thread=False,
                                    factory=_Connection)
         except sqlite3.Error as exc:
-            raise StorageError(f"cannot open {self.path}: {exc}") from exc
+            raise StorageError(_open_problem(self.path, exc)) from exc
         try:
             if not self._schema_ok:
                 self._prepare(conn)
@@ -1315,6 +1333,18 @@ def _fault_kind(exc: sqlite3.Error) -> str:
     return ("damaged" if "malformed" in text or "not a database" in text
             else "access" if "readonly" in text or "unable to open" in text
             else "")
+
+
+def _open_problem(path: str, exc: sqlite3.Error) -> str:
+    """Why SQLite cannot open ``path``, in the user's terms."""
+    folder = os.path.dirname(path)
+    if os.path.isdir(path):
+        example = os.path.join(path, _DEFAULT_DB)
+        return (f"cannot open {path}: it is a folder, not a database file "
+                f"(name a file in it, e.g. {example})")
+    if not os.path.isdir(folder):
+        return f"cannot open {path}: its folder {folder} does not exist"
+    return f"cannot open {path}: {exc}"
 
 
 def _sqlite_header(path: str) -> bool:
@@ -2118,7 +2148,11 @@ class Job:
         return cancelled
 
     def retry(self) -> Job:
-        """Send a failed or cancelled job back to run its current call."""
+        """Send a failed or cancelled job back to run its current call.
+
+        A cancelled job whose eta is still ahead waits for it again; any
+        other runs as soon as a worker is free.
+        """
         store = self._q._store
 
         def body(conn: sqlite3.Connection) -> None:
@@ -4053,6 +4087,7 @@ class Worker:
         # _stopping stays set if stop() came first: the threads then end
         # at once, and run_forever() returns.
         self.queue._store.connection()  # open (and check) the file now
+        self._warn_unserved()
         self.left_to_leases = 0
         crew = self._running = self._crew()
         # The watch first, so a thread's first idle wait listens to it.
@@ -4068,6 +4103,26 @@ class Worker:
         for thread in self._threads:
             thread.start()
         crew.housekeeper.start()
+
+    def _warn_unserved(self) -> None:
+        """Warn of ready jobs under queue names this worker does not serve:
+        `@task(queue="emails")` with a worker of the default name only."""
+        try:
+            ready = self.queue._store.read(_SQL_READY_QUEUES)
+        except Error:
+            return  # the threads meet it, and say so
+        unserved = sorted({name for (name,) in ready} - set(self.queues))
+        if unserved:
+            names = ", ".join(unserved)
+            options = " ".join(f"--queue {shlex.quote(name)}"
+                               for name in unserved)
+            _warn_once(
+                f"unserved {self.queue.path} {unserved} {self.queues}",
+                f"ready jobs wait under queue name(s) {names}, which this "
+                f"worker does not serve (it serves "
+                f"{', '.join(self.queues)}): unless another worker serves "
+                f"them, add {options} to liteq run (or to "
+                f"Worker(queues=...))")
 
     def stop(self, timeout: float | None = None) -> bool:
         """Stop claiming, wait for running steps; True if all finished."""
@@ -4277,14 +4332,14 @@ def _http_read(queue: Queue, read: Callable[[Queue], Any]) -> Any:
     The file is checked first: the app must never create a database.
     """
     if not os.path.isfile(queue.path):
-        logger.error("http: no database at %s", queue.path)
+        logger.error("http: answering 503: no database at %s", queue.path)
         raise _HTTPError(503, "the database is missing: see the server log")
     try:
         with Queue(queue.path) as reader:
             reader._store.creates = False  # an empty file stays empty
             return read(reader)
     except Error as exc:
-        logger.error("http: %s", exc)
+        logger.error("http: answering 503: %s", exc, exc_info=exc)
         raise _HTTPError(503, f"the database is unavailable "
                               f"({type(exc).__name__}): see the server "
                               f"log") from None
@@ -4351,11 +4406,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     job whose stored row is unreadable), or a storage error, or when
     standard output is closed or full; 2 for a user error (missing
     database, unknown id, bad duration, a module that cannot be
-    imported).  Errors are reported in one line on stderr.
+    imported, a bad option).  Errors are reported in one line on stderr.
     """
     parser = _build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         code = args.handler(args)
         _flush(sys.stdout)  # a full disk shows only now
         return code
@@ -4379,9 +4434,17 @@ def _drop_stdout() -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line, like every other
+    error of the command line (argparse prints the usage first)."""
+
+    def error(self, message: str) -> Any:
+        raise _UsageError(f"{message} (see {self.prog} --help)")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     console = os.path.basename(sys.argv[0] if sys.argv else "") == "liteq"
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="liteq" if console else "python -m liteq",
         description="A durable background task queue on SQLite.")
     parser.add_argument("--version", action="version",
@@ -4396,14 +4459,14 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _add_command(commands: Any, name: str, handler: Callable, text: str,
-                 json_output: bool = False) -> argparse.ArgumentParser:
+                 json_output: str | None = None) -> argparse.ArgumentParser:
     sub = commands.add_parser(name, help=text, description=text)
     sub.add_argument("--db", metavar="PATH",
                      help="database file (default: $LITEQ_DB, else "
                           "./liteq.db)")
     if json_output:
         sub.add_argument("--json", action="store_true",
-                         help="print JSON (the fields of Job.to_dict())")
+                         help=f"print JSON: {json_output}")
     sub.set_defaults(handler=handler)
     return sub
 
@@ -4425,16 +4488,18 @@ def _add_worker_commands(add: Callable) -> None:
 
 def _add_read_commands(add: Callable) -> None:
     add("status", _cmd_status, "count jobs per status per queue name",
-        json_output=True)
+        json_output="{queue name: {status: count}}")
     jobs = add("list", _cmd_list, "list jobs, newest first",
-               json_output=True)
+               json_output="a list of Job.to_dict() objects")
     jobs.add_argument("--status", choices=_STATUSES)
     jobs.add_argument("--queue", metavar="NAME", help="queue name")
     jobs.add_argument("--name", metavar="TASK", help="stored task name")
     jobs.add_argument("--limit", type=int, default=_LIST_LIMIT,
-                      help=f"most jobs to show (default {_LIST_LIMIT})")
+                      help=f"most jobs to show, 1 or more (default "
+                           f"{_LIST_LIMIT})")
     show = add("show", _cmd_show, "show every field of a job",
-               json_output=True)
+               json_output="the job's Job.to_dict() (with --follow, one "
+                           "per line at each change)")
     show.add_argument("id", metavar="ID")
     show.add_argument("--follow", action="store_true",
                       help="draw a progress bar until the job finishes; "
@@ -4474,6 +4539,14 @@ def _cli_queue(args: argparse.Namespace, create: bool) -> Queue:
     others get a Queue of their own, to close when done.
     """
     path = args.db or os.environ.get("LITEQ_DB") or _DEFAULT_DB
+    if os.path.isdir(path):
+        raise _UsageError(f"{os.path.abspath(path)} is a folder, not a "
+                          f"database file: pass --db "
+                          f"{os.path.join(path, _DEFAULT_DB)}, say")
+    folder = os.path.dirname(os.path.abspath(path))
+    if create and not os.path.isdir(folder):
+        raise _UsageError(f"cannot open {os.path.abspath(path)}: its "
+                          f"folder {folder} does not exist")
     if create:
         return configure(path)
     if not os.path.isfile(path):
@@ -4501,19 +4574,90 @@ def _find_job(queue: Queue, text: str) -> Job:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    _setup_logging(args.log_level)
+    # User errors first, before a module runs or anything is printed.
+    _check_int("--threads", args.threads, 1, 1024)
+    for name in args.queues or ():
+        _check_name("queue name", name)
     queue = _cli_queue(args, create=True)
+    _setup_logging(args.log_level)
     sys.path.insert(0, os.getcwd())
     for module in args.modules:
-        try:
-            importlib.import_module(module)
-        except Exception as exc:
-            raise _UsageError(f"cannot import {module}: "
-                              f"{type(exc).__name__}: {exc}") from None
+        _import_tasks(module)
+    if not (args.db or os.environ.get("LITEQ_DB")):
+        queue = default_queue()  # as a module's liteq.configure() set it
+    _warn_other_files(queue)
     worker = Worker(queue, threads=args.threads, queues=args.queues)
     _on_stop_signals(worker)
     worker.run_forever()
     return 1 if worker.left_to_leases else 0
+
+
+def _import_tasks(name: str) -> None:
+    """Import a MODULE given to ``run``; warn if it registers no task."""
+    before = set(_PROCESS.tasks)
+    try:
+        module = importlib.import_module(name)
+    except Exception as exc:
+        raise _UsageError(f"cannot import {name}: {type(exc).__name__}: "
+                          f"{exc}{_file_hint(name)}") from None
+    if set(_PROCESS.tasks) - before or any(
+            fn.__module__ == name or fn.__module__.startswith(name + ".")
+            for fn in list(_PROCESS.tasks.values())):
+        return
+    logger.warning("module %s registers no task: %s", name,
+                   _taskless_hint(name, module))
+
+
+def _file_hint(name: str) -> str:
+    """For ``run jobs.py``: the module name that was meant."""
+    stem = name[:-3] if name.endswith(".py") else name
+    if stem == name and "/" not in name and os.sep not in name:
+        return ""
+    folder, base = os.path.split(stem)
+    parts = [p for p in re.split(r"[/\\]", stem) if p not in ("", ".")]
+    if os.path.isabs(stem) or ".." in parts or not parts:
+        return (f"; did you mean run {base}, in the folder {folder}? "
+                f"(MODULE is a module name, not a file)")
+    return (f"; did you mean run {'.'.join(parts)}? (MODULE is a module "
+            f"name, not a file)")
+
+
+def _taskless_hint(name: str, module: Any) -> str:
+    """What to say of a module given to ``run`` that registers no task."""
+    local = os.path.join(os.getcwd(), *name.split(".")) + ".py"
+    where = getattr(module, "__file__", None) or "a module built in"
+    if os.path.isfile(local) and os.path.abspath(where) != local:
+        return (f"the name {name} was already taken by {where}, so "
+                f"{local} was not imported: rename that file")
+    guesses = [f"{name}.{info.name}" for info in
+               pkgutil.iter_modules(getattr(module, "__path__", []))
+               if "task" in info.name]
+    guesses += sorted(entry[:-3] for entry in os.listdir(os.getcwd())
+                      if entry.endswith(".py") and "task" in entry
+                      and entry[:-3] != name)
+    if guesses:
+        return f"did you mean {' or '.join(guesses[:3])}?"
+    return ("name the module that defines your @task functions (a worker "
+            "runs only the tasks its modules register)")
+
+
+def _warn_other_files(queue: Queue) -> None:
+    """Warn of registered tasks whose jobs go to another database file."""
+    elsewhere: dict[str, list[str]] = {}
+    for fn in list(_PROCESS.tasks.values()):
+        if fn.__module__ == __name__:
+            continue  # liteq's own (chain): it runs in any file
+        home = (fn._queue or default_queue()).path
+        if os.path.realpath(home) != os.path.realpath(queue.path):
+            elsewhere.setdefault(home, []).append(fn.name)
+    for path, names in sorted(elsewhere.items()):
+        shown = ", ".join(sorted(names)[:5])
+        if len(names) > 5:
+            shown += f" and {len(names) - 5} more"
+        they = ("task %s stores its" if len(names) == 1 else
+                "tasks %s store their")
+        logger.warning(they + " jobs in %s, but this worker serves %s: run "
+                       "it with --db %s", shown, path, queue.path, path)
 
 
 def _on_stop_signals(worker: Worker) -> None:
@@ -4755,8 +4899,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    if not 0 <= args.limit <= _INT64[1]:
-        raise _UsageError(f"--limit must be from 0 to {_INT64[1]}, got "
+    if not 1 <= args.limit <= _INT64[1]:
+        raise _UsageError(f"--limit must be from 1 to {_INT64[1]}, got "
                           f"{args.limit}")
     with _cli_queue(args, create=False) as queue:
         rows = queue._job_rows(args.status, args.name, args.queue,
@@ -4892,8 +5036,11 @@ def _cmd_retry(args: argparse.Namespace) -> int:
     if "unreadable" in data:
         _emit(f"job {job.id} is {data['status']} again\n")
         return _unreadable(job, data)
+    wait = ""
+    if data["eta"] and _seconds(data["eta"]) > time.time():
+        wait = f" at its eta, {data['eta']}"
     _emit(f"job {data['id']} is {data['status']} again: it resumes at step "
-          f"{data['steps'] + 1} ({_clean(data['current'])})\n")
+          f"{data['steps'] + 1} ({_clean(data['current'])}){wait}\n")
     return 0
 
 

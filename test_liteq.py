@@ -2115,6 +2115,40 @@ def test_retry_sends_a_cancelled_job_back(q):
     assert job.result(timeout=5) == "late"
 
 
+def test_retry_of_a_cancelled_job_resumes_the_wait_for_its_eta(q, clock):
+    waiting = T.record.apply_async(("waited",), countdown=100)
+    due = T.record.apply_async(("due",), countdown=20)
+    for job in (waiting, due):
+        job.cancel()
+    clock.advance(30)
+    waiting.retry()  # 70 s of its wait remain
+    due.retry()  # its eta has passed: it runs at once
+    assert (waiting.status, waiting.eta) == ("pending", utc(T0 + 100))
+    assert (due.status, due.eta) == ("pending", utc(T0 + 30))
+    worker = liteq.Worker(q)
+    run_all(worker)
+    assert LOG == ["due"]
+    clock.advance(69)
+    assert worker.run_once() is False
+    clock.advance(1)
+    run_all(worker)
+    assert LOG == ["due", "waited"]
+
+
+def test_retry_of_a_failed_job_runs_it_at_once(q, clock):
+    register(q, fail, retries=1, retry_delay=3600)
+    job = T.fail.delay("late")
+    worker = liteq.Worker(q)
+    worker.run_once()
+    clock.advance(3600)
+    worker.run_once()
+    assert job.status == "failed"
+    job.retry()  # its eta is where a third attempt would have been
+    assert job.eta == utc(clock.now)
+    assert worker.run_once() is True
+    assert COUNTS["fail"] == 3
+
+
 def test_retry_of_an_unfinished_or_done_job_raises_value_error(q):
     done = T.add.delay(1, 2)
     running = T.wait.delay(2)
@@ -2375,6 +2409,30 @@ def test_failing_step_is_retried_with_exponential_backoff(q, clock):
     assert COUNTS["fail"] == 4
     with pytest.raises(liteq.TaskFailed, match="flaky"):
         job.result(timeout=5)
+
+
+def test_worker_warns_at_start_of_ready_jobs_under_names_it_does_not_serve(
+        q, start_worker, caplog):
+    caplog.set_level(logging.WARNING, logger="liteq")
+    for name in ("emails", "reports", "emails"):
+        T.record.apply_async((name,), queue=name)
+    T.record.apply_async(("later",), queue="later", countdown=3600)
+    T.record.delay("here")
+    worker = start_worker(q)
+    wait_until(lambda: LOG == ["here"], what="the default job to run")
+    assert worker.stop(timeout=DEADLINE)
+    worker.start()  # the same warning is not given twice
+    assert [r.getMessage() for r in caplog.records] == [
+        "ready jobs wait under queue name(s) emails, reports, which this "
+        "worker does not serve (it serves default): unless another worker "
+        "serves them, add --queue emails --queue reports to liteq run (or "
+        "to Worker(queues=...))"]
+    assert caplog.records[0].levelno == logging.WARNING
+    start_worker(q, queues=["default", "emails", "reports"])
+    wait_until(lambda: sorted(LOG) == ["emails", "emails", "here",
+                                       "reports"],
+               what="the other queue names to be served")
+    assert len(caplog.records) == 1
 
 
 def test_retry_budget_is_per_step(q):
@@ -4568,6 +4626,17 @@ def test_retry_command_sends_a_failed_job_back_to_pending(tmp_path):
     assert twice.stderr.count("\n") == 1 and "only failed or" in twice.stderr
 
 
+def test_retry_command_names_the_eta_a_cancelled_job_waits_for(q, capsys):
+    job = T.record.apply_async(("later",), countdown=3600)
+    job.cancel()
+    assert liteq.main(["retry", str(job.id), "--db", q.path]) == 0
+    eta = job.to_dict()["eta"]
+    assert capsys.readouterr().out == (
+        f"job {job.id} is pending again: it resumes at step 1 "
+        f"({stored(record)}) at its eta, {eta}\n")
+    assert job.eta > dt.datetime.now(UTC) + dt.timedelta(minutes=59)
+
+
 def test_purge_deletes_finished_jobs_older_than_a_duration(tmp_path):
     with _ops_world(tmp_path) as (db, ids, gate):
         week = _ops_cli(tmp_path, "purge", "--older-than", "7d", "--db", db)
@@ -4647,6 +4716,97 @@ def test_run_exits_2_when_a_module_fails_to_import(tmp_path):
         "liteq: error: cannot import no_such_tasks: ModuleNotFoundError")
 
 
+def test_run_of_a_file_name_suggests_the_module_name(tmp_path):
+    (tmp_path / "jobs.py").write_text("")
+    (tmp_path / "app").mkdir()
+    plain = _ops_cli(tmp_path, "run", "jobs.py", "--db", "w.db")
+    nested = _ops_cli(tmp_path, "run", "app/jobs.py", "--db", "w.db")
+    assert plain.returncode == nested.returncode == 2
+    assert plain.stderr.endswith(
+        "; did you mean run jobs? (MODULE is a module name, not a file)\n")
+    assert plain.stderr.count("\n") == 1
+    assert nested.stderr.endswith(
+        "; did you mean run app.jobs? (MODULE is a module name, not a "
+        "file)\n")
+
+
+def _ops_warnings(tmp_path, *args):
+    """The WARNING lines a worker started with ``run ARGS`` logs before
+    it serves, and the line that says what it serves."""
+    worker = _ops_popen(tmp_path, "run", *args)
+    try:
+        lines = []
+        while "serving" not in (lines or [""])[-1]:
+            lines.append(_ops_readline(worker.stderr, "the worker's log"))
+            assert lines[-1], worker.wait(DEADLINE)
+        worker.send_signal(signal.SIGINT)
+        worker.communicate(timeout=DEADLINE)
+    finally:
+        _ops_stop(worker)
+    assert worker.returncode == 0
+    warnings = [line.split(" WARNING liteq: ", 1)[1].rstrip("\n")
+                for line in lines if " WARNING liteq: " in line]
+    return warnings, lines[-1]
+
+
+def test_run_warns_of_modules_without_tasks_and_tasks_of_other_files(
+        tmp_path):
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "__init__.py").write_text("")
+    (tmp_path / "app" / "tasks.py").write_text(
+        "from liteq import task\n\n@task\ndef ping():\n    pass\n")
+    (tmp_path / "mine.py").write_text(
+        "import liteq\n\n"
+        "q = liteq.Queue('jobs.db')\n\n"
+        "@q.task\ndef hello(name):\n    pass\n")
+    warnings, serving = _ops_warnings(tmp_path, "app", "mine", "--db",
+                                      "w.db")
+    assert warnings == [
+        "module app registers no task: did you mean app.tasks?",
+        f"task mine:hello stores its jobs in {tmp_path}/jobs.db, but "
+        f"this worker serves {tmp_path}/w.db: run it with --db "
+        f"{tmp_path}/jobs.db"]
+    assert f"serving default on {tmp_path}/w.db" in serving
+    warnings, _ = _ops_warnings(tmp_path, "mine", "--db", "jobs.db")
+    assert warnings == []
+
+
+def test_run_serves_the_file_a_task_module_configures(tmp_path):
+    (tmp_path / "var").mkdir()
+    (tmp_path / "configured.py").write_text(
+        "import liteq\n\n"
+        "liteq.configure('var/jobs.db')\n\n"
+        "@liteq.task\ndef hello(name):\n    pass\n")
+    warnings, serving = _ops_warnings(tmp_path, "configured")
+    assert warnings == []
+    assert f"serving default on {tmp_path}/var/jobs.db" in serving
+    assert not (tmp_path / "liteq.db").exists()
+    warnings, serving = _ops_warnings(tmp_path, "configured", "--db",
+                                      "w.db")  # an explicit --db wins
+    assert f"serving default on {tmp_path}/w.db" in serving
+    assert warnings == [
+        f"task configured:hello stores its jobs in {tmp_path}/var/jobs.db, "
+        f"but this worker serves {tmp_path}/w.db: run it with --db "
+        f"{tmp_path}/var/jobs.db"]
+
+
+def test_run_and_status_of_a_folder_exit_2_before_anything(tmp_path):
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "loud.py").write_text("print('imported')\n")
+    run = _ops_cli(tmp_path, "run", "loud", "--db", "adir")
+    status = _ops_cli(tmp_path, "status", "--db", "adir")
+    nowhere = _ops_cli(tmp_path, "run", "loud", "--db", "no/w.db")
+    folder = tmp_path / "adir"
+    for out in (run, status):
+        assert (out.returncode, out.stdout, out.stderr) == (
+            2, "", f"liteq: error: {folder} is a folder, not a database "
+                   f"file: pass --db adir/liteq.db, say\n")
+    assert (nowhere.returncode, nowhere.stdout, nowhere.stderr) == (
+        2, "", f"liteq: error: cannot open {tmp_path}/no/w.db: its folder "
+               f"{tmp_path}/no does not exist\n")
+    assert sorted(os.listdir(tmp_path)) == ["adir", "loud.py"]
+
+
 def test_run_works_jobs_logs_one_line_each_and_stops_on_sigint(tmp_path):
     (tmp_path / "ops_tasks.py").write_text(
         "from liteq import task\n\n"
@@ -4698,6 +4858,47 @@ def test_every_subcommand_has_help_and_a_db_option(capsys):
         liteq.main(["--help"])
     text = capsys.readouterr().out
     assert all(command in text for command in commands)
+
+
+def test_json_help_says_what_each_command_prints(capsys):
+    helps = {}
+    for command in ("status", "list", "show"):
+        with pytest.raises(SystemExit):
+            liteq.main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        helps[command] = text[text.index("--json print"):]
+    assert helps["status"].startswith(
+        "--json print JSON: {queue name: {status: count}}")
+    assert helps["list"].startswith(
+        "--json print JSON: a list of Job.to_dict() objects")
+    assert helps["show"].startswith(
+        "--json print JSON: the job's Job.to_dict()")
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "the following arguments are required: COMMAND (see python -m "
+         "liteq --help)"),
+    (["list", "--limit", "ten"], "argument --limit: invalid int value: "
+                                 "'ten' (see python -m liteq list --help)"),
+    (["show"], "the following arguments are required: ID (see python -m "
+               "liteq show --help)"),
+    (["status", "--frobnicate"], "unrecognized arguments: --frobnicate "
+                                 "(see python -m liteq --help)"),
+])
+def test_usage_errors_are_one_line_and_exit_2(argv, message, capsys,
+                                              monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["liteq.py"])
+    assert liteq.main(argv) == 2
+    assert capsys.readouterr() == ("", f"liteq: error: {message}\n")
+
+
+def test_list_limit_must_be_at_least_1(q, capsys):
+    T.add.delay(1, 2)
+    assert liteq.main(["list", "--limit", "0", "--db", q.path]) == 2
+    assert capsys.readouterr().err == (
+        f"liteq: error: --limit must be from 1 to {2**63 - 1}, got 0\n")
+    assert liteq.main(["list", "--limit", "1", "--db", q.path]) == 0
+    assert "add" in capsys.readouterr().out
 
 
 def test_main_reports_user_errors_in_process(tmp_path, capsys):
@@ -4938,6 +5139,22 @@ def test_wsgi_app_never_creates_a_missing_database(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_wsgi_app_logs_why_it_answers_503(tmp_path, caplog):
+    caplog.set_level(logging.ERROR, logger="liteq")
+    empty, gone = tmp_path / "empty.db", tmp_path / "gone.db"
+    empty.write_bytes(b"")
+    for path in (empty, gone):
+        status, _, body = _ops_call(liteq.wsgi_app(liteq.Queue(path)),
+                                    _ops_environ("/counts"))
+        assert status == "503 Service Unavailable"
+        assert "see the server log" in json.loads(body)["error"]
+    first, second = [r for r in caplog.records if r.name == "liteq"]
+    assert first.levelno == second.levelno == logging.ERROR
+    assert f"no liteq database in {empty} yet" in first.getMessage()
+    assert isinstance(first.exc_info[1], liteq.SchemaError)
+    assert f"no database at {gone}" in second.getMessage()
+
+
 def test_wsgi_app_uses_the_default_queue_when_given_none(tmp_path,
                                                          monkeypatch):
     db = str(tmp_path / "default.db")
@@ -5089,6 +5306,25 @@ def test_file_that_is_not_sqlite_is_refused_untouched(make_queue, tmp_path):
         T.add.delay(1, 2)
     foreign.close()
     assert path.read_bytes() == before
+
+
+def test_a_missing_folder_or_a_folder_given_as_the_file_is_named(
+        make_queue, tmp_path):
+    missing = make_queue("no/such/jobs.db", register_tasks=False)
+    folder = tmp_path / "jobs"
+    folder.mkdir()
+    given_a_folder = make_queue("jobs", register_tasks=False)
+    with pytest.raises(liteq.StorageError) as info:
+        missing.counts()
+    assert str(info.value).startswith(
+        f"cannot open {tmp_path}/no/such/jobs.db: its folder "
+        f"{tmp_path}/no/such does not exist")
+    with pytest.raises(liteq.StorageError) as info:
+        given_a_folder.counts()
+    assert str(info.value).startswith(
+        f"cannot open {folder}: it is a folder, not a database file")
+    assert sorted(os.listdir(tmp_path)) == ["jobs"]
+    assert os.listdir(folder) == []
 
 
 def _set_user_version(path, version):
@@ -5336,13 +5572,15 @@ def test_worker_keep_rejects_a_bad_duration(q):
         liteq.Worker(q, keep="seven days")
 
 
-@pytest.mark.parametrize("sql", ["_SQL_LINE", "_SQL_HIGHER_READY"])
+@pytest.mark.parametrize("sql", ["_SQL_LINE", "_SQL_HIGHER_READY",
+                                 "_SQL_READY_QUEUES"])
 def test_claim_queries_use_the_ready_index(q, sql):
     q.counts()
+    text = getattr(liteq, sql)
     conn = sqlite3.connect(q.path)
     try:
-        plan = conn.execute("EXPLAIN QUERY PLAN " + getattr(liteq, sql),
-                            ("default", 5)).fetchall()
+        plan = conn.execute("EXPLAIN QUERY PLAN " + text,
+                            ("default", 5)[:text.count("?")]).fetchall()
     finally:
         conn.close()
     details = " ".join(row[-1] for row in plan)
@@ -5466,6 +5704,17 @@ def test_every_public_name_exists_and_has_a_docstring():
         assert hasattr(liteq, name), name
         doc = inspect.getdoc(getattr(liteq, name))
         assert doc and doc.strip(), f"{name} has no docstring"
+
+
+def test_ci_runs_the_readmes_test_command_exactly():
+    with open(os.path.join(LITEQ_DIR, "README.md")) as readme:
+        first_block = readme.read().split("```sh\n", 1)[1].split("```")[0]
+    demo, tests = first_block.splitlines()
+    assert demo == "python3 liteq.py demo"
+    with open(os.path.join(LITEQ_DIR, ".ci", "run")) as ci:
+        assert f"\n{tests} || exit\n" in ci.read()
+    with open(os.path.join(LITEQ_DIR, ".gitignore")) as ignored:
+        assert ".venv/" in ignored.read().split()
 
 
 def test_module_docstring_example_runs():
@@ -5968,7 +6217,7 @@ def test_list_limit_beyond_64_bits_is_a_one_line_user_error(q, capsys):
     big = str(2**63)
     assert liteq.main(["list", "--limit", big, "--db", q.path]) == 2
     assert capsys.readouterr().err == (
-        f"liteq: error: --limit must be from 0 to {2**63 - 1}, got {big}\n")
+        f"liteq: error: --limit must be from 1 to {2**63 - 1}, got {big}\n")
     with pytest.raises(ValueError, match="limit must be <= "):
         q.jobs(limit=2**63)
     assert q.get(2**63) is None and q.get(-2**63 - 1) is None
