@@ -2705,8 +2705,8 @@ def _run_step(step: _Step, queue: Queue) -> _Outcome:
                  f"{type(exc).__name__}: {exc}")
         logger.error("%s", error)
         return _Outcome(step, "fail", error=error)
-    _PROCESS.current.job = _CurrentJob(queue, step.id, step.number, step.attempt,
-                               step.token)
+    _PROCESS.current.job = _CurrentJob(queue, step.id, step.number,
+                                       step.attempt, step.token)
     try:
         value = fn.__wrapped__(*args, **kwargs)
     except KeyboardInterrupt:
@@ -2877,7 +2877,7 @@ class _Claims:
             "started": step.started if step.started is not None else now,
             "lease": lease, "max_lost": max_lost}).rowcount)
 
-    # Outcomes -----------------------------------------------------------------
+    # Outcomes ----------------------------------------------------------------
 
     def record(self, conn: sqlite3.Connection, outcomes: list[_Outcome],
                now: float) -> list:
@@ -3047,7 +3047,7 @@ class _WorkerThread:
         self.fault = crew.write_fault
         self.poke = crew.housekeeper.poke
 
-    # The loop -----------------------------------------------------------------
+    # The loop ----------------------------------------------------------------
 
     def run(self) -> None:
         """The thread's body: turn until the worker stops."""
@@ -3174,7 +3174,7 @@ class _WorkerThread:
             self.fault.ok()
         return None
 
-    # Running steps ------------------------------------------------------------
+    # Running steps -----------------------------------------------------------
 
     def may_defer(self) -> bool:
         """Whether to run the next step without writing its start first."""
@@ -3269,7 +3269,7 @@ class _WorkerThread:
         self.clear = (now, generation, step.priority)
         return True
 
-    # Looks and waits ----------------------------------------------------------
+    # Looks and waits ---------------------------------------------------------
 
     def _in_sight(self, now: float) -> bool:
         """Whether a claim could find work, read without the write lock.
@@ -3347,7 +3347,7 @@ class _WorkerThread:
                 return
             self.wakeups.wait(self.generation, min(left, self.tuning.poll))
 
-    # Writes -------------------------------------------------------------------
+    # Writes ------------------------------------------------------------------
 
     def held(self) -> list[_Step]:
         """Every step whose lease this thread keeps (call under lock)."""
@@ -3372,8 +3372,9 @@ class _WorkerThread:
             self.pending[:0] = pending
             self.ahead.extendleft(reversed(ahead))
 
-    def write_and_claim(self, step: _Step | None = None,
-                        claim: bool = True) -> tuple[_Step | None, float | None]:
+    def write_and_claim(
+            self, step: _Step | None = None,
+            claim: bool = True) -> tuple[_Step | None, float | None]:
         """Write the held outcomes, then start ``step`` or claim more.
 
         One transaction.  Returns the step to run now, its start written,

@@ -3307,7 +3307,7 @@ def test_an_idle_worker_wakes_at_once_for_its_own_process(q):
 # Faults are logged quietly ------------------------------------------------
 
 
-def test_a_lasting_fault_is_logged_when_it_starts_now_and_then_and_when_it_ends(
+def test_a_lasting_fault_is_logged_when_it_starts_then_and_when_it_ends(
         caplog):
     caplog.set_level(logging.INFO, logger="liteq")
     pace = Pacing()
