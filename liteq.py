@@ -96,6 +96,7 @@ __all__ = [
     "Error",
     "Job",
     "JobNotFound",
+    "Permanent",
     "Queue",
     "SchemaError",
     "StorageError",
@@ -155,6 +156,9 @@ _TASK_DEFAULTS = {
     "description": None,
     "lease": 60.0,
     "max_lost": 5,
+    "retry_on": None,  # None: any Exception is retried
+    "dont_retry": (),
+    "retry_jitter": False,
 }
 
 # ---------------------------------------------------------------------------
@@ -197,6 +201,17 @@ class StorageError(Error):
 
 class SchemaError(Error):
     """The file is not a liteq database this version can use."""
+
+
+class Permanent(Exception):
+    """Raise inside a step to fail its job at once, without retries.
+
+    ``raise liteq.Permanent("card declined")``: the job fails with the
+    traceback as its error, whatever retries its task has left.  It is
+    control flow, not an error of liteq's, so it derives from Exception
+    and not from liteq.Error: ``except liteq.Error`` around liteq calls
+    never catches it.
+    """
 
 
 # ---------------------------------------------------------------------------
@@ -1793,7 +1808,26 @@ def _check_options(options: dict) -> dict:
                         f"{opts['description']!r}")
     opts["lease"] = _check_number("lease", opts["lease"], strict=True)
     _check_int("max_lost", opts["max_lost"], 1)
+    if "retry_on" in options and "dont_retry" in options:
+        raise TypeError("give retry_on (the errors to retry) or dont_retry "
+                        "(the errors never retried), not both")
+    if opts["retry_on"] is not None:
+        opts["retry_on"] = _check_errors("retry_on", opts["retry_on"])
+    opts["dont_retry"] = _check_errors("dont_retry", opts["dont_retry"])
+    if not isinstance(opts["retry_jitter"], bool):
+        raise TypeError(f"retry_jitter must be True or False, got "
+                        f"{opts['retry_jitter']!r}")
     return opts
+
+
+def _check_errors(name: str, value: Any) -> tuple[type, ...]:
+    """An exception class or a tuple or list of them, as a tuple."""
+    classes = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    for cls in classes:
+        if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+            raise TypeError(f"{name} must be an exception class or a tuple "
+                            f"of them, got {value!r}")
+    return classes
 
 
 def _register(function: Callable, queue: Queue | None,
@@ -1829,8 +1863,8 @@ def task(function: Callable | None = None, *args: Any,
     """Register a top-level function as a task of the default queue.
 
     Use bare (``@task``) or with options (``@task(retries=3)``): percent,
-    retries, retry_delay, retry_max_delay, queue, priority, name,
-    description, lease, max_lost.
+    retries, retry_delay, retry_max_delay, retry_on, dont_retry,
+    retry_jitter, queue, priority, name, description, lease, max_lost.
     """
     if function is not None and not callable(function):
         raise TypeError("@task options are keyword-only, e.g. "
@@ -2719,12 +2753,25 @@ def _run_step(step: _Step, queue: Queue) -> _Outcome:
 
 
 def _failed_step(step: _Step, fn: TaskFunction, error: str) -> _Outcome:
+    """The outcome of a step whose function raised; called in the except
+    clause, so the exception is sys.exc_info()'s."""
+    if not _worth_retrying(fn, sys.exc_info()[1]):
+        return _Outcome(step, "fail", error=error)
     retry = step.failures + 1
     # The exponent is capped: past it the delay is retry_max_delay anyway.
     delay = min(fn.retry_delay * 2.0 ** min(retry - 1, 64),
                 fn.retry_max_delay)
+    if fn.retry_jitter:  # full jitter, added: never sooner than the backoff
+        delay += random.uniform(0.0, delay)
     return _Outcome(step, "retry", error=error, retries=fn.retries,
                     delay=delay)
+
+
+def _worth_retrying(fn: TaskFunction, exc: BaseException | None) -> bool:
+    """Whether a task's options let this error be retried."""
+    if isinstance(exc, Permanent) or isinstance(exc, fn.dont_retry):
+        return False
+    return fn.retry_on is None or isinstance(exc, fn.retry_on)
 
 
 def _finished_step(step: _Step, call: Task, value: Any,

@@ -2411,6 +2411,109 @@ def test_failing_step_is_retried_with_exponential_backoff(q, clock):
         job.result(timeout=5)
 
 
+ERRORS = {"connection": ConnectionError, "timeout": TimeoutError,
+          "value": ValueError, "permanent": liteq.Permanent}
+
+
+def raise_error(kind):
+    """Raise the exception class named ``kind`` (see ERRORS)."""
+    COUNTS["raise_error"] += 1
+    raise ERRORS[kind](f"{kind} trouble")
+
+
+@pytest.mark.parametrize("options, kind, attempts", [
+    ({"retry_on": (ConnectionError,)}, "connection", 3),
+    ({"retry_on": ConnectionError}, "timeout", 1),  # a class alone works
+    ({"retry_on": [OSError]}, "timeout", 3),  # subclasses count
+    ({"retry_on": (ConnectionError,)}, "value", 1),
+    ({"dont_retry": (ValueError,)}, "value", 1),
+    ({"dont_retry": (ValueError,)}, "connection", 3),
+    ({}, "value", 3),  # by default any Exception is retried
+    ({}, "permanent", 1),
+    ({"retry_on": (Exception,)}, "permanent", 1),
+])
+def test_retry_on_and_dont_retry_choose_the_errors_retried(
+        q, options, kind, attempts):
+    register(q, raise_error, retries=2, retry_delay=0, **options)
+    job = T.raise_error.delay(kind)
+    run_all(liteq.Worker(q))
+    assert job.status == "failed"
+    assert job.attempts == attempts
+    assert COUNTS["raise_error"] == attempts
+    assert f"{ERRORS[kind].__name__}: {kind} trouble" in job.error
+    assert "Traceback" in job.error
+
+
+def test_permanent_fails_the_job_at_once_and_says_failed(q, caplog):
+    caplog.set_level(logging.INFO, logger="liteq")
+    register(q, raise_error, retries=5, retry_delay=0)
+    job = T.raise_error.delay("permanent")
+    assert liteq.Worker(q).run_once()
+    assert job.status == "failed"
+    with pytest.raises(liteq.TaskFailed, match="permanent trouble"):
+        job.result(timeout=5)
+    assert f"job {job.id} failed: liteq.Permanent: permanent trouble" in \
+        caplog.messages
+    assert not [m for m in caplog.messages if "retried" in m]
+
+
+def test_permanent_is_control_flow_not_a_liteq_error():
+    assert issubclass(liteq.Permanent, Exception)
+    assert not issubclass(liteq.Permanent, liteq.Error)
+    assert "Permanent" in liteq.__all__
+
+
+def test_run_propagates_errors_whatever_the_retry_options(q):
+    register(q, raise_error, retries=3, retry_on=(ConnectionError,))
+    for kind in ("connection", "value", "permanent"):
+        with pytest.raises(ERRORS[kind], match="trouble"):
+            T.raise_error.run(kind)
+    assert COUNTS["raise_error"] == 3  # one attempt each
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"retry_on": (ValueError,), "dont_retry": (KeyError,)}, "not both"),
+    ({"retry_on": ValueError, "dont_retry": ()}, "not both"),
+    ({"retry_on": "ValueError"}, "retry_on"),
+    ({"retry_on": (ValueError, 3)}, "retry_on"),
+    ({"retry_on": ValueError("x")}, "retry_on"),
+    ({"dont_retry": int}, "dont_retry"),
+    ({"dont_retry": [None]}, "dont_retry"),
+    ({"retry_jitter": 1}, "retry_jitter"),
+    ({"retry_jitter": "yes"}, "retry_jitter"),
+])
+def test_bad_retry_options_raise_type_error_at_decoration(q, options, match):
+    with pytest.raises(TypeError, match=match):
+        q.task(add, **options)
+    with pytest.raises(TypeError, match=match):
+        q.task(**options)
+
+
+def test_retry_jitter_only_adds_up_to_the_backoff_again(q, clock):
+    register(q, fail, retries=3, retry_delay=10, retry_max_delay=25,
+             retry_jitter=True)
+    jobs = [T.fail.delay("flaky") for _ in range(30)]
+    worker = liteq.Worker(q)
+    for backoff in (10, 20, 25):  # the third is capped at 25, not 40
+        failed_at = clock.now
+        assert run_all(worker) == len(jobs)
+        delays = [job.eta.timestamp() - failed_at for job in jobs]
+        assert all(backoff <= d <= 2 * backoff for d in delays), delays
+        assert len(set(delays)) > 1  # jittered, not one fixed delay
+        clock.now = failed_at + backoff - 0.01
+        assert worker.run_once() is False  # never sooner than the backoff
+        clock.now = failed_at + 2 * backoff
+    assert run_all(worker) == len(jobs)
+    assert all(job.status == "failed" for job in jobs)
+
+
+def test_retry_without_jitter_waits_exactly_the_backoff(q, clock):
+    register(q, fail, retries=1, retry_delay=7)
+    job = T.fail.delay("flaky")
+    assert liteq.Worker(q).run_once()
+    assert job.eta.timestamp() == clock.now + 7
+
+
 def test_worker_warns_at_start_of_ready_jobs_under_names_it_does_not_serve(
         q, start_worker, caplog):
     caplog.set_level(logging.WARNING, logger="liteq")
