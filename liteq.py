@@ -908,6 +908,16 @@ _SQL_START = f"""
 
 _SQL_SET_LEASE = f"UPDATE liteq_jobs SET timer = :until WHERE {_HELD}"
 
+# A step's own progress (current_job().set_percent), fenced like a lease
+# renewal.  A step continued in place runs before the outcome that claimed
+# it is written (see _SQL_CONTINUE_HERE): the row may still hold an earlier
+# token of the same claim's block, and no other claim's.
+_SQL_SET_PERCENT = f"""
+    UPDATE liteq_jobs SET percent = :percent, updated_at = :now
+     WHERE id = :id AND token >> {_TOKEN_BITS} = :token >> {_TOKEN_BITS}
+       AND token <= :token AND ready IS NULL AND finished_at IS NULL
+"""
+
 # Outcomes of a step.  A step that ran without its start being written
 # (see Worker._may_defer) records its start with its outcome, hence the
 # attempt and started_at in each.  A cancel request turns a continuation
@@ -2317,6 +2327,33 @@ class _CurrentJob(Job):
         """Whether cancel() was called for this job (read fresh)."""
         rows = self._q._store.read(_SQL_SELECT_CANCEL, (self.id,))
         return bool(rows and rows[0][0])
+
+    def set_percent(self, percent: float) -> bool:
+        """Store this step's progress now, clamped to 0..100.
+
+        Every process reading ``Job.percent`` sees it while the step runs;
+        when the step ends, the percent of the next stored call (100 when
+        done) replaces it.  Returns False, storing nothing, when this step
+        no longer holds its job (its lease was lost, or the job finished).
+
+        Raises:
+            TypeError: ``percent`` is not a number.
+            ValueError: ``percent`` is NaN or infinite.
+        """
+        if isinstance(percent, bool) or not isinstance(percent,
+                                                       (int, float)):
+            raise TypeError(f"percent must be a number, got {percent!r}")
+        if not math.isfinite(percent):
+            raise ValueError(f"percent must be finite, got {percent!r}")
+        store = self._q._store
+        params = {"id": self.id, "token": self._token,
+                  "percent": float(min(100.0, max(0.0, percent)))}
+
+        def body(conn: sqlite3.Connection) -> int:
+            params["now"] = store.clock()
+            return _execute(conn, _SQL_SET_PERCENT, params).rowcount
+
+        return bool(store.write(body))
 
 
 

@@ -2274,6 +2274,89 @@ def test_current_job_describes_the_running_step(q):
     assert liteq.current_job() is None
 
 
+def step_progress(percent):
+    """Set ``percent`` from inside the step, wait at the gate, set again."""
+    job = liteq.current_job()
+    LOG.append(job.set_percent(percent))
+    GATE.entered.release()
+    assert GATE.go.wait(DEADLINE)
+    LOG.append(job.set_percent(percent + 10))
+    return "reported"
+
+
+def test_set_percent_is_seen_from_another_connection_while_the_step_runs(
+        q, start_worker):
+    register(q, step_progress)
+    job = T.step_progress.delay(50)
+    assert job.percent is None
+    start_worker(q)
+    GATE.wait_entered()
+    with liteq.Queue(q.path) as other:  # as another process would read it
+        assert other.get(job.id).percent == 50.0
+        assert other.get(job.id).status == "running"
+    GATE.go.set()
+    assert job.result(timeout=DEADLINE) == "reported"
+    assert LOG == [True, True]
+    assert job.percent == 100.0  # done: the stored outcome takes over
+
+
+def test_set_percent_of_a_stale_step_is_refused(q, start_worker):
+    register(q, step_progress)
+    job = T.step_progress.delay(20)
+    start_worker(q)
+    GATE.wait_entered()
+    conn = sqlite3.connect(q.path)  # another worker claims the job
+    with conn:
+        conn.execute("UPDATE liteq_jobs SET token = token + ? WHERE id = ?",
+                     (2**20, job.id))
+    conn.close()
+    GATE.go.set()
+    deadline = time.monotonic() + DEADLINE
+    while len(LOG) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert LOG == [True, False]
+    assert job.percent == 20.0  # the stale step's 30 was not stored
+
+
+def clamped_progress(values):
+    job = liteq.current_job()
+    for value in values:
+        job.set_percent(value)
+        LOG.append(job.percent)
+    for bad, error in ((math.nan, ValueError), (math.inf, ValueError),
+                       ("50", TypeError), (None, TypeError),
+                       (True, TypeError)):
+        with pytest.raises(error, match="percent"):
+            job.set_percent(bad)
+    return "ok"
+
+
+def test_set_percent_clamps_and_refuses_what_is_not_a_finite_number(q):
+    register(q, clamped_progress)
+    job = T.clamped_progress.delay([250, -3, 12.5, 7])
+    run_all(liteq.Worker(q))
+    assert job.result(timeout=5) == "ok"
+    assert LOG == [100.0, 0.0, 12.5, 7.0]
+
+
+def progress_steps(n):
+    """Set a percent in each of n steps, noting whether it was stored."""
+    job = liteq.current_job()
+    LOG.append((job.set_percent(100 - n), job.percent))
+    return T.progress_steps(n - 1) if n else "done"
+
+
+def test_set_percent_holds_in_steps_run_before_their_claim_is_written(
+        q, hand):
+    register(q, progress_steps,
+             percent=lambda n: 200)  # clamped: 100 once a step is stored
+    worker = hand(**DEFER)  # steps continue in place, nothing written
+    job = T.progress_steps.delay(3)
+    worker.turn_until_idle()
+    assert LOG == [(True, 97.0), (True, 98.0), (True, 99.0), (True, 100.0)]
+    assert job.status == "done" and job.percent == 100.0
+
+
 def test_error_classes_form_one_tree():
     for cls in (liteq.TaskFailed, liteq.TaskCancelled, liteq.JobNotFound,
                 liteq.Busy, liteq.StorageError, liteq.SchemaError):
