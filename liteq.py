@@ -3130,6 +3130,7 @@ class _WorkerThread:
         self.stop_by: float | None = None
         self.fault = crew.write_fault
         self.poke = crew.housekeeper.poke
+        self.progress = _ProgressLog()
 
     # The loop ----------------------------------------------------------------
 
@@ -3532,6 +3533,7 @@ class _WorkerThread:
         for outcome, row in zip(outcomes, rows):
             first_loss = row is None and self.note_lost(outcome.step)
             _log_outcome(outcome, row, first_loss)
+            self.progress.note(outcome, row)
             status = row[0] if isinstance(row, tuple) else None
             if status in _FINISHED:
                 finished += 1
@@ -3618,6 +3620,52 @@ class _WorkerThread:
         return False
 
 
+class _ProgressLog:
+    """When a worker thread last logged the progress line of each job
+    whose steps keep going, so that it logs one per ``every`` seconds of
+    the pacing clock at most.  It forgets a job when it finishes, and the
+    least recently seen ones past ``size`` (their steps went elsewhere)."""
+
+    every = 10.0  # seconds between two progress lines of one job
+    size = 1024  # jobs remembered
+
+    def __init__(self) -> None:
+        # Guards _jobs: the thread and a rescue (see
+        # _WorkerThread.rescue) both log outcomes.
+        self._lock = threading.Lock()
+        # job id -> (when this thread first ran a step of it, when it
+        # last logged its line), on the pacing clock.
+        self._jobs: collections.OrderedDict[int, tuple[float, float]] = \
+            collections.OrderedDict()
+
+    def note(self, outcome: _Outcome, row: Any) -> None:
+        """Log the progress line of a written outcome's job, if due."""
+        step = outcome.step
+        status = row[0] if isinstance(row, tuple) else None
+        if (row is None or status == _CANCELLED
+                or outcome.kind not in ("continue", "continue_here")):
+            if status != _RUNNING and self._jobs:  # a retry: running
+                with self._lock:
+                    self._jobs.pop(step.id, None)
+            return
+        now = outcome.ended
+        with self._lock:
+            first, last = self._jobs.pop(step.id, (step.began, step.began))
+            due = now - last >= self.every
+            self._jobs[step.id] = (first, now if due else last)
+            if len(self._jobs) > self.size:
+                self._jobs.popitem(last=False)
+        if not due:
+            return
+        if outcome.percent is None:
+            logger.info("job %d running: step %d of %s (%.0f s)", step.id,
+                        step.number + 1, outcome.current, now - first)
+        else:
+            logger.info("job %d running: step %d of %s, %.0f%% (%.0f s)",
+                        step.id, step.number + 1, outcome.current,
+                        outcome.percent, now - first)
+
+
 def _log_outcome(outcome: _Outcome, row: Any, first_loss: bool) -> None:
     """Log a written outcome; ``first_loss``: no lost lease of its step
     was logged yet."""
@@ -3637,9 +3685,9 @@ def _log_outcome(outcome: _Outcome, row: Any, first_loss: bool) -> None:
     status = row[0] if isinstance(row, tuple) else None
     if status == _CANCELLED:
         logger.info("job %d cancelled", step.id)
-    elif outcome.kind == "continue":
-        logger.info("job %d continued: step %d of %s done, next %s",
-                    step.id, step.number, step.current, outcome.current)
+    elif outcome.kind in ("continue", "continue_here"):
+        logger.debug("job %d continued: step %d of %s done, next %s",
+                     step.id, step.number, step.current, outcome.current)
     elif outcome.kind == "done":
         logger.info("job %d done", step.id)
     elif outcome.kind == "retry" and status != _FAILED:

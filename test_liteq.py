@@ -3055,6 +3055,57 @@ def ready_of(queue, job):
         conn.close()
 
 
+def paced_steps(n):
+    """Take 3 s of the hand worker's pacing clock, then continue n times."""
+    FLAGS["pace"].advance(3)
+    return T.paced_steps(n - 1) if n else "done"
+
+
+def messages(caplog, part, level=None):
+    return [r.getMessage() for r in caplog.records if part in r.getMessage()
+            and (level is None or r.levelno == level)]
+
+
+def test_a_job_whose_steps_keep_going_logs_progress_every_10_s(
+        q, hand, caplog):
+    caplog.set_level(logging.DEBUG, logger="liteq")
+    register(q, paced_steps, percent=lambda n: 100 * (12 - n) / 12)
+    worker = hand()
+    FLAGS["pace"] = worker.pace
+    job = T.paced_steps.delay(12)  # 13 steps of 3 s each
+    worker.turn_until_idle()
+    assert job.status == "done"
+    name = stored(paced_steps)
+    assert messages(caplog, " running: ") == [
+        f"job {job.id} running: step 5 of {name}, 33% (12 s)",
+        f"job {job.id} running: step 9 of {name}, 67% (24 s)",
+        f"job {job.id} running: step 13 of {name}, 100% (36 s)"]
+    assert messages(caplog, " running: ", logging.INFO) == messages(
+        caplog, " running: ")
+    # Every step that continued says so at DEBUG, in place or not.
+    assert len(messages(caplog, "continued", logging.DEBUG)) == 12
+    assert messages(caplog, "continued", logging.INFO) == []
+    assert not worker.thread.progress._jobs  # forgotten once done
+
+
+def test_progress_lines_leave_out_an_unknown_percent_and_count_waits(
+        q, hand, caplog):
+    caplog.set_level(logging.INFO, logger="liteq")
+    register(q, paced_steps)  # no percent function
+    worker = hand()
+    FLAGS["pace"] = worker.pace
+    job = T.paced_steps.delay(4)  # continues at 3, 6, 9 and 12 s
+    # Its steps take no time, but it waits in line behind the other job's:
+    # it too is still running 12 s after its first step.
+    quick = T.wait.delay(5)
+    worker.turn_until_idle()
+    assert (job.status, quick.status) == ("done", "done")
+    assert messages(caplog, " running: ") == [
+        f"job {job.id} running: step 5 of {stored(paced_steps)} (12 s)",
+        f"job {quick.id} running: step 6 of {stored(wait)} (12 s)"]
+    assert messages(caplog, "continued") == []  # DEBUG only
+
+
 def test_a_thread_defers_after_a_streak_of_short_steps(q, hand):
     worker = hand(streak=3, batch=8, group_age=3600.0)
     jobs = [T.observe.delay(i) for i in range(20)]
