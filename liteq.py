@@ -2665,19 +2665,18 @@ def _run_step(step: _Step, queue: Queue) -> _Outcome:
     open); ``current_job()`` is its job while the function runs."""
     try:
         call = _decode_call(step.call)
-        fn = _PROCESS.tasks.get(call.name)
-        if fn is None:
-            raise LookupError(f"unknown task {call.name!r}: not "
-                              f"registered in this worker")
-        args, kwargs = fn._bind_stored(call.args, call.kwargs)
-    except (LookupError, TypeError, ValueError) as exc:
-        logger.error("job %d: %s", step.id, exc)
-        return _Outcome(step, "fail", error=str(exc))
     except Exception as exc:  # a row no liteq wrote: fail the job only
-        error = (f"stored row of job {step.id} is malformed: "
-                 f"{type(exc).__name__}: {exc}")
-        logger.error("%s", error)
-        return _Outcome(step, "fail", error=error)
+        return _malformed_step(step, exc)
+    fn = _PROCESS.tasks.get(call.name)
+    if fn is None:
+        return _step_refused(step, f"unknown task {call.name!r}: not "
+                                   f"registered in this worker")
+    try:
+        args, kwargs = fn._bind_stored(call.args, call.kwargs)
+    except TypeError as exc:  # the task's signature changed since
+        return _step_refused(step, str(exc))
+    except Exception as exc:
+        return _malformed_step(step, exc)
     _PROCESS.current.job = _CurrentJob(queue, step.id, step.number, step.attempt,
                                step.token)
     try:
@@ -2689,6 +2688,27 @@ def _run_step(step: _Step, queue: Queue) -> _Outcome:
     finally:
         _PROCESS.current.job = None
     return _finished_step(step, call, value, queue.max_payload)
+
+
+def _step_refused(step: _Step, error: str) -> _Outcome:
+    """Fail the job without running its step: retrying cannot help."""
+    logger.error("job %d: %s", step.id, error)
+    return _Outcome(step, "fail", error=error)
+
+
+def _malformed_step(step: _Step, exc: Exception) -> _Outcome:
+    # _decode_call's ValueError names where the call is wrong; any other
+    # error in reading a row is named by its type.
+    problem = (str(exc) if type(exc) is ValueError
+               else f"{type(exc).__name__}: {exc}")
+    error = _malformed_row(step.id, problem)
+    logger.error("%s", error)
+    return _Outcome(step, "fail", error=error)
+
+
+def _malformed_row(job_id: int, problem: str) -> str:
+    """The error of a job whose stored row liteq cannot have written."""
+    return f"stored row of job {job_id} is malformed: {problem}"
 
 
 def _failed_step(step: _Step, fn: TaskFunction, error: str) -> _Outcome:
@@ -2711,9 +2731,11 @@ def _finished_step(step: _Step, call: Task, value: Any,
         if follow._then or (fn is not None and fn.percent is not None):
             follow = deserialize_task(_parse(text))  # as stored
         percent = follow.percent()
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # e.g. a value whose methods raise
+        problem = (str(exc) if isinstance(exc, (TypeError, ValueError))
+                   else f"{type(exc).__name__}: {exc}")
         error = f"task {call.name!r} returned a value liteq cannot " \
-                f"store: {exc}"
+                f"store: {problem}"
         return _Outcome(step, "fail", error=error)
     return _Outcome(step, "continue", text, follow.name, percent)
 

@@ -5989,3 +5989,87 @@ def test_a_full_or_closed_stdout_exits_1_with_one_line(tmp_path):
         assert (out.returncode, out.stderr) == (
             1, "liteq: error: cannot write the output: standard output is "
                "closed\n"), command
+
+
+# The worker and rows changed outside liteq: a bad row fails its own job,
+# with an error naming what is wrong, and never the thread; no other job
+# waits on it.
+
+def _bad_update(path, job_id, assignments):
+    """``UPDATE liteq_jobs SET <assignments>`` for one job behind liteq's
+    back: SQL, for values no parameter holds (text that is not UTF-8)."""
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute(f"UPDATE liteq_jobs SET {assignments} WHERE id = ?",
+                     (job_id,))
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def _bad_outcome(queue, job_id):
+    return queue._store.read(
+        "SELECT status, error, ready, timer, worker, finished_at IS NOT NULL"
+        " FROM liteq_jobs WHERE id = ?", (job_id,))[0]
+
+
+#: Stored calls liteq cannot have written: (call, its problem).
+_BAD_CALLS = {
+    "dict-tag-list": (
+        '{"__task__": "ADD", "args": [{"__dict__": [1]}], "kwargs": {}}',
+        "call.args[0] is not in liteq's format: a '__dict__' object must "
+        "have that one key, holding a JSON object"),
+    "frame-done-negative": (
+        '{"__task__": "ADD", "args": [1, 2], "kwargs": {}, "then": [{'
+        '"__task__": "liteq:chain", "args": [[]], "kwargs": {"done": -1}}]}',
+        "call.then[0] is a liteq:chain call whose kwargs must be {'done': "
+        "an int >= 0}, got {'done': -1}"),
+    "frame-args-number": (
+        '{"__task__": "ADD", "args": [1, 2], "kwargs": {}, "then": [{'
+        '"__task__": "liteq:chain", "args": [5], "kwargs": {"done": 1}}]}',
+        "call.then[0] is a liteq:chain call whose args must be [a list of "
+        "serialized tasks], got [5]"),
+    "deep": ("[" * 100_000 + "]" * 100_000,
+             "call is JSON nested too deeply to read"),
+    "nan": ('{"__task__": "ADD", "args": [NaN], "kwargs": {}}',
+            "call holds NaN, which liteq never stores"),
+}
+
+
+@pytest.mark.parametrize("pace", [{}, DEFER], ids=["steady", "deferred"])
+@pytest.mark.parametrize("case", sorted(_BAD_CALLS))
+def test_a_malformed_stored_call_fails_its_job_at_once_naming_the_row(
+        q, hand, caplog, case, pace):
+    caplog.set_level(logging.INFO, logger="liteq")
+    register(q, add, retries=3, retry_delay=0)
+    text, problem = _BAD_CALLS[case]
+    jobs = [T.add.delay(i, i) for i in range(5)]
+    bad = jobs.pop(2)
+    _bad_tamper(q.path, bad.id, "call", text.replace("ADD", stored(add)))
+    worker = hand(**pace)
+    assert worker.turn_until_idle() > 0
+    assert [job.status for job in jobs] == ["done"] * 4
+    error = f"stored row of job {bad.id} is malformed: {problem}"
+    assert _bad_outcome(q, bad.id) == ("failed", error, None, None, None, 1)
+    assert bad.attempts == 1  # no retry: it cannot help
+    errors = [r.getMessage() for r in caplog.records
+              if r.levelno >= logging.ERROR]
+    assert errors == [error]
+    assert "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize("call, error", [
+    ('{"__task__": "os:system", "args": ["true"], "kwargs": {}}',
+     "unknown task 'os:system': not registered in this worker"),
+    ('{"__task__": "ADD", "args": [1], "kwargs": {}}',
+     "task 'ADD' cannot take its stored arguments: missing a required "
+     "argument: 'b'"),
+], ids=["unknown-task", "signature-changed"])
+def test_an_unknown_task_or_a_changed_signature_keeps_its_own_error(
+        q, hand, call, error):
+    register(q, add, retries=3, retry_delay=0)
+    job = T.add.delay(1, 2)
+    _bad_tamper(q.path, job.id, "call", call.replace("ADD", stored(add)))
+    hand().turn_until_idle()
+    assert (job.status, job.error, job.attempts) == (
+        "failed", error.replace("ADD", stored(add)), 1)
