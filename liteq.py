@@ -572,6 +572,21 @@ def _dumps(value: Any) -> str:
     return text
 
 
+class _BadText(str):
+    """Text of a row that is not valid UTF-8 (only a write outside liteq
+    stores such text), its bad bytes shown as ``\\x`` escapes.  A store
+    reads text this way only when a first read failed on it (see
+    _tolerating); every reader of a row then sees what is wrong."""
+
+
+def _read_text(data: bytes) -> str:
+    """The text_factory of a tolerant read: UTF-8, or a _BadText."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return _BadText(data.decode("utf-8", "backslashreplace"))
+
+
 def _refuse_constant(name: str) -> Any:
     raise _Undecodable(f"holds {name}, which liteq never stores")
 
@@ -587,6 +602,8 @@ def _parse(text: str) -> Any:
     deep to read) raises _Undecodable.
     """
     if type(text) is not str:
+        if isinstance(text, _BadText):
+            raise _Undecodable("is text that is not valid UTF-8")
         kind = "a BLOB" if isinstance(text, bytes) else f"{text!r:.60}"
         raise _Undecodable(f"is {kind}, not JSON text")
     try:
@@ -1215,7 +1232,8 @@ class _Store:
                     _execute(conn, "ROLLBACK")
                 raise
 
-        return self._retry(lambda: self._using(attempt))
+        return self._retry(lambda: self._using(
+            lambda conn: _tolerating(conn, attempt)))
 
     def insert(self, sql: str, params: Any) -> int:
         """Run one schema-checked INSERT as its own transaction; its id.
@@ -1249,7 +1267,8 @@ class _Store:
                 self._check_header(conn)
             return body(conn)
 
-        return self._retry(lambda: self._using(attempt))
+        return self._retry(lambda: self._using(
+            lambda conn: _tolerating(conn, attempt)))
 
     def peek(self, sql: str, params: Any = ()) -> tuple | None:
         """One row of an advisory query; None if it failed."""
@@ -1285,6 +1304,31 @@ def _execute(conn: sqlite3.Connection, sql: str,
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("sql: %s %r", " ".join(sql.split()), params)
     return conn.execute(sql, params)
+
+
+# How the sqlite3 module says a TEXT value is not valid UTF-8.
+_UNDECODABLE = "Could not decode to UTF-8"
+
+
+def _tolerating(conn: sqlite3.Connection,
+                action: Callable[[Any], Any]) -> Any:
+    """``action(conn)``; if it read text that is not valid UTF-8, run it
+    again reading such text as a _BadText.
+
+    Only a row changed outside liteq holds such text, so the common case
+    costs nothing.  ``action`` must be safe to run again: a whole
+    transaction (rolled back when it failed), or reads.
+    """
+    try:
+        return action(conn)
+    except sqlite3.OperationalError as exc:
+        if not str(exc).startswith(_UNDECODABLE):
+            raise
+    conn.text_factory = _read_text
+    try:
+        return action(conn)
+    finally:
+        conn.text_factory = str
 
 
 def _execute_many(conn: sqlite3.Connection, sql: str,
@@ -2202,6 +2246,8 @@ _PUBLIC_FIELDS = ("id", "name", "current", "description", "queue",
 
 def _field_problem(key: str, value: Any) -> str | None:
     """What is wrong with a stored field for to_dict(), or None."""
+    if isinstance(value, _BadText):
+        return f"{key} is text that is not valid UTF-8"
     if key in ("id", "priority", "steps", "attempts"):
         ok, want = type(value) is int, "an integer"
     elif key == "percent":

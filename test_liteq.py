@@ -6073,3 +6073,26 @@ def test_an_unknown_task_or_a_changed_signature_keeps_its_own_error(
     hand().turn_until_idle()
     assert (job.status, job.error, job.attempts) == (
         "failed", error.replace("ADD", stored(add)), 1)
+
+
+def test_text_that_is_not_utf8_is_marked_in_listings_never_an_error(
+        q, capsys):
+    good, bad = T.add.delay(1, 2), T.add.delay(3, 4)
+    _bad_update(q.path, bad.id, "name = CAST(x'ff' AS TEXT), "
+                "error = CAST(x'c3' AS TEXT), queue = CAST(x'80' AS TEXT)")
+    jobs = {job.id: job.to_dict() for job in q.jobs()}
+    assert "unreadable" not in jobs[good.id]
+    assert jobs[bad.id]["unreadable"] == (
+        "name is text that is not valid UTF-8; queue is text that is not "
+        "valid UTF-8; error is text that is not valid UTF-8")
+    assert (jobs[bad.id]["name"], jobs[bad.id]["args"]) == (None, [3, 4])
+    assert bad.name == "\\xff"  # a field read shows the bad bytes
+    assert sum(q.counts().values()) == 2
+    assert liteq.main(["list", "--db", q.path]) == 0
+    assert "UNREADABLE: name is text that is not valid UTF-8" in \
+        capsys.readouterr().out
+    app = liteq.wsgi_app(q)
+    for route in ("/tasks", f"/tasks/{bad.id}", "/counts"):
+        status, _, body = _ops_call(app, _ops_environ(route))
+        assert status == "200 OK", (route, body)
+        json.loads(body)
