@@ -853,10 +853,16 @@ _SQL_LINE = """
 # Each claim takes a fresh block of _TOKEN_BLOCK tokens; the steps a
 # worker continues in place (below) count up inside it, so a step that
 # runs before its claim is written still has a token no other claim holds.
+# A token that is not an integer (a row changed outside liteq) is kept as
+# it is, for the worker to see and report (see _Claims.quarantine).
+_NEXT_TOKEN = f"""
+           token = CASE WHEN typeof(token) = 'integer'
+                        THEN ((token >> {_TOKEN_BITS}) + 1) << {_TOKEN_BITS}
+                        ELSE token END"""
+
 _SQL_CLAIM = f"""
     UPDATE liteq_jobs
-       SET token = ((token >> {_TOKEN_BITS}) + 1) << {_TOKEN_BITS},
-           ready = NULL, timer = ? + ?
+       SET {_NEXT_TOKEN}, ready = NULL, timer = ? + ?
      WHERE id IN ({{}})
  RETURNING id, current, call, token, attempts, steps, failures, priority
 """
@@ -864,17 +870,26 @@ _SQL_CLAIM = f"""
 # A thread that runs its steps one at a time (see Worker._may_defer)
 # claims the first step of one queue name and writes its start in one
 # statement: the same changes as _SQL_LINE, _SQL_CLAIM and _SQL_START.
-# It returns what _SQL_CLAIM returns (``attempts`` as it was before).
+# It returns what _SQL_CLAIM returns (``attempts`` as it was before),
+# then NULL.  A place in line or an ``attempts`` that is not an integer is
+# kept, like the token, and that last column is the place: for the worker
+# to see and report.
 _SQL_CLAIM_START = f"""
     UPDATE liteq_jobs
-       SET token = ((token >> {_TOKEN_BITS}) + 1) << {_TOKEN_BITS},
-           ready = NULL, timer = :now + :lease, max_lost = :max_lost,
-           status = 'running', attempts = attempts + 1, worker = :worker,
-           started_at = coalesce(started_at, :now), updated_at = :now
+       SET {_NEXT_TOKEN},
+           ready = CASE WHEN typeof(ready) = 'integer' THEN NULL
+                        ELSE ready END,
+           attempts = CASE WHEN typeof(attempts) = 'integer'
+                           THEN attempts + 1 ELSE attempts END,
+           timer = :now + :lease, max_lost = :max_lost, status = 'running',
+           worker = :worker, started_at = coalesce(started_at, :now),
+           updated_at = :now
      WHERE id = (SELECT id FROM liteq_jobs
                   WHERE queue = :queue AND ready IS NOT NULL
                   ORDER BY priority DESC, ready LIMIT 1)
- RETURNING id, current, call, token, attempts - 1, steps, failures, priority
+ RETURNING id, current, call, token,
+           CASE WHEN typeof(attempts) = 'integer' THEN attempts - 1
+                ELSE attempts END, steps, failures, priority, ready
 """
 
 _SQL_ADJUST_CLAIM = """
@@ -979,6 +994,28 @@ _SQL_LOSE = """
            error = :error, worker = NULL, timer = NULL, ready = NULL,
            lost = lost + 1, finished_at = :now, updated_at = :now
      WHERE id = :id
+"""
+
+# A row liteq cannot read as it writes it (a column the claim or a sweep
+# reads holds a value of the wrong type: see _Claims.quarantine) goes
+# out of line and, unless it finished already, fails.
+_UNFINISHED = "status = 'pending' OR status = 'running'"
+
+_SQL_QUARANTINE = f"""
+    UPDATE liteq_jobs
+       SET status = CASE WHEN {_UNFINISHED} THEN 'failed' ELSE status END,
+           error = CASE WHEN {_UNFINISHED} THEN :error ELSE error END,
+           finished_at = CASE WHEN {_UNFINISHED} THEN :now
+                              ELSE finished_at END,
+           ready = NULL, timer = NULL, worker = NULL, updated_at = :now
+     WHERE id = :id
+"""
+
+# A timer that is not a number (text or a BLOB) never comes due, and
+# min(timer) returns it when no number is there: such values sort after
+# every number, so the index finds them at its end.
+_SQL_SELECT_BAD_TIMERS = """
+    SELECT id, timer FROM liteq_jobs WHERE timer >= '' LIMIT 100
 """
 
 _SQL_CANCEL = """
@@ -2794,6 +2831,69 @@ def _task_limits(current: str) -> tuple[float, int]:
     return fn.lease, fn.max_lost
 
 
+# Rows changed outside liteq ------------------------------------------------
+#
+# liteq writes every row itself; a column holding a value of another type
+# (edited in the sqlite3 shell, another program) would make the claim or a
+# sweep fail for every job of the queue.  What the worker reads is checked
+# where it reads it, and such a row is quarantined: failed, with an error
+# naming the column, and taken out of line (see _Claims.quarantine).
+
+_MAX_COUNT = 2**62  # beyond it, a count + 1 may not fit back in SQLite
+
+# What the worker reads of a row: each column with what it must hold.
+_CLAIMED = (("id", "integer"), ("current", "text"), ("call", "text"),
+            ("token", "integer"), ("attempts", "count"), ("steps", "count"),
+            ("failures", "count"), ("priority", "integer"))
+_CLAIMED_STARTED = _CLAIMED + (("ready", "cleared"),)
+_IN_LINE = (("id", "integer"), ("priority", "integer"), ("ready", "integer"))
+_DUE = (("id", "integer"), ("current", "text"), ("worker", "text or NULL"),
+        ("lost", "count"), ("max_lost", "count"))
+_TIMER = (("id", "integer"), ("timer", "a number"))
+
+_WANTED = {"integer": "an integer", "count": "an integer", "text": "text",
+           "text or NULL": "text or NULL", "a number": "a number",
+           "cleared": "an integer"}
+
+
+def _claimed_sound(row: tuple) -> bool:
+    """Whether a row _SQL_CLAIM returned holds what liteq writes: the
+    claim's quick check of _CLAIMED (_row_problem says what is wrong)."""
+    current, call, token, attempts, steps, failures, priority = row[1:8]
+    return (type(current) is str and type(call) is str
+            and type(token) is int and type(priority) is int
+            and type(attempts) is int and type(steps) is int
+            and type(failures) is int and 0 <= attempts <= _MAX_COUNT
+            and 0 <= steps <= _MAX_COUNT and 0 <= failures <= _MAX_COUNT)
+
+
+def _row_problem(row: tuple, columns: tuple) -> str | None:
+    """What is wrong with a row the worker read, naming the column; None
+    if each column holds what liteq writes there."""
+    for value, (column, kind) in zip(row, columns):
+        if kind == "text":
+            ok = type(value) is str  # not a _BadText
+        elif kind == "text or NULL":
+            ok = value is None or type(value) is str
+        elif kind == "a number":
+            ok = type(value) in (int, float)
+        elif kind == "cleared":  # see _SQL_CLAIM_START
+            ok = value is None
+        else:
+            ok = type(value) is int
+        if ok and kind == "count" and not 0 <= value <= _MAX_COUNT:
+            return (f"column {column} holds {value}, not an integer from 0 "
+                    f"to 2**62")
+        if ok:
+            continue
+        if isinstance(value, _BadText):
+            return f"column {column} holds text that is not valid UTF-8"
+        shown = ("NULL" if value is None else "a BLOB"
+                 if isinstance(value, bytes) else f"{value!r:.60}")
+        return f"column {column} holds {shown}, not {_WANTED[kind]}"
+    return None
+
+
 # The statements a worker sends -------------------------------------------
 
 
@@ -2802,7 +2902,8 @@ class _Claims:
     connection and returns what it found.
 
     Two places are meant to grow.  ``sweeps`` are the things that come
-    due with time, each a method ``(conn, now) -> jobs finished``, run by
+    due with time, each a method ``(self, conn, now) -> jobs finished``
+    (those it quarantined are counted in ``quarantined`` instead), run by
     ``sweep`` in the claim transaction.  ``rules`` decide whether a job in
     line may start now, each ``(conn, now, line) -> line`` keeping the
     rows that may; the claim runs them between reading the line and
@@ -2814,24 +2915,60 @@ class _Claims:
         #: ``host:pid``, written in ``worker`` while a step runs.
         self.identity = identity
         self.queues, self.tuning = queues, tuning
-        self.sweeps: tuple[Callable[[Any, float], int], ...] = (
-            self.wake_timers,)
         self.rules: tuple[Callable[[Any, float, list], list], ...] = ()
         self._in_queues = ",".join("?" * len(queues))
+        #: How many rows this worker quarantined (see quarantine()).
+        self.quarantined = 0
+        # Guards quarantined and _reported: threads share these claims.
+        self._lock = threading.Lock()
+        self._reported: set[tuple[int, str]] = set()
+
+    # Rows changed outside liteq ---------------------------------------------
+
+    def quarantine(self, conn: sqlite3.Connection, now: float, job_id: int,
+                   problem: str) -> None:
+        """Fail a job whose row liteq cannot have written, out of line, with
+        an error naming the column; logged once at ERROR (a transaction
+        that is tried again quarantines it again, silently)."""
+        error = _malformed_row(job_id, problem)
+        with self._lock:
+            self.quarantined += 1
+            first = (job_id, problem) not in self._reported
+            self._reported.add((job_id, problem))
+        if first:
+            logger.error("%s; the job failed", error)
+        _execute(conn, _SQL_QUARANTINE, {"id": job_id, "error": error,
+                                         "now": now})
+
+    def _sound(self, conn: sqlite3.Connection, now: float, rows: list,
+               columns: tuple) -> list:
+        """The rows that hold what liteq writes; the others quarantined."""
+        sound = []
+        for row in rows:
+            problem = _row_problem(row, columns)
+            if problem is None:
+                sound.append(row)
+            else:
+                self.quarantine(conn, now, row[0], problem)
+        return sound
 
     # Things that come due -------------------------------------------------
 
     def sweep(self, conn: sqlite3.Connection, now: float) -> int:
         """Run every sweep; how many jobs they finished."""
-        return sum(sweep(conn, now) for sweep in self.sweeps)
+        return sum(sweep(self, conn, now) for sweep in self.sweeps)
 
     def wake_timers(self, conn: sqlite3.Connection, now: float) -> int:
         """Put jobs whose timer is due in line: etas, retries, and claims
         and leases that expired.  A step counts as lost only if its start
         was written: a claim that lapsed before ran nothing anyone saw."""
         finished = 0
-        for job_id, current, worker, lost, max_lost, cancel in _execute(
-                conn, _SQL_SELECT_DUE, (now,)).fetchall():
+        for row in _execute(conn, _SQL_SELECT_DUE, (now,)).fetchall():
+            problem = _row_problem(row, _DUE)  # ``cancel`` is any truth
+            if problem is not None:
+                self.quarantine(conn, now, row[0], problem)
+                continue
+            job_id, current, worker, lost, max_lost, cancel = row
             params = {"id": job_id, "now": now, "lost": 0}
             if worker is not None:
                 params["lost"] = 1
@@ -2847,55 +2984,92 @@ class _Claims:
             _execute(conn, _SQL_MAKE_READY, params)
         return finished
 
+    def bad_timers(self, conn: sqlite3.Connection, now: float) -> int:
+        """Quarantine jobs whose timer is not a number: it would never come
+        due, and the next timer would not be a time."""
+        for row in _execute(conn, _SQL_SELECT_BAD_TIMERS).fetchall():
+            problem = _row_problem(row, _TIMER)
+            if problem is not None:  # always, as the query reads
+                self.quarantine(conn, now, row[0], problem)
+        return 0  # counted in ``quarantined``
+
     def next_due(self, conn: sqlite3.Connection) -> float | None:
-        """The store-clock time the next timer comes due, if any."""
-        return _execute(conn, _SQL_NEXT_TIMER).fetchone()[0]
+        """The store-clock time the next timer comes due, if any (None
+        also when the first is not a number: a sweep quarantines it)."""
+        due = _execute(conn, _SQL_NEXT_TIMER).fetchone()[0]
+        return due if type(due) in (int, float) else None
+
+    # Unbound, so that claims are freed as soon as dropped (no cycle).
+    sweeps: tuple[Callable[[Any, Any, float], int], ...] = (
+        bad_timers, wake_timers)
 
     # Claims -----------------------------------------------------------------
 
     def claim(self, conn: sqlite3.Connection, now: float, limit: int,
               start: bool, renewed: float) -> list[_Step]:
         """Claim up to ``limit`` steps in line order; with ``start`` (and
-        a limit of 1), write the start of the step claimed too."""
+        a limit of 1), write the start of the step claimed too.  Rows
+        changed outside liteq met on the way are quarantined."""
         if start and not self.rules and len(self.queues) == 1:
             return self.claim_started(conn, now, renewed)
-        line = self.line(conn, limit)
-        for rule in self.rules:
-            line = rule(conn, now, line)
-        if not line:
-            return []
         lease = self.tuning.hold
-        sql = _SQL_CLAIM.format(",".join("?" * len(line)))
-        rows = {row[0]: row for row in _execute(
-            conn, sql, (now, lease, *(row[0] for row in line)))}
-        steps = [_Step(rows[job_id], ready, _task_limits(rows[job_id][1]),
-                       lease, _AHEAD, renewed)
-                 for job_id, _, ready in line]
-        if start:  # a claim of this transaction: never refused
+        while True:
+            quarantined = self.quarantined
+            line = self.line(conn, now, limit)
+            for rule in self.rules:
+                line = rule(conn, now, line)
+            if not line:
+                return []
+            sql = _SQL_CLAIM.format(",".join("?" * len(line)))
+            rows = {row[0]: row for row in _execute(
+                conn, sql, (now, lease, *(row[0] for row in line))
+            ).fetchall() if _claimed_sound(row) or self._sound(
+                conn, now, [row], _CLAIMED)}
+            steps = [_Step(rows[job_id], ready,
+                           _task_limits(rows[job_id][1]), lease, _AHEAD,
+                           renewed)
+                     for job_id, _, ready in line if job_id in rows]
+            # Empty only if every row it met was quarantined: look again.
+            if steps or self.quarantined == quarantined:
+                break
+        if steps and start:  # a claim of this transaction: never refused
             self.start(conn, steps[0], now)
         return steps
 
-    def line(self, conn: sqlite3.Connection, limit: int) -> list[tuple]:
+    def line(self, conn: sqlite3.Connection, now: float,
+             limit: int) -> list[tuple]:
         """The first ``limit`` ready jobs: (id, priority, place)."""
         if len(self.queues) == 1:
-            return _execute(conn, _SQL_LINE,
+            rows = _execute(conn, _SQL_LINE,
                             (self.queues[0], limit)).fetchall()
+        else:
+            rows = [row for name in self.queues for row in _execute(
+                conn, _SQL_LINE, (name, limit)).fetchall()]
+        if not all(type(priority) is int and type(ready) is int
+                   for _, priority, ready in rows):
+            rows = self._sound(conn, now, rows, _IN_LINE)
+        if len(self.queues) == 1:
+            return rows
         # The index orders one queue name at a time: merge them here.
-        rows = [row for name in self.queues for row in _execute(
-            conn, _SQL_LINE, (name, limit)).fetchall()]
         return sorted(rows, key=lambda row: (-row[1], row[2]))[:limit]
 
     def claim_started(self, conn: sqlite3.Connection, now: float,
                       renewed: float) -> list[_Step]:
         """Claim the first ready step of our one queue name, started, in
         one statement (it writes the default lease; a task with its own
-        is adjusted after)."""
+        is adjusted after).  A row changed outside liteq is quarantined,
+        and the next one claimed."""
         lease, max_lost = _TASK_DEFAULTS["lease"], _TASK_DEFAULTS["max_lost"]
-        row = _execute(conn, _SQL_CLAIM_START, {
-            "queue": self.queues[0], "now": now, "lease": lease,
-            "max_lost": max_lost, "worker": self.identity}).fetchone()
-        if row is None:
-            return []
+        while True:
+            row = _execute(conn, _SQL_CLAIM_START, {
+                "queue": self.queues[0], "now": now, "lease": lease,
+                "max_lost": max_lost, "worker": self.identity}).fetchone()
+            if row is None:
+                return []
+            if (row[8] is None and _claimed_sound(row)) or self._sound(
+                    conn, now, [row], _CLAIMED_STARTED):
+                break
+        row = row[:8]
         limits = _task_limits(row[1])
         if limits != (lease, max_lost):
             _execute(conn, _SQL_ADJUST_CLAIM, {
@@ -3460,14 +3634,16 @@ class _WorkerThread:
                   defer: bool) -> tuple[list[_Step], float | None, int]:
         """Claim, sweeping what came due first: every ``probe`` seconds
         while busy, and always before finding nothing."""
-        renewed = self.tick()
+        claims, renewed = self.claims, self.tick()
+        quarantined = claims.quarantined
         swept = now >= self.next_sweep
-        finished = self.claims.sweep(conn, now) if swept else 0
-        batch = self.claims.claim(conn, now, limit, not defer, renewed)
+        finished = claims.sweep(conn, now) if swept else 0
+        batch = claims.claim(conn, now, limit, not defer, renewed)
         if not batch and not swept:
-            finished += self.claims.sweep(conn, now)
+            finished += claims.sweep(conn, now)
             swept = True
-            batch = self.claims.claim(conn, now, limit, not defer, renewed)
+            batch = claims.claim(conn, now, limit, not defer, renewed)
+        finished += claims.quarantined - quarantined
         if swept:
             self.next_sweep = now + self.tuning.probe
         due = None if batch else self.claims.next_due(conn)
@@ -3872,7 +4048,9 @@ class _Lead:
         lead before looking again."""
         hold = tuning.follow_look
         for count, since in loads:
-            if since is None or since > now:
+            # A time that is not a number (a row changed outside liteq)
+            # says nothing of how long the line waits.
+            if type(since) not in (int, float) or since > now:
                 continue
             if count >= tuning.follow_load or (
                     count and now - since >= tuning.follow_wait):

@@ -6096,3 +6096,107 @@ def test_text_that_is_not_utf8_is_marked_in_listings_never_an_error(
         status, _, body = _ops_call(app, _ops_environ(route))
         assert status == "200 OK", (route, body)
         json.loads(body)
+
+
+#: Columns the claim or a sweep reads, changed outside liteq: the SET
+#: clause, and what the job's error says after "column " (None: the
+#: worker does not read it and the job runs).  A job whose timer is due
+#: while a worker holds it is one whose lease expired.
+_EXPIRED = "status = 'running', worker = 'gone:1', ready = NULL, timer = 0"
+_BAD_COLUMNS = {
+    "steps-text": ("steps = 'many'", "steps holds 'many', not an integer"),
+    "attempts-text": ("attempts = 'x'",
+                      "attempts holds 'x', not an integer"),
+    "attempts-negative": ("attempts = -1", "attempts holds -1, not an "
+                                           "integer from 0 to 2**62"),
+    "failures-text": ("failures = 'x'",
+                      "failures holds 'x', not an integer"),
+    "failures-real": ("failures = 0.5",
+                      "failures holds 0.5, not an integer"),
+    "priority-text": ("priority = 'high'",
+                      "priority holds 'high', not an integer"),
+    "priority-blob": ("priority = x'00'",
+                      "priority holds a BLOB, not an integer"),
+    "ready-text": ("ready = 'x'", "ready holds 'x', not an integer"),
+    "ready-real": ("ready = 1.5", "ready holds 1.5, not an integer"),
+    "token-text": ("token = 't'", "token holds 't', not an integer"),
+    "call-utf8": ("call = CAST(x'ff' AS TEXT)",
+                  "call holds text that is not valid UTF-8"),
+    "call-blob": ("call = x'7b7d'", "call holds a BLOB, not text"),
+    "current-utf8": ("current = CAST(x'ff' AS TEXT)",
+                     "current holds text that is not valid UTF-8"),
+    "current-blob": ("current = x'00'", "current holds a BLOB, not text"),
+    "name-utf8": ("name = CAST(x'ff' AS TEXT)", None),
+    "timer-text": ("ready = NULL, timer = 'soon'",
+                   "timer holds 'soon', not a number"),
+    "timer-blob": ("ready = NULL, timer = x'00'",
+                   "timer holds a BLOB, not a number"),
+    "lost-text": (f"{_EXPIRED}, lost = 'x'",
+                  "lost holds 'x', not an integer"),
+    "max-lost-text": (f"{_EXPIRED}, max_lost = 'x'",
+                      "max_lost holds 'x', not an integer"),
+    "worker-blob": ("status = 'running', worker = x'00', ready = NULL, "
+                    "timer = 0", "worker holds a BLOB, not text or NULL"),
+    "expired-current-utf8": (f"{_EXPIRED}, current = CAST(x'ff' AS TEXT)",
+                             "current holds text that is not valid UTF-8"),
+}
+
+
+@pytest.mark.parametrize("pace", [{}, DEFER], ids=["steady", "deferred"])
+@pytest.mark.parametrize("case", sorted(_BAD_COLUMNS))
+def test_a_bad_value_in_a_column_the_claim_reads_fails_only_its_job(
+        q, hand, caplog, case, pace):
+    caplog.set_level(logging.INFO, logger="liteq")
+    assignments, problem = _BAD_COLUMNS[case]
+    jobs = [T.add.delay(i, i) for i in range(5)]
+    bad = jobs.pop(2)
+    _bad_update(q.path, bad.id, assignments)
+    worker = hand(**pace)
+    assert worker.turn_until_idle() > 0
+    assert [job.status for job in jobs] == ["done"] * 4
+    errors = [r.getMessage() for r in caplog.records
+              if r.levelno >= logging.ERROR]
+    if problem is None:
+        assert _bad_outcome(q, bad.id)[0] == "done"
+        assert errors == []
+        return
+    error = f"stored row of job {bad.id} is malformed: column {problem}"
+    assert _bad_outcome(q, bad.id) == ("failed", error, None, None, None, 1)
+    assert errors == [f"{error}; the job failed"]  # once
+    assert "Traceback" not in caplog.text
+    # Quarantined: later turns and later jobs never meet it again.
+    later = T.add.delay(7, 7)
+    assert worker.turn_until_idle() > 0
+    assert later.status == "done"
+    assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) \
+        == 1
+
+
+def test_bad_rows_of_every_kind_at_once_never_hold_up_the_line(q, hand,
+                                                               caplog):
+    caplog.set_level(logging.INFO, logger="liteq")
+    good = [T.add.delay(i, i).id for i in range(3)]
+    bad = {}
+    for case, (assignments, problem) in sorted(_BAD_COLUMNS.items()):
+        bad[case] = T.add.delay(1, 1).id
+        _bad_update(q.path, bad[case], assignments)
+    good += [T.add.delay(i, i).id for i in range(3)]
+    worker = hand(threads=1, batch=4)
+    assert worker.turn_until_idle() > 0
+    assert [q.get(i).status for i in good] == ["done"] * 6
+    for case, job_id in bad.items():
+        status, error = _bad_outcome(q, job_id)[:2]
+        if _BAD_COLUMNS[case][1] is None:
+            assert status == "done", case
+        else:
+            assert (status, error) == ("failed", f"stored row of job "
+                                       f"{job_id} is malformed: column "
+                                       f"{_BAD_COLUMNS[case][1]}"), case
+    assert "Traceback" not in caplog.text
+
+
+def test_a_follower_reads_a_bad_eta_in_line_as_no_wait():
+    tuning = liteq._Tuning()
+    assert liteq._Lead.hold([(3, "x"), (1, b"\x00"), (1, None)], 100.0,
+                            tuning) == tuning.follow_look
+    assert liteq._Lead.hold([(3, "x"), (1, 10.0)], 100.0, tuning) is None
