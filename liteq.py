@@ -3262,7 +3262,13 @@ class _WorkerThread:
     # The loop -----------------------------------------------------------------
 
     def run(self) -> None:
-        """The thread's body: turn until the worker stops."""
+        """The thread's body: turn until the worker stops.
+
+        An error no turn expects is logged (with its traceback the first
+        time, see _Fault) and the thread goes on.  If even that fails, the
+        thread cannot go on: it stops the whole worker, which then exits
+        with status 1 (``run_forever`` raises), never dies silently.
+        """
         try:
             while True:
                 try:
@@ -3271,10 +3277,11 @@ class _WorkerThread:
                         return
                     if pause > 0:
                         self.wait(pause)
-                except Exception:  # a bug of ours: the thread goes on
-                    logger.exception("worker thread %s: unexpected error",
-                                     self.name)
-                    self.stopping.wait(self.fault.failed(None))
+                except Exception as exc:  # a bug of ours: the thread goes on
+                    self.stopping.wait(self.crew.bugs.met(exc))
+        except BaseException as exc:
+            self.crew.die(f"worker thread {self.name} ended: "
+                          f"{type(exc).__name__}: {exc}")
         finally:
             if self.bell is not None:
                 self.bell.close()
@@ -3286,26 +3293,31 @@ class _WorkerThread:
         self.generation = self.wakeups.generation
         self.listen = True
         try:
-            if self.stopping.is_set():
-                return self._finish()
-            step = self._next_ahead()
-            if step is not None:
-                return self._run_ahead(step)
-            return self._claim_or_wait(now)
+            pause = self._turn(now)
         except SchemaError as exc:
             self.crew.die(str(exc))
             return None  # what it holds is left to its leases
         except Error as exc:  # Busy, StorageError: keep trying
             self.listen = False
             return self.fault.failed(exc)
-        except Exception:  # a bug of ours: the thread goes on
+        except Exception as exc:  # a bug of ours: the thread goes on
+            # What it held is dropped (its steps run again after their
+            # leases): an outcome that cannot be written would otherwise
+            # fail every turn.
             self.listen = False
-            logger.exception("worker thread %s: unexpected error; the "
-                             "outcomes it held are dropped and their steps"
-                             " will run again", self.name)
             with self.lock:
                 self.pending = []
-            return self.fault.failed(None)
+            return self.crew.bugs.met(exc)
+        self.crew.bugs.ok()
+        return pause
+
+    def _turn(self, now: float) -> float | None:
+        if self.stopping.is_set():
+            return self._finish()
+        step = self._next_ahead()
+        if step is not None:
+            return self._run_ahead(step)
+        return self._claim_or_wait(now)
 
     def _next_ahead(self) -> _Step | None:
         with self.lock:
@@ -3819,12 +3831,20 @@ class _Housekeeper:
                 self._condition.notify_all()
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # it cannot go on: nor can the worker
+            self.crew.die(f"the worker's housekeeper ended: "
+                          f"{type(exc).__name__}: {exc}")
+
+    def _loop(self) -> None:
         while True:
             now = self.tick()
             try:
                 wake = now + self.run_once(now)
-            except Exception:  # a bug of ours: the thread goes on
-                logger.exception("worker housekeeper: unexpected error")
+                self.crew.chore_bugs.ok()
+            except Exception as exc:  # a bug of ours: the thread goes on
+                self.crew.chore_bugs.met(exc)
                 wake = now + 1.0
             with self._condition:
                 if self._stop:
@@ -3981,6 +4001,58 @@ class _Fault:
                 logger.warning("%s: works again after %d failure(s) in "
                                "%.1fs", self.what, count,
                                self.tick() - self._since)
+
+
+class _Bugs:
+    """Errors of liteq's own that a thread met and went on from.  Each
+    kind (type and place) is logged at ERROR with its traceback the first
+    time; repeats are counted and reported at most every 10 s (doubling
+    up to 5 min), so a bug met on every turn never floods the log.
+    ``met()`` gives the backoff before the next turn.  Threads share one.
+    """
+
+    def __init__(self, what: str,
+                 tick: Callable[[], float] = time.monotonic) -> None:
+        self.what, self.tick = what, tick
+        self._lock = threading.Lock()  # guards the fields below
+        self.count = 0  # met in a row: the backoff grows with it
+        self._seen: set[tuple] = set()
+        self._repeats = 0  # not reported yet
+        self._every, self._next_report = 10.0, -math.inf
+
+    def met(self, exc: BaseException) -> float:
+        """Note one error; seconds to wait before going on."""
+        frames = traceback.extract_tb(exc.__traceback__)
+        kind = (type(exc), frames[-1].filename, frames[-1].lineno) \
+            if frames else (type(exc),)
+        with self._lock:
+            self.count += 1
+            count, now = self.count, self.tick()
+            first = kind not in self._seen
+            if first:
+                self._seen.add(kind)
+                self._next_report = max(self._next_report, now + 10.0)
+            else:
+                self._repeats += 1
+            report = not first and now >= self._next_report
+            if report:
+                repeats, self._repeats = self._repeats, 0
+                self._next_report = now + self._every
+                self._every = min(self._every * 2, 300.0)
+        if first:
+            logger.error("%s: %s: %s", self.what, type(exc).__name__, exc,
+                         exc_info=exc)
+        elif report:
+            logger.error("%s: %s: %s (%d time(s) since the last report; "
+                         "its traceback was logged the first time)",
+                         self.what, type(exc).__name__, exc, repeats)
+        return min(0.05 * 2 ** min(count, 6), 2.0) * (
+            0.5 + random.random() / 2)
+
+    def ok(self) -> None:
+        """Note a turn that went well: the backoff starts again."""
+        if self.count:
+            self.count = 0
 
 
 class _Lead:
@@ -4191,6 +4263,18 @@ class _WalWatch:
 # ---------------------------------------------------------------------------
 
 
+class _NoHousekeeper:
+    """The housekeeper of a crew that has none (Worker.run_once, whose one
+    step is written before it returns): nothing to renew or rescue."""
+
+    @staticmethod
+    def poke(within: float, period: bool = False) -> None:
+        pass
+
+
+_NO_HOUSEKEEPER = _NoHousekeeper()
+
+
 class _Crew:
     """What the threads of one Worker share: its file and Queue, its
     claims, lead, watch, wake-ups, faults and tuning, the pacing clock
@@ -4214,7 +4298,13 @@ class _Crew:
         path = self.store.path
         self.write_fault = _Fault(f"cannot record steps in {path}", tick)
         self.lease_fault = _Fault(f"cannot write leases in {path}", tick)
-        self.housekeeper = _Housekeeper(self, [])
+        # Bugs of ours, met by a thread (never by a task: see _run_step).
+        self.bugs = _Bugs(f"unexpected error in a worker thread on {path} "
+                          f"(the steps it held run again after their "
+                          f"leases)", tick)
+        self.chore_bugs = _Bugs(f"unexpected error in the housekeeper of "
+                                f"a worker on {path}", tick)
+        self.housekeeper: Any = _NO_HOUSEKEEPER  # see _start_threads
 
     def open_watch(self) -> None:
         if self.tuning.inotify:
@@ -4356,9 +4446,9 @@ class Worker:
         _Signal.of(self.queue.path).notify()
 
     def _die(self, message: str) -> None:
-        logger.error("worker stopping: %s", message)
-        self.fatal = message
+        self.fatal = message  # first: logging may be what fails
         self._request_stop()
+        logger.error("worker stopping: %s", message)
 
     def _left(self, count: int, exc: Exception) -> None:
         with self._left_lock:

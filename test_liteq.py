@@ -6200,3 +6200,100 @@ def test_a_follower_reads_a_bad_eta_in_line_as_no_wait():
     assert liteq._Lead.hold([(3, "x"), (1, b"\x00"), (1, None)], 100.0,
                             tuning) == tuning.follow_look
     assert liteq._Lead.hold([(3, "x"), (1, 10.0)], 100.0, tuning) is None
+
+
+class _BadFilter(logging.Filter):
+    """Make liteq's own logging raise ``exc`` for the first ``times``
+    records whose message starts with ``prefix``: an error no part of the
+    worker expects, through a public seam."""
+
+    def __init__(self, prefix, exc, times):
+        super().__init__()
+        self.prefix, self.exc, self.left = prefix, exc, times
+
+    def filter(self, record):
+        if self.left and record.getMessage().startswith(self.prefix):
+            self.left -= 1
+            raise self.exc
+        return True
+
+
+@pytest.fixture
+def bad_filter():
+    made = []
+
+    def install(prefix, exc, times=1):
+        made.append(_BadFilter(prefix, exc, times))
+        logging.getLogger("liteq").addFilter(made[-1])
+        return made[-1]
+
+    yield install
+    for bad in made:
+        logging.getLogger("liteq").removeFilter(bad)
+
+
+def test_an_unexpected_error_in_a_thread_is_logged_once_and_it_goes_on(
+        q, hand, clock, caplog, bad_filter):
+    caplog.set_level(logging.INFO, logger="liteq")
+    jobs = [T.add.delay(i, i) for i in range(6)]
+    bad_filter("job ", RuntimeError("injected"), times=3)
+    worker = hand()
+    for _ in range(3):  # each turn claims a step, then meets the error
+        pause = worker.turn()
+        assert 0 < pause <= 2.0
+    assert worker.turn_until_idle() > 0
+    # The three steps claimed when it struck run again after their lease.
+    assert [job.status for job in jobs].count("done") == 3
+    clock.advance(61)
+    assert worker.turn_until_idle() > 0
+    assert [job.status for job in jobs] == ["done"] * 6
+    reported = [r for r in caplog.records if "unexpected error" in
+                r.getMessage()]
+    assert len(reported) == 1, [r.getMessage() for r in reported]
+    assert reported[0].levelno == logging.ERROR
+    assert reported[0].exc_info[0] is RuntimeError
+    assert "RuntimeError: injected" in reported[0].getMessage()
+
+
+def test_a_bug_met_on_every_turn_is_reported_with_its_count_not_each_time(
+        caplog):
+    caplog.set_level(logging.INFO, logger="liteq")
+    pacing = Pacing()
+    bugs = liteq._Bugs("unexpected error in a test", pacing)
+
+    def meet():
+        try:
+            raise KeyError("same place")
+        except KeyError as exc:
+            return bugs.met(exc)
+
+    pauses = []
+    for _ in range(15):  # one a second
+        pauses.append(meet())
+        pacing.advance(1.0)
+    assert max(pauses) <= 2.0 and pauses[-1] > 0.5  # backs off
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines  # the first, then one report at 10 s
+    assert caplog.records[0].exc_info is not None
+    assert caplog.records[1].exc_info is None
+    assert "since the last report" not in lines[0]
+    assert "KeyError: 'same place' (10 time(s) since the last report" in \
+        lines[1]
+    bugs.ok()
+    assert bugs.count == 0
+
+
+def test_a_worker_thread_that_cannot_go_on_stops_the_worker_loudly(
+        q, bad_filter, caplog):
+    class Fatal(BaseException):
+        pass
+
+    caplog.set_level(logging.INFO, logger="liteq")
+    T.add.delay(1, 2)
+    bad_filter("job ", Fatal("injected"))
+    worker = liteq.Worker(q)
+    with pytest.raises(liteq.StorageError) as info:
+        worker.run_forever()
+    assert str(info.value) == ("worker thread liteq-worker-1 ended: Fatal: "
+                               "injected")
+    assert worker.fatal == str(info.value)
