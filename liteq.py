@@ -1247,6 +1247,10 @@ class _Store:
         hint = ("" if kind != "access" else
                 ": liteq must be able to write the file and its directory,"
                 " where SQLite keeps the -wal and -shm files")
+        if kind == "access" and os.path.isdir(self.path + "-shm"):
+            hint = (f": {self.path}-shm is a directory, where SQLite "
+                    f"keeps its shared memory: stop the processes that use "
+                    f"the database, remove it and start them again")
         return StorageError(f"cannot use {self.path}: {exc}{hint}")
 
     def write(self, body: Callable[[sqlite3.Connection], Any]) -> Any:
@@ -3383,6 +3387,9 @@ class _WorkerThread:
         While writes fail, retry for ``stop_grace`` seconds, then leave
         what is held to its leases: a stop never waits on a broken disk.
         """
+        with self.lock:
+            if not self.pending and not self.ahead:
+                return None  # nothing to write
         try:
             self.write_and_claim(None, claim=False)
         except Error as exc:

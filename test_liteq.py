@@ -3383,15 +3383,77 @@ def _held_worker(tmp_path, db, procs, name):
     return proc
 
 
-# Writes that fail as a broken disk's would: every UPDATE is refused, or a
-# column the outcome writes is gone.
+def _corrupt_page(conn, db):
+    """Fill the jobs table's page in the file with garbage, as a failing
+    disk would, and make every reader drop the pages it cached.
+
+    The WAL is checkpointed into the file first and the page replaced
+    under the write lock, so no frame in the WAL hides it; a commit to
+    another table then tells every connection its cache is stale.
+    """
+    root, = conn.execute("SELECT rootpage FROM sqlite_master "
+                         "WHERE name = 'liteq_jobs'").fetchone()
+    size, = conn.execute("PRAGMA page_size").fetchone()
+
+    def locked_with_empty_wal():
+        if conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]:
+            return False  # a reader or writer was in the way
+        conn.execute("BEGIN IMMEDIATE")
+        if os.path.getsize(f"{db}-wal") == 0:
+            return True
+        conn.execute("ROLLBACK")  # a write came in between: again
+        return False
+
+    wait_until(locked_with_empty_wal, what="a quiet moment to damage")
+    with open(db, "r+b") as fh:
+        fh.seek((root - 1) * size)
+        _SAVED_PAGES[str(db)] = ((root - 1) * size, fh.read(size))
+        fh.seek((root - 1) * size)
+        fh.write(b"\xff" * size)
+    # A change, so that it reaches the WAL (one that changes nothing is
+    # not written); _restore_page takes it back.
+    conn.execute("UPDATE sqlite_sequence SET seq = seq + 1")
+    conn.execute("COMMIT")
+    assert os.path.getsize(f"{db}-wal") > 0
+
+
+def _restore_page(conn, db):
+    offset, page = _SAVED_PAGES.pop(str(db))
+    conn.execute("BEGIN IMMEDIATE")
+    with open(db, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(page)
+    conn.execute("UPDATE sqlite_sequence SET seq = seq - 1")
+    conn.execute("COMMIT")
+
+
+_SAVED_PAGES = {}
+
+# Writes that fail as a broken disk's would: every UPDATE is refused, a
+# column the outcome writes is gone, or the page that holds the job is
+# garbage.  Each is (break, heal): SQL, or a function of (conn, db).
 STORAGE_FAULTS = {
     "refused writes": ("CREATE TRIGGER broken BEFORE UPDATE ON liteq_jobs "
                        "BEGIN SELECT RAISE(ABORT, 'disk I/O error "
                        "(injected)'); END", "DROP TRIGGER broken"),
     "a dropped column": ("ALTER TABLE liteq_jobs DROP COLUMN percent",
                          "ALTER TABLE liteq_jobs ADD COLUMN percent REAL"),
+    "a corrupted page": (_corrupt_page, _restore_page),
 }
+
+#: What the worker's log says of each.
+STORAGE_FAULT_LINES = {
+    "refused writes": "disk I/O error (injected)",
+    "a dropped column": "percent",
+    "a corrupted page": "is damaged (database disk image is malformed)",
+}
+
+
+def _storage_fault(conn, db, action):
+    if callable(action):
+        action(conn, db)
+    else:
+        conn.execute(action)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"),
@@ -3408,7 +3470,7 @@ def test_sigterm_stops_a_worker_whose_writes_fail(tmp_path, fault):
                    what="the step to start", alive=[worker])
         breaks, heals = STORAGE_FAULTS[fault]
         conn = sqlite3.connect(db, isolation_level=None, timeout=30)
-        conn.execute(breaks)
+        _storage_fault(conn, db, breaks)
         worker.send_signal(signal.SIGTERM)
         wait_until(lambda: "signal 15" in _chaos_stderr(worker),
                    what="the worker to take the signal", alive=[worker])
@@ -3417,8 +3479,9 @@ def test_sigterm_stops_a_worker_whose_writes_fail(tmp_path, fault):
         assert _chaos_exit(worker, None, "worker after SIGTERM") == 1
         err = _chaos_stderr(worker)
         assert "worker stopping without writing 1 step(s)" in err, err
+        assert STORAGE_FAULT_LINES[fault] in err, err
         assert "Traceback" not in err, err
-        conn.execute(heals)
+        _storage_fault(conn, db, heals)
         conn.close()
         # The step runs again once its lease (2 s) expires.
         again = _held_worker(tmp_path, db, procs, "w2")
@@ -5936,6 +5999,46 @@ def test_a_read_only_directory_is_a_storage_error(make_queue, tmp_path,
     assert code == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "readonly" in err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="signals and /proc")
+def test_a_shm_that_is_a_directory_is_named_and_sigterm_stops_at_once(
+        tmp_path):
+    # SQLite then opens the file read-only: every write of the worker
+    # fails, and it says why once, holding nothing, until it is stopped.
+    # (Made while a worker runs, such a directory changes nothing for it:
+    # it keeps the shared memory it mapped.)
+    db = _held_setup(tmp_path)
+    _held_delay(tmp_path, db, "heldtasks.hold.delay('a')")
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(f"{db}{suffix}")
+    os.mkdir(f"{db}-shm")
+    procs = []
+    try:
+        worker = _held_worker(tmp_path, db, procs, "w1")
+        wait_until(lambda: "is a directory" in _chaos_stderr(worker),
+                   what="the worker to name the -shm", alive=[worker])
+        signalled = time.monotonic()
+        assert _chaos_exit(worker, signal.SIGTERM, "worker after SIGTERM") \
+            == 0  # it held nothing
+        assert time.monotonic() - signalled < 2.5  # not stop_grace (3 s)
+        err = _chaos_stderr(worker)
+        assert f"{db}-shm is a directory, where SQLite keeps its shared " \
+               f"memory: stop the processes that use the database, remove " \
+               f"it and start them again" in err, err
+        assert err.count(" ERROR ") == 1 and "Traceback" not in err, err
+        assert "without writing" not in err, err
+        assert not (tmp_path / "a.started").exists()
+        os.rmdir(f"{db}-shm")
+        (tmp_path / "a.go").touch()
+        again = _held_worker(tmp_path, db, procs, "w2")
+        with liteq.Queue(db) as queue:
+            wait_until(lambda: queue.get(1).status == "done",
+                       what="the job to finish", alive=[again])
+    finally:
+        _chaos_reap(procs)
 
 
 # The command line: one line and an exit status, never a traceback or a
