@@ -2291,10 +2291,10 @@ def _field_problem(key: str, value: Any) -> str | None:
         return f"{key} is text that is not valid UTF-8"
     if key in ("id", "priority", "steps", "attempts"):
         ok, want = type(value) is int, "an integer"
-    elif key == "percent":
+    elif key == "percent":  # liteq stores it from 0 to 100
         ok = value is None or (type(value) in (int, float)
-                               and math.isfinite(value))
-        want = "a finite number"
+                               and 0 <= value <= 100)
+        want = "a finite number from 0 to 100"
     elif key == "status":
         ok, want = value in _STATUSES, "a status"
     else:
@@ -2437,6 +2437,8 @@ class Queue:
     def _counts_by_queue(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
         for name, status, n in self._store.read(_SQL_COUNT_JOBS):
+            if not isinstance(name, str):  # a BLOB, written outside liteq
+                name = f"x'{name.hex()}'"  # as the sqlite3 shell writes it
             out.setdefault(name, dict.fromkeys(_STATUSES, 0))[status] = n
         return out
 

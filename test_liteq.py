@@ -6400,3 +6400,156 @@ def test_a_worker_thread_that_cannot_go_on_stops_the_worker_loudly(
     assert str(info.value) == ("worker thread liteq-worker-1 ended: Fatal: "
                                "injected")
     assert worker.fatal == str(info.value)
+
+
+# A property: rows tampered at random, never a dead thread, a held-up job
+# or a listing that fails.
+
+class _NotUtf8(bytes):
+    """A value stored as TEXT that is not valid UTF-8."""
+
+
+#: Every column but id, and whether it is NOT NULL.
+_TAMPER_COLUMNS = [
+    ("name", True), ("current", True), ("call", True),
+    ("description", True), ("queue", True), ("priority", True),
+    ("key", False), ("status", True), ("percent", False), ("steps", True),
+    ("attempts", True), ("failures", True), ("lost", True),
+    ("max_lost", True), ("token", True), ("cancel", True),
+    ("result", False), ("error", False), ("eta", True), ("ready", False),
+    ("timer", False), ("worker", False), ("created_at", True),
+    ("started_at", False), ("updated_at", True), ("finished_at", False)]
+
+
+def _tamper_value(rng):
+    """A value of some type liteq would not store there, most likely."""
+    return rng.choice([
+        lambda: rng.choice([0, 1, -1, 2**63 - 1, -2**63, 2**62, 2**53 + 1]),
+        lambda: rng.randint(-2**63, 2**63 - 1),
+        lambda: rng.choice([0.5, -1e300, 1e300, math.inf, -math.inf, 1e-9]),
+        lambda: rng.uniform(-1e12, 1e12),
+        lambda: rng.choice(["", "x", "many", "soon", "high", "t", "[]", "{}",
+                            "null", "5", "NaN", '{"__task__": 5}',
+                            '{"__task__": "x", "args": [{"__dict__": 1}]}',
+                            "[" * 200 + "]" * 200]),
+        lambda: "".join(rng.choice('ab{}[]":,0_\\') for _ in range(
+            rng.randint(0, 30))),
+        lambda: bytes(rng.randrange(256) for _ in range(rng.randint(0, 8))),
+        lambda: _NotUtf8(rng.choice([b"\xff", b"ab\xfe", b"\xc3", b"\x80x"])),
+        lambda: None,
+    ])()
+
+
+def _tamper_rows(path, job_ids, rng, counted):
+    """Change 1-3 random columns of each job behind liteq's back; adds
+    the ids of the rows it changed to ``counted``."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        for job_id in job_ids:
+            for _ in range(rng.randint(1, 3)):
+                column, not_null = rng.choice(_TAMPER_COLUMNS)
+                value = _tamper_value(rng)
+                if value is None and not_null:
+                    continue  # the schema refuses it: nothing to test
+                sql = "CAST(? AS TEXT)" if isinstance(value, _NotUtf8) \
+                    else "?"
+                try:
+                    conn.execute(f"UPDATE liteq_jobs SET {column} = {sql} "
+                                 f"WHERE id = ?", (value, job_id))
+                except sqlite3.IntegrityError:
+                    continue  # a CHECK or a unique key refused it
+                counted.add(job_id)
+    finally:
+        conn.close()
+
+
+def _tamper_listings_answer(queue, capsys, job_ids):
+    """Every listing returns; one bad row marks only itself."""
+    jobs = queue.jobs(limit=10_000)
+    assert sorted(job.id for job in jobs) == sorted(job_ids)
+    for job in jobs:
+        json.dumps(job.to_dict(), allow_nan=False)
+    assert sum(queue.counts().values()) == len(job_ids)
+    for args in ([], ["--json"]):
+        code = liteq.main(["list", "--limit", "10000", "--db", queue.path,
+                           *args])
+        out, err = capsys.readouterr()
+        assert code == 0 or (code == 1 and err.count("\n") == 1), err
+    for job_id in job_ids[:5]:
+        code = liteq.main(["show", str(job_id), "--db", queue.path])
+        out, err = capsys.readouterr()
+        assert code in (0, 1) and err.count("\n") == int(code == 1), err
+    app = liteq.wsgi_app(queue)
+    for route in ("/tasks", "/counts"):
+        status, _, body = _ops_call(app, _ops_environ(route,
+                                                      query="limit=1000"))
+        assert status == "200 OK", (route, body)
+        json.loads(body)
+    for job_id in job_ids:
+        status, _, body = _ops_call(app, _ops_environ(f"/tasks/{job_id}"))
+        assert status == "200 OK" or "error" in json.loads(body), body
+
+
+def _tamper_by_hand(queue, clock, ids, rng, tampered, pace):
+    """Turn two threads of a HandWorker by hand while rows change."""
+    worker = HandWorker(queue, clock, threads=2, **pace)
+    try:
+        for _ in range(40):  # some steps run, then more rows change
+            for thread in worker.threads:
+                assert worker.turn(thread) is not None
+        _tamper_rows(queue.path, rng.sample(ids, 50), rng, tampered)
+        for _ in range(3):  # leases of stuck steps expire in between
+            for thread in worker.threads:
+                assert worker.turn_until_idle(thread) is not None
+            clock.advance(3600)
+    finally:
+        worker.close()
+    assert worker.worker.fatal is None
+
+
+def _tamper_in_threads(queue, ids, rng, tampered):
+    """Run a real Worker of two threads while rows change."""
+    worker = liteq.Worker(queue, threads=2).start()
+    try:
+        _tamper_rows(queue.path, rng.sample(ids, 50), rng, tampered)
+        untouched = [i for i in ids if i not in tampered]
+        wait_until(lambda: all(queue.get(i).status == "done"
+                               for i in untouched),
+                   what="every job no one changed to finish")
+        assert all(thread.is_alive() for thread in worker._threads)
+    finally:
+        assert worker.stop(timeout=DEADLINE)
+    assert worker.fatal is None
+
+
+def test_rows_tampered_at_random_never_stop_a_thread_or_the_others(
+        make_queue, caplog, capsys):
+    caplog.set_level(logging.WARNING, logger="liteq")
+    rng = random.Random(20261206)
+    tampered_rows = 0
+    for round_no in range(24):
+        queue = make_queue(f"tampered-{round_no}.db")
+        register(queue, add)
+        with queue.batch():
+            jobs = [T.add.delay(i, i) for i in range(130)]
+        ids = [job.id for job in jobs]
+        tampered = set()
+        _tamper_rows(queue.path, rng.sample(ids, 70), rng, tampered)
+        if round_no % 4 == 3:
+            _tamper_in_threads(queue, ids, rng, tampered)
+        else:
+            clock = Clock()
+            queue._store.clock = clock
+            _tamper_by_hand(queue, clock, ids, rng, tampered,
+                            DEFER if round_no % 2 else {})
+        untouched = [job_id for job_id in ids if job_id not in tampered]
+        statuses = {job_id: queue.get(job_id).status
+                    for job_id in untouched}
+        assert set(statuses.values()) == {"done"}, statuses
+        _tamper_listings_answer(queue, capsys, ids)
+        tampered_rows += len(tampered)
+        queue.close()
+    assert tampered_rows >= 2000
+    bugs = [r.getMessage() for r in caplog.records
+            if "unexpected error" in r.getMessage()]
+    assert bugs == []
