@@ -3018,26 +3018,24 @@ class _Claims:
         changed outside liteq met on the way are quarantined."""
         if start and not self.rules and len(self.queues) == 1:
             return self.claim_started(conn, now, renewed)
-        lease = self.tuning.hold
-        while True:
+        lease, steps = self.tuning.hold, []
+        while not steps:
             quarantined = self.quarantined
             line = self.line(conn, now, limit)
             for rule in self.rules:
                 line = rule(conn, now, line)
-            if not line:
-                return []
-            sql = _SQL_CLAIM.format(",".join("?" * len(line)))
-            rows = {row[0]: row for row in _execute(
-                conn, sql, (now, lease, *(row[0] for row in line))
-            ).fetchall() if _claimed_sound(row) or self._sound(
-                conn, now, [row], _CLAIMED)}
-            steps = [_Step(rows[job_id], ready,
-                           _task_limits(rows[job_id][1]), lease, _AHEAD,
-                           renewed)
-                     for job_id, _, ready in line if job_id in rows]
-            # Empty only if every row it met was quarantined: look again.
-            if steps or self.quarantined == quarantined:
-                break
+            if line:
+                sql = _SQL_CLAIM.format(",".join("?" * len(line)))
+                rows = {row[0]: row for row in _execute(
+                    conn, sql, (now, lease, *(row[0] for row in line))
+                ).fetchall() if _claimed_sound(row) or self._sound(
+                    conn, now, [row], _CLAIMED)}
+                steps = [_Step(rows[job_id], ready,
+                               _task_limits(rows[job_id][1]), lease,
+                               _AHEAD, renewed)
+                         for job_id, _, ready in line if job_id in rows]
+            if self.quarantined == quarantined:
+                break  # else every row it met was quarantined: look again
         if steps and start:  # a claim of this transaction: never refused
             self.start(conn, steps[0], now)
         return steps

@@ -6298,6 +6298,21 @@ def test_bad_rows_of_every_kind_at_once_never_hold_up_the_line(q, hand,
     assert "Traceback" not in caplog.text
 
 
+@pytest.mark.parametrize("column", ["priority", "ready", "steps"])
+def test_bad_rows_filling_whole_batches_leave_no_wait_for_the_next(
+        q, hand, column):
+    # A text priority sorts before every number: these come first in line.
+    bad = [T.add.delay(1, 1) for _ in range(5)]
+    good = [T.add.delay(i, i) for i in range(3)]
+    for job in bad:
+        _bad_update(q.path, job.id, f"priority = 'high', {column} = 'x'")
+    worker = hand(**{**DEFER, "batch": 2})
+    assert worker.turn() == 0  # the first turn finds the good ones
+    assert worker.turn_until_idle() > 0
+    assert [job.status for job in good] == ["done"] * 3
+    assert {job.status for job in bad} == {"failed"}
+
+
 def test_a_follower_reads_a_bad_eta_in_line_as_no_wait():
     tuning = liteq._Tuning()
     assert liteq._Lead.hold([(3, "x"), (1, b"\x00"), (1, None)], 100.0,
