@@ -2623,7 +2623,7 @@ def configure(path: str | os.PathLike, **options: Any) -> Queue:
 #   _run_step         decode, bind, call and encode one step
 #   _Step, _Outcome   one claimed step, and how it ended
 #   _Housekeeper      the one background thread: leases, rescues, chores
-#   _Lead, _Bell, _WalWatch, _Fault   (section 10)
+#   _Lead, _Bell, _WalWatch, _Fault, _Bugs   (section 10)
 #
 # Threads: a Worker runs ``threads`` _WorkerThreads and one _Housekeeper.
 # Locks, in the order they are taken: _WorkerThread.writing, then
