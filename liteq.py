@@ -589,6 +589,21 @@ def _dumps(value: Any) -> str:
     return text
 
 
+class _BadText(str):
+    """Text of a row that is not valid UTF-8 (only a write outside liteq
+    stores such text), its bad bytes shown as ``\\x`` escapes.  A store
+    reads text this way only when a first read failed on it (see
+    _tolerating); every reader of a row then sees what is wrong."""
+
+
+def _read_text(data: bytes) -> str:
+    """The text_factory of a tolerant read: UTF-8, or a _BadText."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return _BadText(data.decode("utf-8", "backslashreplace"))
+
+
 def _refuse_constant(name: str) -> Any:
     raise _Undecodable(f"holds {name}, which liteq never stores")
 
@@ -604,6 +619,8 @@ def _parse(text: str) -> Any:
     deep to read) raises _Undecodable.
     """
     if type(text) is not str:
+        if isinstance(text, _BadText):
+            raise _Undecodable("is text that is not valid UTF-8")
         kind = "a BLOB" if isinstance(text, bytes) else f"{text!r:.60}"
         raise _Undecodable(f"is {kind}, not JSON text")
     try:
@@ -859,10 +876,16 @@ _SQL_LINE = """
 # Each claim takes a fresh block of _TOKEN_BLOCK tokens; the steps a
 # worker continues in place (below) count up inside it, so a step that
 # runs before its claim is written still has a token no other claim holds.
+# A token that is not an integer (a row changed outside liteq) is kept as
+# it is, for the worker to see and report (see _Claims.quarantine).
+_NEXT_TOKEN = f"""
+           token = CASE WHEN typeof(token) = 'integer'
+                        THEN ((token >> {_TOKEN_BITS}) + 1) << {_TOKEN_BITS}
+                        ELSE token END"""
+
 _SQL_CLAIM = f"""
     UPDATE liteq_jobs
-       SET token = ((token >> {_TOKEN_BITS}) + 1) << {_TOKEN_BITS},
-           ready = NULL, timer = ? + ?
+       SET {_NEXT_TOKEN}, ready = NULL, timer = ? + ?
      WHERE id IN ({{}})
  RETURNING id, current, call, token, attempts, steps, failures, priority
 """
@@ -870,17 +893,26 @@ _SQL_CLAIM = f"""
 # A thread that runs its steps one at a time (see Worker._may_defer)
 # claims the first step of one queue name and writes its start in one
 # statement: the same changes as _SQL_LINE, _SQL_CLAIM and _SQL_START.
-# It returns what _SQL_CLAIM returns (``attempts`` as it was before).
+# It returns what _SQL_CLAIM returns (``attempts`` as it was before),
+# then NULL.  A place in line or an ``attempts`` that is not an integer is
+# kept, like the token, and that last column is the place: for the worker
+# to see and report.
 _SQL_CLAIM_START = f"""
     UPDATE liteq_jobs
-       SET token = ((token >> {_TOKEN_BITS}) + 1) << {_TOKEN_BITS},
-           ready = NULL, timer = :now + :lease, max_lost = :max_lost,
-           status = 'running', attempts = attempts + 1, worker = :worker,
-           started_at = coalesce(started_at, :now), updated_at = :now
+       SET {_NEXT_TOKEN},
+           ready = CASE WHEN typeof(ready) = 'integer' THEN NULL
+                        ELSE ready END,
+           attempts = CASE WHEN typeof(attempts) = 'integer'
+                           THEN attempts + 1 ELSE attempts END,
+           timer = :now + :lease, max_lost = :max_lost, status = 'running',
+           worker = :worker, started_at = coalesce(started_at, :now),
+           updated_at = :now
      WHERE id = (SELECT id FROM liteq_jobs
                   WHERE queue = :queue AND ready IS NOT NULL
                   ORDER BY priority DESC, ready LIMIT 1)
- RETURNING id, current, call, token, attempts - 1, steps, failures, priority
+ RETURNING id, current, call, token,
+           CASE WHEN typeof(attempts) = 'integer' THEN attempts - 1
+                ELSE attempts END, steps, failures, priority, ready
 """
 
 _SQL_ADJUST_CLAIM = """
@@ -995,6 +1027,28 @@ _SQL_LOSE = """
            error = :error, worker = NULL, timer = NULL, ready = NULL,
            lost = lost + 1, finished_at = :now, updated_at = :now
      WHERE id = :id
+"""
+
+# A row liteq cannot read as it writes it (a column the claim or a sweep
+# reads holds a value of the wrong type: see _Claims.quarantine) goes
+# out of line and, unless it finished already, fails.
+_UNFINISHED = "status = 'pending' OR status = 'running'"
+
+_SQL_QUARANTINE = f"""
+    UPDATE liteq_jobs
+       SET status = CASE WHEN {_UNFINISHED} THEN 'failed' ELSE status END,
+           error = CASE WHEN {_UNFINISHED} THEN :error ELSE error END,
+           finished_at = CASE WHEN {_UNFINISHED} THEN :now
+                              ELSE finished_at END,
+           ready = NULL, timer = NULL, worker = NULL, updated_at = :now
+     WHERE id = :id
+"""
+
+# A timer that is not a number (text or a BLOB) never comes due, and
+# min(timer) returns it when no number is there: such values sort after
+# every number, so the index finds them at its end.
+_SQL_SELECT_BAD_TIMERS = """
+    SELECT id, timer FROM liteq_jobs WHERE timer >= '' LIMIT 100
 """
 
 _SQL_CANCEL = """
@@ -1236,6 +1290,10 @@ class _Store:
         hint = ("" if kind != "access" else
                 ": liteq must be able to write the file and its directory,"
                 " where SQLite keeps the -wal and -shm files")
+        if kind == "access" and os.path.isdir(self.path + "-shm"):
+            hint = (f": {self.path}-shm is a directory, where SQLite "
+                    f"keeps its shared memory: stop the processes that use "
+                    f"the database, remove it and start them again")
         return StorageError(f"cannot use {self.path}: {exc}{hint}")
 
     def write(self, body: Callable[[sqlite3.Connection], Any]) -> Any:
@@ -1258,7 +1316,8 @@ class _Store:
                     _execute(conn, "ROLLBACK")
                 raise
 
-        return self._retry(lambda: self._using(attempt))
+        return self._retry(lambda: self._using(
+            lambda conn: _tolerating(conn, attempt)))
 
     def insert(self, sql: str, params: Any) -> int:
         """Run one schema-checked INSERT as its own transaction; its id.
@@ -1292,7 +1351,8 @@ class _Store:
                 self._check_header(conn)
             return body(conn)
 
-        return self._retry(lambda: self._using(attempt))
+        return self._retry(lambda: self._using(
+            lambda conn: _tolerating(conn, attempt)))
 
     def peek(self, sql: str, params: Any = ()) -> tuple | None:
         """One row of an advisory query; None if it failed."""
@@ -1328,6 +1388,31 @@ def _execute(conn: sqlite3.Connection, sql: str,
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("sql: %s %r", " ".join(sql.split()), params)
     return conn.execute(sql, params)
+
+
+# How the sqlite3 module says a TEXT value is not valid UTF-8.
+_UNDECODABLE = "Could not decode to UTF-8"
+
+
+def _tolerating(conn: sqlite3.Connection,
+                action: Callable[[Any], Any]) -> Any:
+    """``action(conn)``; if it read text that is not valid UTF-8, run it
+    again reading such text as a _BadText.
+
+    Only a row changed outside liteq holds such text, so the common case
+    costs nothing.  ``action`` must be safe to run again: a whole
+    transaction (rolled back when it failed), or reads.
+    """
+    try:
+        return action(conn)
+    except sqlite3.OperationalError as exc:
+        if not str(exc).startswith(_UNDECODABLE):
+            raise
+    conn.text_factory = _read_text
+    try:
+        return action(conn)
+    finally:
+        conn.text_factory = str
 
 
 def _execute_many(conn: sqlite3.Connection, sql: str,
@@ -2273,12 +2358,14 @@ _PUBLIC_FIELDS = ("id", "name", "current", "description", "queue",
 
 def _field_problem(key: str, value: Any) -> str | None:
     """What is wrong with a stored field for to_dict(), or None."""
+    if isinstance(value, _BadText):
+        return f"{key} is text that is not valid UTF-8"
     if key in ("id", "priority", "steps", "attempts"):
         ok, want = type(value) is int, "an integer"
-    elif key == "percent":
+    elif key == "percent":  # liteq stores it from 0 to 100
         ok = value is None or (type(value) in (int, float)
-                               and math.isfinite(value))
-        want = "a finite number"
+                               and 0 <= value <= 100)
+        want = "a finite number from 0 to 100"
     elif key == "status":
         ok, want = value in _STATUSES, "a status"
     else:
@@ -2448,6 +2535,8 @@ class Queue:
     def _counts_by_queue(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
         for name, status, n in self._store.read(_SQL_COUNT_JOBS):
+            if not isinstance(name, str):  # a BLOB, written outside liteq
+                name = f"x'{name.hex()}'"  # as the sqlite3 shell writes it
             out.setdefault(name, dict.fromkeys(_STATUSES, 0))[status] = n
         return out
 
@@ -2632,7 +2721,7 @@ def configure(path: str | os.PathLike, **options: Any) -> Queue:
 #   _run_step         decode, bind, call and encode one step
 #   _Step, _Outcome   one claimed step, and how it ended
 #   _Housekeeper      the one background thread: leases, rescues, chores
-#   _Lead, _Bell, _WalWatch, _Fault   (section 10)
+#   _Lead, _Bell, _WalWatch, _Fault, _Bugs   (section 10)
 #
 # Threads: a Worker runs ``threads`` _WorkerThreads and one _Housekeeper.
 # Locks, in the order they are taken: _WorkerThread.writing, then
@@ -2763,19 +2852,18 @@ def _run_step(step: _Step, queue: Queue) -> _Outcome:
     open); ``current_job()`` is its job while the function runs."""
     try:
         call = _decode_call(step.call)
-        fn = _PROCESS.tasks.get(call.name)
-        if fn is None:
-            raise LookupError(f"unknown task {call.name!r}: not "
-                              f"registered in this worker")
-        args, kwargs = fn._bind_stored(call.args, call.kwargs)
-    except (LookupError, TypeError, ValueError) as exc:
-        logger.error("job %d: %s", step.id, exc)
-        return _Outcome(step, "fail", error=str(exc))
     except Exception as exc:  # a row no liteq wrote: fail the job only
-        error = (f"stored row of job {step.id} is malformed: "
-                 f"{type(exc).__name__}: {exc}")
-        logger.error("%s", error)
-        return _Outcome(step, "fail", error=error)
+        return _malformed_step(step, exc)
+    fn = _PROCESS.tasks.get(call.name)
+    if fn is None:
+        return _step_refused(step, f"unknown task {call.name!r}: not "
+                                   f"registered in this worker")
+    try:
+        args, kwargs = fn._bind_stored(call.args, call.kwargs)
+    except TypeError as exc:  # the task's signature changed since
+        return _step_refused(step, str(exc))
+    except Exception as exc:
+        return _malformed_step(step, exc)
     _PROCESS.current.job = _CurrentJob(queue, step.id, step.number,
                                        step.attempt, step.token)
     try:
@@ -2787,6 +2875,27 @@ def _run_step(step: _Step, queue: Queue) -> _Outcome:
     finally:
         _PROCESS.current.job = None
     return _finished_step(step, call, value, queue.max_payload)
+
+
+def _step_refused(step: _Step, error: str) -> _Outcome:
+    """Fail the job without running its step: retrying cannot help."""
+    logger.error("job %d: %s", step.id, error)
+    return _Outcome(step, "fail", error=error)
+
+
+def _malformed_step(step: _Step, exc: Exception) -> _Outcome:
+    # _decode_call's ValueError names where the call is wrong; any other
+    # error in reading a row is named by its type.
+    problem = (str(exc) if type(exc) is ValueError
+               else f"{type(exc).__name__}: {exc}")
+    error = _malformed_row(step.id, problem)
+    logger.error("%s", error)
+    return _Outcome(step, "fail", error=error)
+
+
+def _malformed_row(job_id: int, problem: str) -> str:
+    """The error of a job whose stored row liteq cannot have written."""
+    return f"stored row of job {job_id} is malformed: {problem}"
 
 
 def _failed_step(step: _Step, fn: TaskFunction, error: str) -> _Outcome:
@@ -2822,9 +2931,11 @@ def _finished_step(step: _Step, call: Task, value: Any,
         if follow._then or (fn is not None and fn.percent is not None):
             follow = deserialize_task(_parse(text))  # as stored
         percent = follow.percent()
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # e.g. a value whose methods raise
+        problem = (str(exc) if isinstance(exc, (TypeError, ValueError))
+                   else f"{type(exc).__name__}: {exc}")
         error = f"task {call.name!r} returned a value liteq cannot " \
-                f"store: {exc}"
+                f"store: {problem}"
         return _Outcome(step, "fail", error=error)
     return _Outcome(step, "continue", text, follow.name, percent)
 
@@ -2837,6 +2948,69 @@ def _task_limits(current: str) -> tuple[float, int]:
     return fn.lease, fn.max_lost
 
 
+# Rows changed outside liteq ------------------------------------------------
+#
+# liteq writes every row itself; a column holding a value of another type
+# (edited in the sqlite3 shell, another program) would make the claim or a
+# sweep fail for every job of the queue.  What the worker reads is checked
+# where it reads it, and such a row is quarantined: failed, with an error
+# naming the column, and taken out of line (see _Claims.quarantine).
+
+_MAX_COUNT = 2**62  # beyond it, a count + 1 may not fit back in SQLite
+
+# What the worker reads of a row: each column with what it must hold.
+_CLAIMED = (("id", "integer"), ("current", "text"), ("call", "text"),
+            ("token", "integer"), ("attempts", "count"), ("steps", "count"),
+            ("failures", "count"), ("priority", "integer"))
+_CLAIMED_STARTED = _CLAIMED + (("ready", "cleared"),)
+_IN_LINE = (("id", "integer"), ("priority", "integer"), ("ready", "integer"))
+_DUE = (("id", "integer"), ("current", "text"), ("worker", "text or NULL"),
+        ("lost", "count"), ("max_lost", "count"))
+_TIMER = (("id", "integer"), ("timer", "a number"))
+
+_WANTED = {"integer": "an integer", "count": "an integer", "text": "text",
+           "text or NULL": "text or NULL", "a number": "a number",
+           "cleared": "an integer"}
+
+
+def _claimed_sound(row: tuple) -> bool:
+    """Whether a row _SQL_CLAIM returned holds what liteq writes: the
+    claim's quick check of _CLAIMED (_row_problem says what is wrong)."""
+    current, call, token, attempts, steps, failures, priority = row[1:8]
+    return (type(current) is str and type(call) is str
+            and type(token) is int and type(priority) is int
+            and type(attempts) is int and type(steps) is int
+            and type(failures) is int and 0 <= attempts <= _MAX_COUNT
+            and 0 <= steps <= _MAX_COUNT and 0 <= failures <= _MAX_COUNT)
+
+
+def _row_problem(row: tuple, columns: tuple) -> str | None:
+    """What is wrong with a row the worker read, naming the column; None
+    if each column holds what liteq writes there."""
+    for value, (column, kind) in zip(row, columns):
+        if kind == "text":
+            ok = type(value) is str  # not a _BadText
+        elif kind == "text or NULL":
+            ok = value is None or type(value) is str
+        elif kind == "a number":
+            ok = type(value) in (int, float)
+        elif kind == "cleared":  # see _SQL_CLAIM_START
+            ok = value is None
+        else:
+            ok = type(value) is int
+        if ok and kind == "count" and not 0 <= value <= _MAX_COUNT:
+            return (f"column {column} holds {value}, not an integer from 0 "
+                    f"to 2**62")
+        if ok:
+            continue
+        if isinstance(value, _BadText):
+            return f"column {column} holds text that is not valid UTF-8"
+        shown = ("NULL" if value is None else "a BLOB"
+                 if isinstance(value, bytes) else f"{value!r:.60}")
+        return f"column {column} holds {shown}, not {_WANTED[kind]}"
+    return None
+
+
 # The statements a worker sends -------------------------------------------
 
 
@@ -2845,7 +3019,8 @@ class _Claims:
     connection and returns what it found.
 
     Two places are meant to grow.  ``sweeps`` are the things that come
-    due with time, each a method ``(conn, now) -> jobs finished``, run by
+    due with time, each a method ``(self, conn, now) -> jobs finished``
+    (those it quarantined are counted in ``quarantined`` instead), run by
     ``sweep`` in the claim transaction.  ``rules`` decide whether a job in
     line may start now, each ``(conn, now, line) -> line`` keeping the
     rows that may; the claim runs them between reading the line and
@@ -2857,24 +3032,60 @@ class _Claims:
         #: ``host:pid``, written in ``worker`` while a step runs.
         self.identity = identity
         self.queues, self.tuning = queues, tuning
-        self.sweeps: tuple[Callable[[Any, float], int], ...] = (
-            self.wake_timers,)
         self.rules: tuple[Callable[[Any, float, list], list], ...] = ()
         self._in_queues = ",".join("?" * len(queues))
+        #: How many rows this worker quarantined (see quarantine()).
+        self.quarantined = 0
+        # Guards quarantined and _reported: threads share these claims.
+        self._lock = threading.Lock()
+        self._reported: set[tuple[int, str]] = set()
+
+    # Rows changed outside liteq ---------------------------------------------
+
+    def quarantine(self, conn: sqlite3.Connection, now: float, job_id: int,
+                   problem: str) -> None:
+        """Fail a job whose row liteq cannot have written, out of line, with
+        an error naming the column; logged once at ERROR (a transaction
+        that is tried again quarantines it again, silently)."""
+        error = _malformed_row(job_id, problem)
+        with self._lock:
+            self.quarantined += 1
+            first = (job_id, problem) not in self._reported
+            self._reported.add((job_id, problem))
+        if first:
+            logger.error("%s; the job failed", error)
+        _execute(conn, _SQL_QUARANTINE, {"id": job_id, "error": error,
+                                         "now": now})
+
+    def _sound(self, conn: sqlite3.Connection, now: float, rows: list,
+               columns: tuple) -> list:
+        """The rows that hold what liteq writes; the others quarantined."""
+        sound = []
+        for row in rows:
+            problem = _row_problem(row, columns)
+            if problem is None:
+                sound.append(row)
+            else:
+                self.quarantine(conn, now, row[0], problem)
+        return sound
 
     # Things that come due -------------------------------------------------
 
     def sweep(self, conn: sqlite3.Connection, now: float) -> int:
         """Run every sweep; how many jobs they finished."""
-        return sum(sweep(conn, now) for sweep in self.sweeps)
+        return sum(sweep(self, conn, now) for sweep in self.sweeps)
 
     def wake_timers(self, conn: sqlite3.Connection, now: float) -> int:
         """Put jobs whose timer is due in line: etas, retries, and claims
         and leases that expired.  A step counts as lost only if its start
         was written: a claim that lapsed before ran nothing anyone saw."""
         finished = 0
-        for job_id, current, worker, lost, max_lost, cancel in _execute(
-                conn, _SQL_SELECT_DUE, (now,)).fetchall():
+        for row in _execute(conn, _SQL_SELECT_DUE, (now,)).fetchall():
+            problem = _row_problem(row, _DUE)  # ``cancel`` is any truth
+            if problem is not None:
+                self.quarantine(conn, now, row[0], problem)
+                continue
+            job_id, current, worker, lost, max_lost, cancel = row
             params = {"id": job_id, "now": now, "lost": 0}
             if worker is not None:
                 params["lost"] = 1
@@ -2890,55 +3101,90 @@ class _Claims:
             _execute(conn, _SQL_MAKE_READY, params)
         return finished
 
+    def bad_timers(self, conn: sqlite3.Connection, now: float) -> int:
+        """Quarantine jobs whose timer is not a number: it would never come
+        due, and the next timer would not be a time."""
+        for row in _execute(conn, _SQL_SELECT_BAD_TIMERS).fetchall():
+            problem = _row_problem(row, _TIMER)
+            if problem is not None:  # always, as the query reads
+                self.quarantine(conn, now, row[0], problem)
+        return 0  # counted in ``quarantined``
+
     def next_due(self, conn: sqlite3.Connection) -> float | None:
-        """The store-clock time the next timer comes due, if any."""
-        return _execute(conn, _SQL_NEXT_TIMER).fetchone()[0]
+        """The store-clock time the next timer comes due, if any (None
+        also when the first is not a number: a sweep quarantines it)."""
+        due = _execute(conn, _SQL_NEXT_TIMER).fetchone()[0]
+        return due if type(due) in (int, float) else None
+
+    # Unbound, so that claims are freed as soon as dropped (no cycle).
+    sweeps: tuple[Callable[[Any, Any, float], int], ...] = (
+        bad_timers, wake_timers)
 
     # Claims -----------------------------------------------------------------
 
     def claim(self, conn: sqlite3.Connection, now: float, limit: int,
               start: bool, renewed: float) -> list[_Step]:
         """Claim up to ``limit`` steps in line order; with ``start`` (and
-        a limit of 1), write the start of the step claimed too."""
+        a limit of 1), write the start of the step claimed too.  Rows
+        changed outside liteq met on the way are quarantined."""
         if start and not self.rules and len(self.queues) == 1:
             return self.claim_started(conn, now, renewed)
-        line = self.line(conn, limit)
-        for rule in self.rules:
-            line = rule(conn, now, line)
-        if not line:
-            return []
-        lease = self.tuning.hold
-        sql = _SQL_CLAIM.format(",".join("?" * len(line)))
-        rows = {row[0]: row for row in _execute(
-            conn, sql, (now, lease, *(row[0] for row in line)))}
-        steps = [_Step(rows[job_id], ready, _task_limits(rows[job_id][1]),
-                       lease, _AHEAD, renewed)
-                 for job_id, _, ready in line]
-        if start:  # a claim of this transaction: never refused
+        lease, steps = self.tuning.hold, []
+        while not steps:
+            quarantined = self.quarantined
+            line = self.line(conn, now, limit)
+            for rule in self.rules:
+                line = rule(conn, now, line)
+            if line:
+                sql = _SQL_CLAIM.format(",".join("?" * len(line)))
+                rows = {row[0]: row for row in _execute(
+                    conn, sql, (now, lease, *(row[0] for row in line))
+                ).fetchall() if _claimed_sound(row) or self._sound(
+                    conn, now, [row], _CLAIMED)}
+                steps = [_Step(rows[job_id], ready,
+                               _task_limits(rows[job_id][1]), lease,
+                               _AHEAD, renewed)
+                         for job_id, _, ready in line if job_id in rows]
+            if self.quarantined == quarantined:
+                break  # else every row it met was quarantined: look again
+        if steps and start:  # a claim of this transaction: never refused
             self.start(conn, steps[0], now)
         return steps
 
-    def line(self, conn: sqlite3.Connection, limit: int) -> list[tuple]:
+    def line(self, conn: sqlite3.Connection, now: float,
+             limit: int) -> list[tuple]:
         """The first ``limit`` ready jobs: (id, priority, place)."""
         if len(self.queues) == 1:
-            return _execute(conn, _SQL_LINE,
+            rows = _execute(conn, _SQL_LINE,
                             (self.queues[0], limit)).fetchall()
+        else:
+            rows = [row for name in self.queues for row in _execute(
+                conn, _SQL_LINE, (name, limit)).fetchall()]
+        if not all(type(priority) is int and type(ready) is int
+                   for _, priority, ready in rows):
+            rows = self._sound(conn, now, rows, _IN_LINE)
+        if len(self.queues) == 1:
+            return rows
         # The index orders one queue name at a time: merge them here.
-        rows = [row for name in self.queues for row in _execute(
-            conn, _SQL_LINE, (name, limit)).fetchall()]
         return sorted(rows, key=lambda row: (-row[1], row[2]))[:limit]
 
     def claim_started(self, conn: sqlite3.Connection, now: float,
                       renewed: float) -> list[_Step]:
         """Claim the first ready step of our one queue name, started, in
         one statement (it writes the default lease; a task with its own
-        is adjusted after)."""
+        is adjusted after).  A row changed outside liteq is quarantined,
+        and the next one claimed."""
         lease, max_lost = _TASK_DEFAULTS["lease"], _TASK_DEFAULTS["max_lost"]
-        row = _execute(conn, _SQL_CLAIM_START, {
-            "queue": self.queues[0], "now": now, "lease": lease,
-            "max_lost": max_lost, "worker": self.identity}).fetchone()
-        if row is None:
-            return []
+        while True:
+            row = _execute(conn, _SQL_CLAIM_START, {
+                "queue": self.queues[0], "now": now, "lease": lease,
+                "max_lost": max_lost, "worker": self.identity}).fetchone()
+            if row is None:
+                return []
+            if (row[8] is None and _claimed_sound(row)) or self._sound(
+                    conn, now, [row], _CLAIMED_STARTED):
+                break
+        row = row[:8]
         limits = _task_limits(row[1])
         if limits != (lease, max_lost):
             _execute(conn, _SQL_ADJUST_CLAIM, {
@@ -3130,12 +3376,19 @@ class _WorkerThread:
         self.stop_by: float | None = None
         self.fault = crew.write_fault
         self.poke = crew.housekeeper.poke
+        self.bugs = crew.bugs
         self.progress = _ProgressLog()
 
     # The loop ----------------------------------------------------------------
 
     def run(self) -> None:
-        """The thread's body: turn until the worker stops."""
+        """The thread's body: turn until the worker stops.
+
+        An error no turn expects is logged (with its traceback the first
+        time, see _Fault) and the thread goes on.  If even that fails, the
+        thread cannot go on: it stops the whole worker, which then exits
+        with status 1 (``run_forever`` raises), never dies silently.
+        """
         try:
             while True:
                 try:
@@ -3144,10 +3397,11 @@ class _WorkerThread:
                         return
                     if pause > 0:
                         self.wait(pause)
-                except Exception:  # a bug of ours: the thread goes on
-                    logger.exception("worker thread %s: unexpected error",
-                                     self.name)
-                    self.stopping.wait(self.fault.failed(None))
+                except Exception as exc:  # a bug of ours: the thread goes on
+                    self.stopping.wait(self.crew.bugs.met(exc))
+        except BaseException as exc:
+            self.crew.die(f"worker thread {self.name} ended: "
+                          f"{type(exc).__name__}: {exc}")
         finally:
             if self.bell is not None:
                 self.bell.close()
@@ -3159,27 +3413,33 @@ class _WorkerThread:
         self.generation = self.wakeups.generation
         self.listen = True
         try:
-            if self.stopping.is_set():
-                return self._finish()
-            with self.lock:
-                step = self.ahead.popleft() if self.ahead else None
-            if step is not None:
-                return self._run_ahead(step)
-            return self._claim_or_wait(now)
+            pause = self._turn(now)
         except SchemaError as exc:
             self.crew.die(str(exc))
             return None  # what it holds is left to its leases
         except Error as exc:  # Busy, StorageError: keep trying
             self.listen = False
             return self.fault.failed(exc)
-        except Exception:  # a bug of ours: the thread goes on
+        except Exception as exc:  # a bug of ours: the thread goes on
+            # What it held is dropped (its steps run again after their
+            # leases): an outcome that cannot be written would otherwise
+            # fail every turn.
             self.listen = False
-            logger.exception("worker thread %s: unexpected error; the "
-                             "outcomes it held are dropped and their steps"
-                             " will run again", self.name)
             with self.lock:
                 self.pending = []
-            return self.fault.failed(None)
+            return self.crew.bugs.met(exc)
+        if self.bugs.count:
+            self.bugs.ok()
+        return pause
+
+    def _turn(self, now: float) -> float | None:
+        if self.stopping.is_set():
+            return self._finish()
+        with self.lock:
+            step = self.ahead.popleft() if self.ahead else None
+        if step is not None:
+            return self._run_ahead(step)
+        return self._claim_or_wait(now)
 
     def _run_ahead(self, step: _Step) -> float:
         """Run a step claimed ahead: deferred, or after writing its start."""
@@ -3243,6 +3503,9 @@ class _WorkerThread:
         While writes fail, retry for ``stop_grace`` seconds, then leave
         what is held to its leases: a stop never waits on a broken disk.
         """
+        with self.lock:
+            if not self.pending and not self.ahead:
+                return None  # nothing to write
         try:
             self.write_and_claim(None, claim=False)
         except Error as exc:
@@ -3513,14 +3776,16 @@ class _WorkerThread:
                   defer: bool) -> tuple[list[_Step], float | None, int]:
         """Claim, sweeping what came due first: every ``probe`` seconds
         while busy, and always before finding nothing."""
-        renewed = self.tick()
+        claims, renewed = self.claims, self.tick()
+        quarantined = claims.quarantined
         swept = now >= self.next_sweep
-        finished = self.claims.sweep(conn, now) if swept else 0
-        batch = self.claims.claim(conn, now, limit, not defer, renewed)
+        finished = claims.sweep(conn, now) if swept else 0
+        batch = claims.claim(conn, now, limit, not defer, renewed)
         if not batch and not swept:
-            finished += self.claims.sweep(conn, now)
+            finished += claims.sweep(conn, now)
             swept = True
-            batch = self.claims.claim(conn, now, limit, not defer, renewed)
+            batch = claims.claim(conn, now, limit, not defer, renewed)
+        finished += claims.quarantined - quarantined
         if swept:
             self.next_sweep = now + self.tuning.probe
         due = None if batch else self.claims.next_due(conn)
@@ -3752,12 +4017,20 @@ class _Housekeeper:
                 self._condition.notify_all()
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # it cannot go on: nor can the worker
+            self.crew.die(f"the worker's housekeeper ended: "
+                          f"{type(exc).__name__}: {exc}")
+
+    def _loop(self) -> None:
         while True:
             now = self.tick()
             try:
                 wake = now + self.run_once(now)
-            except Exception:  # a bug of ours: the thread goes on
-                logger.exception("worker housekeeper: unexpected error")
+                self.crew.chore_bugs.ok()
+            except Exception as exc:  # a bug of ours: the thread goes on
+                self.crew.chore_bugs.met(exc)
                 wake = now + 1.0
             with self._condition:
                 if self._stop:
@@ -3915,6 +4188,59 @@ class _Fault:
                                self.tick() - self._since)
 
 
+class _Bugs:
+    """Errors of liteq's own that a thread met and went on from.  Each
+    kind (type and place) is logged at ERROR with its traceback the first
+    time; repeats are counted and reported at most every 10 s (doubling
+    up to 5 min), so a bug met on every turn never floods the log.
+    ``met()`` gives the backoff before the next turn.  Threads share one.
+    """
+
+    def __init__(self, what: str,
+                 tick: Callable[[], float] = time.monotonic) -> None:
+        self.what, self.tick = what, tick
+        self._lock = threading.Lock()  # guards the fields below
+        self.count = 0  # met in a row: the backoff grows with it
+        self._seen: set[tuple] = set()
+        self._repeats = 0  # not reported yet
+        self._every, self._next_report = 10.0, -math.inf
+
+    def met(self, exc: BaseException) -> float:
+        """Note one error; seconds to wait before going on."""
+        frames = traceback.extract_tb(exc.__traceback__)
+        kind = (type(exc), frames[-1].filename, frames[-1].lineno) \
+            if frames else (type(exc),)
+        with self._lock:
+            self.count += 1
+            count, now = self.count, self.tick()
+            first = kind not in self._seen
+            if first:
+                self._seen.add(kind)
+                self._next_report = max(self._next_report, now + 10.0)
+            else:
+                self._repeats += 1
+            report = not first and now >= self._next_report
+            if report:
+                repeats, self._repeats = self._repeats, 0
+                self._next_report = now + self._every
+                self._every = min(self._every * 2, 300.0)
+        if first:
+            logger.error("%s: %s: %s", self.what, type(exc).__name__, exc,
+                         exc_info=exc)
+        elif report:
+            logger.error("%s: %s: %s (%d time(s) since the last report; "
+                         "its traceback was logged the first time)",
+                         self.what, type(exc).__name__, exc, repeats)
+        return min(0.05 * 2 ** min(count, 6), 2.0) * (
+            0.5 + random.random() / 2)
+
+    def ok(self) -> None:
+        """Note a turn that went well: the backoff starts again."""
+        if self.count:
+            with self._lock:
+                self.count = 0
+
+
 class _Lead:
     """Which of the workers on one file leads: a lock on ``<db>-lead``.
 
@@ -3980,7 +4306,9 @@ class _Lead:
         lead before looking again."""
         hold = tuning.follow_look
         for count, since in loads:
-            if since is None or since > now:
+            # A time that is not a number (a row changed outside liteq)
+            # says nothing of how long the line waits.
+            if type(since) not in (int, float) or since > now:
                 continue
             if count >= tuning.follow_load or (
                     count and now - since >= tuning.follow_wait):
@@ -4121,6 +4449,18 @@ class _WalWatch:
 # ---------------------------------------------------------------------------
 
 
+class _NoHousekeeper:
+    """The housekeeper of a crew that has none (Worker.run_once, whose one
+    step is written before it returns): nothing to renew or rescue."""
+
+    @staticmethod
+    def poke(within: float, period: bool = False) -> None:
+        pass
+
+
+_NO_HOUSEKEEPER = _NoHousekeeper()
+
+
 class _Crew:
     """What the threads of one Worker share: its file and Queue, its
     claims, lead, watch, wake-ups, faults and tuning, the pacing clock
@@ -4144,7 +4484,13 @@ class _Crew:
         path = self.store.path
         self.write_fault = _Fault(f"cannot record steps in {path}", tick)
         self.lease_fault = _Fault(f"cannot write leases in {path}", tick)
-        self.housekeeper = _Housekeeper(self, [])
+        # Bugs of ours, met by a thread (never by a task: see _run_step).
+        self.bugs = _Bugs(f"unexpected error in a worker thread on {path} "
+                          f"(the steps it held run again after their "
+                          f"leases)", tick)
+        self.chore_bugs = _Bugs(f"unexpected error in the housekeeper of "
+                                f"a worker on {path}", tick)
+        self.housekeeper: Any = _NO_HOUSEKEEPER  # see _start_threads
 
     def open_watch(self) -> None:
         if self.tuning.inotify:
@@ -4225,6 +4571,7 @@ class Worker:
         crew = self._running = self._crew()
         # The watch first, so a thread's first idle wait listens to it.
         crew.open_watch()
+        crew.housekeeper = _Housekeeper(crew, [])  # before its threads
         units = [_WorkerThread(crew, f"liteq-worker-{i + 1}")
                  for i in range(self.threads)]
         crew.housekeeper.threads.extend(units)
@@ -4244,7 +4591,8 @@ class Worker:
             ready = self.queue._store.read(_SQL_READY_QUEUES)
         except Error:
             return  # the threads meet it, and say so
-        unserved = sorted({name for (name,) in ready} - set(self.queues))
+        names = {name for (name,) in ready if isinstance(name, str)}
+        unserved = sorted(names - set(self.queues))  # bad rows: not names
         if unserved:
             names = ", ".join(unserved)
             options = " ".join(f"--queue {shlex.quote(name)}"
@@ -4308,10 +4656,10 @@ class Worker:
         _Signal.of(self.queue.path).notify()
 
     def _die(self, message: str) -> None:
-        logger.error("worker stopping: %s", message)
-        with self._notes:
+        with self._notes:  # first: logging may be what fails
             self.fatal = message
         self._request_stop()
+        logger.error("worker stopping: %s", message)
 
     def _left(self, count: int, exc: Exception) -> None:
         with self._notes:

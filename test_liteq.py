@@ -3002,9 +3002,10 @@ class HandWorker:
         self.worker = liteq.Worker(queue, threads=threads)
         self.worker.tuning = liteq._Tuning(**tuning)
         self.crew = self.worker._crew(self.pace)
+        self.housekeeper = liteq._Housekeeper(self.crew, [])
+        self.crew.housekeeper = self.housekeeper
         self.threads = [liteq._WorkerThread(self.crew, f"t{i}")
                         for i in range(threads)]
-        self.housekeeper = self.crew.housekeeper
         self.housekeeper.threads.extend(self.threads)
 
     @property
@@ -3684,15 +3685,77 @@ def _held_worker(tmp_path, db, procs, name):
     return proc
 
 
-# Writes that fail as a broken disk's would: every UPDATE is refused, or a
-# column the outcome writes is gone.
+def _corrupt_page(conn, db):
+    """Fill the jobs table's page in the file with garbage, as a failing
+    disk would, and make every reader drop the pages it cached.
+
+    The WAL is checkpointed into the file first and the page replaced
+    under the write lock, so no frame in the WAL hides it; a commit to
+    another table then tells every connection its cache is stale.
+    """
+    root, = conn.execute("SELECT rootpage FROM sqlite_master "
+                         "WHERE name = 'liteq_jobs'").fetchone()
+    size, = conn.execute("PRAGMA page_size").fetchone()
+
+    def locked_with_empty_wal():
+        if conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]:
+            return False  # a reader or writer was in the way
+        conn.execute("BEGIN IMMEDIATE")
+        if os.path.getsize(f"{db}-wal") == 0:
+            return True
+        conn.execute("ROLLBACK")  # a write came in between: again
+        return False
+
+    wait_until(locked_with_empty_wal, what="a quiet moment to damage")
+    with open(db, "r+b") as fh:
+        fh.seek((root - 1) * size)
+        _SAVED_PAGES[str(db)] = ((root - 1) * size, fh.read(size))
+        fh.seek((root - 1) * size)
+        fh.write(b"\xff" * size)
+    # A change, so that it reaches the WAL (one that changes nothing is
+    # not written); _restore_page takes it back.
+    conn.execute("UPDATE sqlite_sequence SET seq = seq + 1")
+    conn.execute("COMMIT")
+    assert os.path.getsize(f"{db}-wal") > 0
+
+
+def _restore_page(conn, db):
+    offset, page = _SAVED_PAGES.pop(str(db))
+    conn.execute("BEGIN IMMEDIATE")
+    with open(db, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(page)
+    conn.execute("UPDATE sqlite_sequence SET seq = seq - 1")
+    conn.execute("COMMIT")
+
+
+_SAVED_PAGES = {}
+
+# Writes that fail as a broken disk's would: every UPDATE is refused, a
+# column the outcome writes is gone, or the page that holds the job is
+# garbage.  Each is (break, heal): SQL, or a function of (conn, db).
 STORAGE_FAULTS = {
     "refused writes": ("CREATE TRIGGER broken BEFORE UPDATE ON liteq_jobs "
                        "BEGIN SELECT RAISE(ABORT, 'disk I/O error "
                        "(injected)'); END", "DROP TRIGGER broken"),
     "a dropped column": ("ALTER TABLE liteq_jobs DROP COLUMN percent",
                          "ALTER TABLE liteq_jobs ADD COLUMN percent REAL"),
+    "a corrupted page": (_corrupt_page, _restore_page),
 }
+
+#: What the worker's log says of each.
+STORAGE_FAULT_LINES = {
+    "refused writes": "disk I/O error (injected)",
+    "a dropped column": "percent",
+    "a corrupted page": "is damaged (database disk image is malformed)",
+}
+
+
+def _storage_fault(conn, db, action):
+    if callable(action):
+        action(conn, db)
+    else:
+        conn.execute(action)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"),
@@ -3709,7 +3772,7 @@ def test_sigterm_stops_a_worker_whose_writes_fail(tmp_path, fault):
                    what="the step to start", alive=[worker])
         breaks, heals = STORAGE_FAULTS[fault]
         conn = sqlite3.connect(db, isolation_level=None, timeout=30)
-        conn.execute(breaks)
+        _storage_fault(conn, db, breaks)
         worker.send_signal(signal.SIGTERM)
         wait_until(lambda: "signal 15" in _chaos_stderr(worker),
                    what="the worker to take the signal", alive=[worker])
@@ -3718,8 +3781,9 @@ def test_sigterm_stops_a_worker_whose_writes_fail(tmp_path, fault):
         assert _chaos_exit(worker, None, "worker after SIGTERM") == 1
         err = _chaos_stderr(worker)
         assert "worker stopping without writing 1 step(s)" in err, err
+        assert STORAGE_FAULT_LINES[fault] in err, err
         assert "Traceback" not in err, err
-        conn.execute(heals)
+        _storage_fault(conn, db, heals)
         conn.close()
         # The step runs again once its lease (2 s) expires.
         again = _held_worker(tmp_path, db, procs, "w2")
@@ -6430,6 +6494,46 @@ def test_a_read_only_directory_is_a_storage_error(make_queue, tmp_path,
     assert err.count("\n") == 1 and "readonly" in err
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="signals and /proc")
+def test_a_shm_that_is_a_directory_is_named_and_sigterm_stops_at_once(
+        tmp_path):
+    # SQLite then opens the file read-only: every write of the worker
+    # fails, and it says why once, holding nothing, until it is stopped.
+    # (Made while a worker runs, such a directory changes nothing for it:
+    # it keeps the shared memory it mapped.)
+    db = _held_setup(tmp_path)
+    _held_delay(tmp_path, db, "heldtasks.hold.delay('a')")
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(f"{db}{suffix}")
+    os.mkdir(f"{db}-shm")
+    procs = []
+    try:
+        worker = _held_worker(tmp_path, db, procs, "w1")
+        wait_until(lambda: "is a directory" in _chaos_stderr(worker),
+                   what="the worker to name the -shm", alive=[worker])
+        signalled = time.monotonic()
+        assert _chaos_exit(worker, signal.SIGTERM, "worker after SIGTERM") \
+            == 0  # it held nothing
+        assert time.monotonic() - signalled < 2.5  # not stop_grace (3 s)
+        err = _chaos_stderr(worker)
+        assert f"{db}-shm is a directory, where SQLite keeps its shared " \
+               f"memory: stop the processes that use the database, remove " \
+               f"it and start them again" in err, err
+        assert err.count(" ERROR ") == 1 and "Traceback" not in err, err
+        assert "without writing" not in err, err
+        assert not (tmp_path / "a.started").exists()
+        os.rmdir(f"{db}-shm")
+        (tmp_path / "a.go").touch()
+        again = _held_worker(tmp_path, db, procs, "w2")
+        with liteq.Queue(db) as queue:
+            wait_until(lambda: queue.get(1).status == "done",
+                       what="the job to finish", alive=[again])
+    finally:
+        _chaos_reap(procs)
+
+
 # The command line: one line and an exit status, never a traceback or a
 # write.
 
@@ -6481,3 +6585,479 @@ def test_a_full_or_closed_stdout_exits_1_with_one_line(tmp_path):
         assert (out.returncode, out.stderr) == (
             1, "liteq: error: cannot write the output: standard output is "
                "closed\n"), command
+
+
+# The worker and rows changed outside liteq: a bad row fails its own job,
+# with an error naming what is wrong, and never the thread; no other job
+# waits on it.
+
+def _bad_update(path, job_id, assignments):
+    """``UPDATE liteq_jobs SET <assignments>`` for one job behind liteq's
+    back: SQL, for values no parameter holds (text that is not UTF-8)."""
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute(f"UPDATE liteq_jobs SET {assignments} WHERE id = ?",
+                     (job_id,))
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def _bad_outcome(queue, job_id):
+    return queue._store.read(
+        "SELECT status, error, ready, timer, worker, finished_at IS NOT NULL"
+        " FROM liteq_jobs WHERE id = ?", (job_id,))[0]
+
+
+#: Stored calls liteq cannot have written: (call, its problem).
+_BAD_CALLS = {
+    "dict-tag-list": (
+        '{"__task__": "ADD", "args": [{"__dict__": [1]}], "kwargs": {}}',
+        "call.args[0] is not in liteq's format: a '__dict__' object must "
+        "have that one key, holding a JSON object"),
+    "frame-done-negative": (
+        '{"__task__": "ADD", "args": [1, 2], "kwargs": {}, "then": [{'
+        '"__task__": "liteq:chain", "args": [[]], "kwargs": {"done": -1}}]}',
+        "call.then[0] is a liteq:chain call whose kwargs must be {'done': "
+        "an int >= 0}, got {'done': -1}"),
+    "frame-args-number": (
+        '{"__task__": "ADD", "args": [1, 2], "kwargs": {}, "then": [{'
+        '"__task__": "liteq:chain", "args": [5], "kwargs": {"done": 1}}]}',
+        "call.then[0] is a liteq:chain call whose args must be [a list of "
+        "serialized tasks], got [5]"),
+    "deep": ("[" * 100_000 + "]" * 100_000,
+             "call is JSON nested too deeply to read"),
+    "nan": ('{"__task__": "ADD", "args": [NaN], "kwargs": {}}',
+            "call holds NaN, which liteq never stores"),
+}
+
+
+@pytest.mark.parametrize("pace", [{}, DEFER], ids=["steady", "deferred"])
+@pytest.mark.parametrize("case", sorted(_BAD_CALLS))
+def test_a_malformed_stored_call_fails_its_job_at_once_naming_the_row(
+        q, hand, caplog, case, pace):
+    caplog.set_level(logging.INFO, logger="liteq")
+    register(q, add, retries=3, retry_delay=0)
+    text, problem = _BAD_CALLS[case]
+    jobs = [T.add.delay(i, i) for i in range(5)]
+    bad = jobs.pop(2)
+    _bad_tamper(q.path, bad.id, "call", text.replace("ADD", stored(add)))
+    worker = hand(**pace)
+    assert worker.turn_until_idle() > 0
+    assert [job.status for job in jobs] == ["done"] * 4
+    error = f"stored row of job {bad.id} is malformed: {problem}"
+    assert _bad_outcome(q, bad.id) == ("failed", error, None, None, None, 1)
+    assert bad.attempts == 1  # no retry: it cannot help
+    errors = [r.getMessage() for r in caplog.records
+              if r.levelno >= logging.ERROR]
+    assert errors == [error]
+    assert "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize("call, error", [
+    ('{"__task__": "os:system", "args": ["true"], "kwargs": {}}',
+     "unknown task 'os:system': not registered in this worker"),
+    ('{"__task__": "ADD", "args": [1], "kwargs": {}}',
+     "task 'ADD' cannot take its stored arguments: missing a required "
+     "argument: 'b'"),
+], ids=["unknown-task", "signature-changed"])
+def test_an_unknown_task_or_a_changed_signature_keeps_its_own_error(
+        q, hand, call, error):
+    register(q, add, retries=3, retry_delay=0)
+    job = T.add.delay(1, 2)
+    _bad_tamper(q.path, job.id, "call", call.replace("ADD", stored(add)))
+    hand().turn_until_idle()
+    assert (job.status, job.error, job.attempts) == (
+        "failed", error.replace("ADD", stored(add)), 1)
+
+
+def test_text_that_is_not_utf8_is_marked_in_listings_never_an_error(
+        q, capsys):
+    good, bad = T.add.delay(1, 2), T.add.delay(3, 4)
+    _bad_update(q.path, bad.id, "name = CAST(x'ff' AS TEXT), "
+                "error = CAST(x'c3' AS TEXT), queue = CAST(x'80' AS TEXT)")
+    jobs = {job.id: job.to_dict() for job in q.jobs()}
+    assert "unreadable" not in jobs[good.id]
+    assert jobs[bad.id]["unreadable"] == (
+        "name is text that is not valid UTF-8; queue is text that is not "
+        "valid UTF-8; error is text that is not valid UTF-8")
+    assert (jobs[bad.id]["name"], jobs[bad.id]["args"]) == (None, [3, 4])
+    assert bad.name == "\\xff"  # a field read shows the bad bytes
+    assert sum(q.counts().values()) == 2
+    assert liteq.main(["list", "--db", q.path]) == 0
+    assert "UNREADABLE: name is text that is not valid UTF-8" in \
+        capsys.readouterr().out
+    app = liteq.wsgi_app(q)
+    for route in ("/tasks", f"/tasks/{bad.id}", "/counts"):
+        status, _, body = _ops_call(app, _ops_environ(route))
+        assert status == "200 OK", (route, body)
+        json.loads(body)
+
+
+#: Columns the claim or a sweep reads, changed outside liteq: the SET
+#: clause, and what the job's error says after "column " (None: the
+#: worker does not read it and the job runs).  A job whose timer is due
+#: while a worker holds it is one whose lease expired.
+_EXPIRED = "status = 'running', worker = 'gone:1', ready = NULL, timer = 0"
+_BAD_COLUMNS = {
+    "steps-text": ("steps = 'many'", "steps holds 'many', not an integer"),
+    "attempts-text": ("attempts = 'x'",
+                      "attempts holds 'x', not an integer"),
+    "attempts-negative": ("attempts = -1", "attempts holds -1, not an "
+                                           "integer from 0 to 2**62"),
+    "failures-text": ("failures = 'x'",
+                      "failures holds 'x', not an integer"),
+    "failures-real": ("failures = 0.5",
+                      "failures holds 0.5, not an integer"),
+    "priority-text": ("priority = 'high'",
+                      "priority holds 'high', not an integer"),
+    "priority-blob": ("priority = x'00'",
+                      "priority holds a BLOB, not an integer"),
+    "ready-text": ("ready = 'x'", "ready holds 'x', not an integer"),
+    "ready-real": ("ready = 1.5", "ready holds 1.5, not an integer"),
+    "token-text": ("token = 't'", "token holds 't', not an integer"),
+    "call-utf8": ("call = CAST(x'ff' AS TEXT)",
+                  "call holds text that is not valid UTF-8"),
+    "call-blob": ("call = x'7b7d'", "call holds a BLOB, not text"),
+    "current-utf8": ("current = CAST(x'ff' AS TEXT)",
+                     "current holds text that is not valid UTF-8"),
+    "current-blob": ("current = x'00'", "current holds a BLOB, not text"),
+    "name-utf8": ("name = CAST(x'ff' AS TEXT)", None),
+    "timer-text": ("ready = NULL, timer = 'soon'",
+                   "timer holds 'soon', not a number"),
+    "timer-blob": ("ready = NULL, timer = x'00'",
+                   "timer holds a BLOB, not a number"),
+    "lost-text": (f"{_EXPIRED}, lost = 'x'",
+                  "lost holds 'x', not an integer"),
+    "max-lost-text": (f"{_EXPIRED}, max_lost = 'x'",
+                      "max_lost holds 'x', not an integer"),
+    "worker-blob": ("status = 'running', worker = x'00', ready = NULL, "
+                    "timer = 0", "worker holds a BLOB, not text or NULL"),
+    "expired-current-utf8": (f"{_EXPIRED}, current = CAST(x'ff' AS TEXT)",
+                             "current holds text that is not valid UTF-8"),
+}
+
+
+@pytest.mark.parametrize("pace", [{}, DEFER], ids=["steady", "deferred"])
+@pytest.mark.parametrize("case", sorted(_BAD_COLUMNS))
+def test_a_bad_value_in_a_column_the_claim_reads_fails_only_its_job(
+        q, hand, caplog, case, pace):
+    caplog.set_level(logging.INFO, logger="liteq")
+    assignments, problem = _BAD_COLUMNS[case]
+    jobs = [T.add.delay(i, i) for i in range(5)]
+    bad = jobs.pop(2)
+    _bad_update(q.path, bad.id, assignments)
+    worker = hand(**pace)
+    assert worker.turn_until_idle() > 0
+    assert [job.status for job in jobs] == ["done"] * 4
+    errors = [r.getMessage() for r in caplog.records
+              if r.levelno >= logging.ERROR]
+    if problem is None:
+        assert _bad_outcome(q, bad.id)[0] == "done"
+        assert errors == []
+        return
+    error = f"stored row of job {bad.id} is malformed: column {problem}"
+    assert _bad_outcome(q, bad.id) == ("failed", error, None, None, None, 1)
+    assert errors == [f"{error}; the job failed"]  # once
+    assert "Traceback" not in caplog.text
+    # Quarantined: later turns and later jobs never meet it again.
+    later = T.add.delay(7, 7)
+    assert worker.turn_until_idle() > 0
+    assert later.status == "done"
+    assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) \
+        == 1
+
+
+def test_bad_rows_of_every_kind_at_once_never_hold_up_the_line(q, hand,
+                                                               caplog):
+    caplog.set_level(logging.INFO, logger="liteq")
+    good = [T.add.delay(i, i).id for i in range(3)]
+    bad = {}
+    for case, (assignments, problem) in sorted(_BAD_COLUMNS.items()):
+        bad[case] = T.add.delay(1, 1).id
+        _bad_update(q.path, bad[case], assignments)
+    good += [T.add.delay(i, i).id for i in range(3)]
+    worker = hand(threads=1, batch=4)
+    assert worker.turn_until_idle() > 0
+    assert [q.get(i).status for i in good] == ["done"] * 6
+    for case, job_id in bad.items():
+        status, error = _bad_outcome(q, job_id)[:2]
+        if _BAD_COLUMNS[case][1] is None:
+            assert status == "done", case
+        else:
+            assert (status, error) == ("failed", f"stored row of job "
+                                       f"{job_id} is malformed: column "
+                                       f"{_BAD_COLUMNS[case][1]}"), case
+    assert "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize("column", ["priority", "ready", "steps"])
+def test_bad_rows_filling_whole_batches_leave_no_wait_for_the_next(
+        q, hand, column):
+    # A text priority sorts before every number: these come first in line.
+    bad = [T.add.delay(1, 1) for _ in range(5)]
+    good = [T.add.delay(i, i) for i in range(3)]
+    for job in bad:
+        _bad_update(q.path, job.id, f"priority = 'high', {column} = 'x'")
+    worker = hand(**{**DEFER, "batch": 2})
+    assert worker.turn() == 0  # the first turn finds the good ones
+    assert worker.turn_until_idle() > 0
+    assert [job.status for job in good] == ["done"] * 3
+    assert {job.status for job in bad} == {"failed"}
+
+
+def test_a_follower_reads_a_bad_eta_in_line_as_no_wait():
+    tuning = liteq._Tuning()
+    assert liteq._Lead.hold([(3, "x"), (1, b"\x00"), (1, None)], 100.0,
+                            tuning) == tuning.follow_look
+    assert liteq._Lead.hold([(3, "x"), (1, 10.0)], 100.0, tuning) is None
+
+
+class _BadFilter(logging.Filter):
+    """Make liteq's own logging raise ``exc`` for the first ``times``
+    records whose message starts with ``prefix``: an error no part of the
+    worker expects, through a public seam."""
+
+    def __init__(self, prefix, exc, times):
+        super().__init__()
+        self.prefix, self.exc, self.left = prefix, exc, times
+
+    def filter(self, record):
+        if self.left and record.getMessage().startswith(self.prefix):
+            self.left -= 1
+            raise self.exc
+        return True
+
+
+@pytest.fixture
+def bad_filter():
+    made = []
+
+    def install(prefix, exc, times=1):
+        made.append(_BadFilter(prefix, exc, times))
+        logging.getLogger("liteq").addFilter(made[-1])
+        return made[-1]
+
+    yield install
+    for bad in made:
+        logging.getLogger("liteq").removeFilter(bad)
+
+
+def test_an_unexpected_error_in_a_thread_is_logged_once_and_it_goes_on(
+        q, hand, clock, caplog, bad_filter):
+    caplog.set_level(logging.INFO, logger="liteq")
+    jobs = [T.add.delay(i, i) for i in range(6)]
+    bad_filter("job ", RuntimeError("injected"), times=3)
+    worker = hand()
+    for _ in range(3):  # each turn claims a step, then meets the error
+        pause = worker.turn()
+        assert 0 < pause <= 2.0
+    assert worker.turn_until_idle() > 0
+    # The three steps claimed when it struck run again after their lease.
+    assert [job.status for job in jobs].count("done") == 3
+    clock.advance(61)
+    assert worker.turn_until_idle() > 0
+    assert [job.status for job in jobs] == ["done"] * 6
+    reported = [r for r in caplog.records if "unexpected error" in
+                r.getMessage()]
+    assert len(reported) == 1, [r.getMessage() for r in reported]
+    assert reported[0].levelno == logging.ERROR
+    assert reported[0].exc_info[0] is RuntimeError
+    assert "RuntimeError: injected" in reported[0].getMessage()
+
+
+def test_a_bug_met_on_every_turn_is_reported_with_its_count_not_each_time(
+        caplog):
+    caplog.set_level(logging.INFO, logger="liteq")
+    pacing = Pacing()
+    bugs = liteq._Bugs("unexpected error in a test", pacing)
+
+    def meet():
+        try:
+            raise KeyError("same place")
+        except KeyError as exc:
+            return bugs.met(exc)
+
+    pauses = []
+    for _ in range(15):  # one a second
+        pauses.append(meet())
+        pacing.advance(1.0)
+    assert max(pauses) <= 2.0 and pauses[-1] > 0.5  # backs off
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines  # the first, then one report at 10 s
+    assert caplog.records[0].exc_info is not None
+    assert caplog.records[1].exc_info is None
+    assert "since the last report" not in lines[0]
+    assert "KeyError: 'same place' (10 time(s) since the last report" in \
+        lines[1]
+    bugs.ok()
+    assert bugs.count == 0
+
+
+def test_a_worker_thread_that_cannot_go_on_stops_the_worker_loudly(
+        q, bad_filter, caplog):
+    class Fatal(BaseException):
+        pass
+
+    caplog.set_level(logging.INFO, logger="liteq")
+    T.add.delay(1, 2)
+    bad_filter("job ", Fatal("injected"))
+    worker = liteq.Worker(q)
+    with pytest.raises(liteq.StorageError) as info:
+        worker.run_forever()
+    assert str(info.value) == ("worker thread liteq-worker-1 ended: Fatal: "
+                               "injected")
+    assert worker.fatal == str(info.value)
+
+
+# A property: rows tampered at random, never a dead thread, a held-up job
+# or a listing that fails.
+
+class _NotUtf8(bytes):
+    """A value stored as TEXT that is not valid UTF-8."""
+
+
+#: Every column but id, and whether it is NOT NULL.
+_TAMPER_COLUMNS = [
+    ("name", True), ("current", True), ("call", True),
+    ("description", True), ("queue", True), ("priority", True),
+    ("key", False), ("status", True), ("percent", False), ("steps", True),
+    ("attempts", True), ("failures", True), ("lost", True),
+    ("max_lost", True), ("token", True), ("cancel", True),
+    ("result", False), ("error", False), ("eta", True), ("ready", False),
+    ("timer", False), ("worker", False), ("created_at", True),
+    ("started_at", False), ("updated_at", True), ("finished_at", False)]
+
+
+def _tamper_value(rng):
+    """A value of some type liteq would not store there, most likely."""
+    return rng.choice([
+        lambda: rng.choice([0, 1, -1, 2**63 - 1, -2**63, 2**62, 2**53 + 1]),
+        lambda: rng.randint(-2**63, 2**63 - 1),
+        lambda: rng.choice([0.5, -1e300, 1e300, math.inf, -math.inf, 1e-9]),
+        lambda: rng.uniform(-1e12, 1e12),
+        lambda: rng.choice(["", "x", "many", "soon", "high", "t", "[]", "{}",
+                            "null", "5", "NaN", '{"__task__": 5}',
+                            '{"__task__": "x", "args": [{"__dict__": 1}]}',
+                            "[" * 200 + "]" * 200]),
+        lambda: "".join(rng.choice('ab{}[]":,0_\\') for _ in range(
+            rng.randint(0, 30))),
+        lambda: bytes(rng.randrange(256) for _ in range(rng.randint(0, 8))),
+        lambda: _NotUtf8(rng.choice([b"\xff", b"ab\xfe", b"\xc3", b"\x80x"])),
+        lambda: None,
+    ])()
+
+
+def _tamper_rows(path, job_ids, rng, counted):
+    """Change 1-3 random columns of each job behind liteq's back; adds
+    the ids of the rows it changed to ``counted``."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        for job_id in job_ids:
+            for _ in range(rng.randint(1, 3)):
+                column, not_null = rng.choice(_TAMPER_COLUMNS)
+                value = _tamper_value(rng)
+                if value is None and not_null:
+                    continue  # the schema refuses it: nothing to test
+                sql = "CAST(? AS TEXT)" if isinstance(value, _NotUtf8) \
+                    else "?"
+                try:
+                    conn.execute(f"UPDATE liteq_jobs SET {column} = {sql} "
+                                 f"WHERE id = ?", (value, job_id))
+                except sqlite3.IntegrityError:
+                    continue  # a CHECK or a unique key refused it
+                counted.add(job_id)
+    finally:
+        conn.close()
+
+
+def _tamper_listings_answer(queue, capsys, job_ids):
+    """Every listing returns; one bad row marks only itself."""
+    jobs = queue.jobs(limit=10_000)
+    assert sorted(job.id for job in jobs) == sorted(job_ids)
+    for job in jobs:
+        json.dumps(job.to_dict(), allow_nan=False)
+    assert sum(queue.counts().values()) == len(job_ids)
+    for args in ([], ["--json"]):
+        code = liteq.main(["list", "--limit", "10000", "--db", queue.path,
+                           *args])
+        out, err = capsys.readouterr()
+        assert code == 0 or (code == 1 and err.count("\n") == 1), err
+    for job_id in job_ids[:5]:
+        code = liteq.main(["show", str(job_id), "--db", queue.path])
+        out, err = capsys.readouterr()
+        assert code in (0, 1) and err.count("\n") == int(code == 1), err
+    app = liteq.wsgi_app(queue)
+    for route in ("/tasks", "/counts"):
+        status, _, body = _ops_call(app, _ops_environ(route,
+                                                      query="limit=1000"))
+        assert status == "200 OK", (route, body)
+        json.loads(body)
+    for job_id in job_ids:
+        status, _, body = _ops_call(app, _ops_environ(f"/tasks/{job_id}"))
+        assert status == "200 OK" or "error" in json.loads(body), body
+
+
+def _tamper_by_hand(queue, clock, ids, rng, tampered, pace):
+    """Turn two threads of a HandWorker by hand while rows change."""
+    worker = HandWorker(queue, clock, threads=2, **pace)
+    try:
+        for _ in range(40):  # some steps run, then more rows change
+            for thread in worker.threads:
+                assert worker.turn(thread) is not None
+        _tamper_rows(queue.path, rng.sample(ids, 50), rng, tampered)
+        for _ in range(3):  # leases of stuck steps expire in between
+            for thread in worker.threads:
+                assert worker.turn_until_idle(thread) is not None
+            clock.advance(3600)
+    finally:
+        worker.close()
+    assert worker.worker.fatal is None
+
+
+def _tamper_in_threads(queue, ids, rng, tampered):
+    """Run a real Worker of two threads while rows change."""
+    worker = liteq.Worker(queue, threads=2).start()
+    try:
+        _tamper_rows(queue.path, rng.sample(ids, 50), rng, tampered)
+        untouched = [i for i in ids if i not in tampered]
+        wait_until(lambda: all(queue.get(i).status == "done"
+                               for i in untouched),
+                   what="every job no one changed to finish")
+        assert all(thread.is_alive() for thread in worker._threads)
+    finally:
+        assert worker.stop(timeout=DEADLINE)
+    assert worker.fatal is None
+
+
+def test_rows_tampered_at_random_never_stop_a_thread_or_the_others(
+        make_queue, caplog, capsys):
+    caplog.set_level(logging.WARNING, logger="liteq")
+    rng = random.Random(20261206)
+    tampered_rows = 0
+    for round_no in range(24):
+        queue = make_queue(f"tampered-{round_no}.db")
+        register(queue, add)
+        with queue.batch():
+            jobs = [T.add.delay(i, i) for i in range(130)]
+        ids = [job.id for job in jobs]
+        tampered = set()
+        _tamper_rows(queue.path, rng.sample(ids, 70), rng, tampered)
+        if round_no % 4 == 3:
+            _tamper_in_threads(queue, ids, rng, tampered)
+        else:
+            clock = Clock()
+            queue._store.clock = clock
+            _tamper_by_hand(queue, clock, ids, rng, tampered,
+                            DEFER if round_no % 2 else {})
+        untouched = [job_id for job_id in ids if job_id not in tampered]
+        statuses = {job_id: queue.get(job_id).status
+                    for job_id in untouched}
+        assert set(statuses.values()) == {"done"}, statuses
+        _tamper_listings_answer(queue, capsys, ids)
+        tampered_rows += len(tampered)
+        queue.close()
+    assert tampered_rows >= 2000
+    bugs = [r.getMessage() for r in caplog.records
+            if "unexpected error" in r.getMessage()]
+    assert bugs == []
