@@ -6572,8 +6572,8 @@ def test_a_full_or_closed_stdout_exits_1_with_one_line(tmp_path):
     with open("/dev/full", "w") as full:
         out = subprocess.run(
             [sys.executable, "-m", "liteq", "status", "--db", db],
-            stdout=full, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
-            cwd=str(tmp_path), timeout=DEADLINE)
+            stdout=full, stderr=subprocess.PIPE, text=True,
+            env=subprocess_env(), cwd=str(tmp_path), timeout=DEADLINE)
     assert (out.returncode, out.stderr) == (
         1, "liteq: error: cannot write the output: [Errno 28] No space "
            "left on device\n")
