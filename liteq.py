@@ -3413,7 +3413,12 @@ class _WorkerThread:
         self.generation = self.wakeups.generation
         self.listen = True
         try:
-            pause = self._turn(now)
+            if self.stopping.is_set():
+                return self._finish()
+            with self.lock:
+                step = self.ahead.popleft() if self.ahead else None
+            pause = (self._run_ahead(step) if step is not None
+                     else self._claim_or_wait(now))
         except SchemaError as exc:
             self.crew.die(str(exc))
             return None  # what it holds is left to its leases
@@ -3431,15 +3436,6 @@ class _WorkerThread:
         if self.bugs.count:
             self.bugs.ok()
         return pause
-
-    def _turn(self, now: float) -> float | None:
-        if self.stopping.is_set():
-            return self._finish()
-        with self.lock:
-            step = self.ahead.popleft() if self.ahead else None
-        if step is not None:
-            return self._run_ahead(step)
-        return self._claim_or_wait(now)
 
     def _run_ahead(self, step: _Step) -> float:
         """Run a step claimed ahead: deferred, or after writing its start."""
@@ -3593,9 +3589,9 @@ class _WorkerThread:
 
     def _may_continue_here(self, step: _Step, outcome: _Outcome) -> bool:
         """Whether the job's next step would be this thread's next claim."""
-        if (self.solo or self.stopping.is_set()
-                or outcome.current not in _PROCESS.tasks
-                or _task_limits(outcome.current) != step.limits
+        fn = _PROCESS.tasks.get(outcome.current)
+        if (self.solo or self.stopping.is_set() or fn is None
+                or (fn.lease, fn.max_lost) != step.limits
                 or (step.token + 1) >> _TOKEN_BITS != step.token >> _TOKEN_BITS
                 or any(other.priority >= step.priority
                        for other in self.ahead)):
@@ -3795,10 +3791,12 @@ class _WorkerThread:
                      release: list[_Step], finished: int) -> None:
         """Log the outcomes just written and wake who waits for them."""
         in_line = bool(release)
+        debug = logger.isEnabledFor(logging.DEBUG)
         for outcome, row in zip(outcomes, rows):
             first_loss = row is None and self.note_lost(outcome.step)
-            _log_outcome(outcome, row, first_loss)
-            self.progress.note(outcome, row)
+            _log_outcome(outcome, row, first_loss, debug)
+            if outcome.kind != "done" or self.progress.tracking:
+                self.progress.note(outcome, row)
             status = row[0] if isinstance(row, tuple) else None
             if status in _FINISHED:
                 finished += 1
@@ -3903,6 +3901,11 @@ class _ProgressLog:
         self._jobs: collections.OrderedDict[int, tuple[float, float]] = \
             collections.OrderedDict()
 
+    @property
+    def tracking(self) -> bool:
+        """Whether any job is remembered (a done outcome may be one)."""
+        return bool(self._jobs)
+
     def note(self, outcome: _Outcome, row: Any) -> None:
         """Log the progress line of a written outcome's job, if due."""
         step = outcome.step
@@ -3931,7 +3934,8 @@ class _ProgressLog:
                         outcome.percent, now - first)
 
 
-def _log_outcome(outcome: _Outcome, row: Any, first_loss: bool) -> None:
+def _log_outcome(outcome: _Outcome, row: Any, first_loss: bool,
+                 debug: bool = True) -> None:
     """Log a written outcome; ``first_loss``: no lost lease of its step
     was logged yet."""
     step = outcome.step
@@ -3951,8 +3955,10 @@ def _log_outcome(outcome: _Outcome, row: Any, first_loss: bool) -> None:
     if status == _CANCELLED:
         logger.info("job %d cancelled", step.id)
     elif outcome.kind in ("continue", "continue_here"):
-        logger.debug("job %d continued: step %d of %s done, next %s",
-                     step.id, step.number, step.current, outcome.current)
+        if debug:
+            logger.debug("job %d continued: step %d of %s done, next %s",
+                         step.id, step.number, step.current,
+                         outcome.current)
     elif outcome.kind == "done":
         logger.info("job %d done", step.id)
     elif outcome.kind == "retry" and status != _FAILED:
