@@ -3593,8 +3593,8 @@ class _WorkerThread:
         if (self.solo or self.stopping.is_set() or fn is None
                 or (fn.lease, fn.max_lost) != step.limits
                 or (step.token + 1) >> _TOKEN_BITS != step.token >> _TOKEN_BITS
-                or any(other.priority >= step.priority
-                       for other in self.ahead)):
+                or (self.ahead and any(other.priority >= step.priority
+                                       for other in self.ahead))):
             return False
         # The line was clear a moment ago, and nothing of this process
         # joined it since: a job another process delays overtakes at most
@@ -3917,6 +3917,9 @@ class _ProgressLog:
                     self._jobs.pop(step.id, None)
             return
         now = outcome.ended
+        known = self._jobs.get(step.id)  # a dict read needs no lock
+        if known is not None and now - known[1] < self.every:
+            return  # the common case: logged or first seen lately
         with self._lock:
             first, last = self._jobs.pop(step.id, (step.began, step.began))
             due = now - last >= self.every
