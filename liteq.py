@@ -3937,22 +3937,28 @@ class _ProgressLog:
                         outcome.percent, now - first)
 
 
+def _log_refused(outcome: _Outcome, first_loss: bool) -> None:
+    """Log why an outcome was refused (a lost lease once per step)."""
+    step = outcome.step
+    if outcome.refusal == "cancelled":
+        logger.info("job %d cancelled while claimed; its outcome was "
+                    "discarded", step.id)
+    elif outcome.refusal == "finished":
+        logger.info("job %d was finished and purged while claimed; its "
+                    "outcome was discarded", step.id)
+    elif first_loss:
+        logger.warning("job %d: lease lost while running %s (step %d); "
+                       "its outcome was discarded", step.id, step.current,
+                       step.number)
+
+
 def _log_outcome(outcome: _Outcome, row: Any, first_loss: bool,
                  debug: bool = True) -> None:
     """Log a written outcome; ``first_loss``: no lost lease of its step
     was logged yet."""
     step = outcome.step
     if row is None:
-        if outcome.refusal == "cancelled":
-            logger.info("job %d cancelled while claimed; its outcome was "
-                        "discarded", step.id)
-        elif outcome.refusal == "finished":
-            logger.info("job %d was finished and purged while claimed; "
-                        "its outcome was discarded", step.id)
-        elif first_loss:
-            logger.warning("job %d: lease lost while running %s (step %d); "
-                           "its outcome was discarded", step.id,
-                           step.current, step.number)
+        _log_refused(outcome, first_loss)
         return
     status = row[0] if isinstance(row, tuple) else None
     if status == _CANCELLED:

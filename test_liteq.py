@@ -5889,43 +5889,6 @@ def test_claim_queries_use_the_ready_index(q, sql):
     assert "TEMP B-TREE" not in details
 
 
-CLOSE_WHILE_IN_USE = """
-import sys, threading
-sys.path.insert(0, {liteq_dir!r})
-import liteq
-
-def ping(x):
-    return x
-
-for n in range(40):
-    queue = liteq.Queue(sys.argv[1] + str(n) + ".db")
-    task = queue.task(name="ping")(ping)
-    for i in range(50):
-        task.delay(i)
-    stop, errors = threading.Event(), []
-
-    def read():
-        while not stop.is_set():
-            try:
-                queue.counts()
-                queue.jobs(limit=20)
-            except Exception as exc:
-                errors.append(repr(exc))
-
-    readers = [threading.Thread(target=read) for _ in range(3)]
-    for thread in readers:
-        thread.start()
-    for _ in range(5):
-        queue.close()  # while the readers are inside their queries
-    stop.set()
-    for thread in readers:
-        thread.join()
-    queue.close()
-    assert not errors, errors[:3]
-print("survived")
-"""
-
-
 def sent_sql(caplog, action):
     """The statements ``action()`` sends, from liteq's DEBUG records."""
     caplog.set_level(logging.DEBUG, logger="liteq")
