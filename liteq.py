@@ -33,10 +33,11 @@ Sections (``grep -n '^# [0-9]*\\. ' liteq.py``):
  9. Worker threads: the loop of each thread, the housekeeper
 10. Worker helpers: faults, the lead, wake-ups
 11. Worker: the class, and what its threads share
-12. HTTP: status resource and dashboard
-13. Command line
-14. Dashboard page: HTML, script and style
-15. python -m liteq
+12. Testing helpers: the test clock, drain, eager, using
+13. HTTP: status resource and dashboard
+14. Command line
+15. Dashboard page: HTML, script and style
+16. python -m liteq
 
 Licensed under the MIT licence (see LICENSE).
 """
@@ -69,6 +70,7 @@ import pkgutil
 import random
 import re
 import select
+import shutil
 import shlex
 import signal
 import socket
@@ -76,6 +78,7 @@ import socketserver
 import sqlite3
 import struct
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -135,7 +138,7 @@ _FINISHED = (_DONE, _FAILED, _CANCELLED)
 
 _MIN_SQLITE = (3, 35, 0)  # UPDATE ... RETURNING
 _APPLICATION_ID = 0x6C697471  # "litq" in the database header
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 
 _MAX_DEPTH = 100  # nesting of containers in arguments and results
 _MAX_INT_DIGITS = 4300  # CPython's default int/str conversion limit
@@ -159,7 +162,15 @@ _TASK_DEFAULTS = {
     "retry_on": None,  # None: any Exception is retried
     "dont_retry": (),
     "retry_jitter": False,
+    "job_timeout": None,  # seconds from the delay to the job's deadline
 }
+
+_WAIT_TIMER, _WAIT_RETRY = "timer", "retry"  # values of Job.waiting
+_AFTER, _AT = "after", "at"  # the keys of a delayed Task's JSON form
+_MAX_RETRY_DELAY = 100 * 365.25 * 86400  # seconds; also the longest wait
+_MAX_SNOOZES = 100  # Task.run() re-runs a snoozing call at most this often
+_MAX_EAGER_STEPS = 1_000_000  # steps of one job that eager() runs
+_ERRORS_KEPT = 10  # error lines Job.errors keeps
 
 # ---------------------------------------------------------------------------
 # 3. Errors
@@ -679,7 +690,8 @@ def _plain(values: Iterable) -> bool:
 
 def _encode(value: Any, path: str, limit: int) -> str:
     try:
-        if (type(value) is Task and not value._then and _plain(value.args)
+        if (type(value) is Task and not value._then and value._wait is None
+                and _plain(value.args)
                 and _plain(value.kwargs.values())):
             # The common call, without the walk _to_json makes.
             text = _dumps({_TAG_TASK: value.name, "args": list(value.args),
@@ -750,15 +762,46 @@ _SCHEMA = (
     "WHERE key IS NOT NULL AND finished_at IS NULL",
 )
 
+# Version 2: time as data.  ``waiting`` says why an unfinished job out of
+# line waits (its timer is then a wake time, never a lease); ``expires``
+# and ``deadline`` are unix times (NULL: none), each found by a partial
+# index for as long as it can still come due; ``origin`` is the first
+# call, kept from the job's first continuation on (NULL: ``call`` is it);
+# ``errors`` the JSON list of the current step's last error lines.
+_SCHEMA_2 = (
+    "ALTER TABLE liteq_jobs ADD COLUMN waiting TEXT",
+    "ALTER TABLE liteq_jobs ADD COLUMN expires REAL",
+    "ALTER TABLE liteq_jobs ADD COLUMN deadline REAL",
+    "ALTER TABLE liteq_jobs ADD COLUMN origin TEXT",
+    "ALTER TABLE liteq_jobs ADD COLUMN errors TEXT",
+    """
+    CREATE INDEX liteq_jobs_expires ON liteq_jobs (expires)
+     WHERE expires IS NOT NULL AND started_at IS NULL
+       AND finished_at IS NULL
+    """,
+    """
+    CREATE INDEX liteq_jobs_deadline ON liteq_jobs (deadline)
+     WHERE deadline IS NOT NULL AND finished_at IS NULL
+    """,
+    # Jobs of version 1 out of line on a timer with no worker wait on it.
+    """
+    UPDATE liteq_jobs
+       SET waiting = CASE WHEN failures > 0 THEN 'retry' ELSE 'timer' END
+     WHERE timer IS NOT NULL AND ready IS NULL AND worker IS NULL
+       AND finished_at IS NULL
+    """,
+)
+
 #: Migrations, indexed by the version they upgrade *from*; version 0 is an
 #: empty file.  Each runs inside the write transaction that re-reads the
 #: version, so concurrent openers never run one twice.
-_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA,)
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA, _SCHEMA_2)
 
 _JOB_COLUMNS = (
     "id, name, current, call, description, queue, priority, key, status, "
     "percent, steps, attempts, failures, lost, token, cancel, result, "
-    "error, eta, worker, created_at, started_at, updated_at, finished_at")
+    "error, eta, worker, created_at, started_at, updated_at, finished_at, "
+    "waiting, expires, deadline, origin, errors")
 
 # The counter AUTOINCREMENT keeps for job ids also orders ready jobs: a job
 # entering the line takes the next value, so the database, not the wall
@@ -772,17 +815,20 @@ _SQL_NEXT_READY = """
 _INSERT_JOB = """
     INSERT INTO liteq_jobs (name, current, call, description, queue,
                             priority, key, status, percent, eta, ready,
-                            timer, created_at, updated_at)
+                            timer, waiting, created_at, updated_at,
+                            expires, deadline)
     {} ?1, ?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?8,
             CASE WHEN ?9 THEN 1 + coalesce((SELECT seq FROM sqlite_sequence
                                  WHERE name = 'liteq_jobs'), 0) END,
-            CASE WHEN ?9 THEN NULL ELSE ?8 END, ?10, ?10{}
+            CASE WHEN ?9 THEN NULL ELSE ?8 END,
+            CASE WHEN ?9 THEN NULL ELSE 'timer' END, ?10, ?10, ?11, ?12{}
 """
 
 #: A job to insert, in the order of _INSERT_JOB's parameters; ``due``
 #: says whether it goes in line at once (else it waits for ``eta``).
 _NewJob = collections.namedtuple(
-    "_NewJob", "name call description queue priority key percent eta due now")
+    "_NewJob", "name call description queue priority key percent eta due now "
+               "expires deadline")
 
 _SQL_INSERT_JOB = _INSERT_JOB.format("VALUES (", ")")
 
@@ -800,6 +846,13 @@ _SQL_HEADER = """
 """
 
 _SQL_LAST_ID = "SELECT seq FROM sqlite_sequence WHERE name = 'liteq_jobs'"
+
+# Unfinished jobs of a task with their first call (see Queue.enqueued).
+_SQL_SELECT_ENQUEUED = """
+    SELECT id, current, coalesce(origin, call) FROM liteq_jobs
+     WHERE finished_at IS NULL AND (:name IS NULL OR name = :name)
+     ORDER BY id
+"""
 
 _SQL_SELECT_ACTIVE_KEY = """
     SELECT id FROM liteq_jobs WHERE key = ? AND finished_at IS NULL
@@ -824,15 +877,29 @@ _SQL_SELECT_DUE = """
      WHERE timer <= ? LIMIT 100
 """
 
+# When the next thing comes due that a sweep acts on (each from its own
+# index): a timer, an expiry, a deadline of a job no step executes.
+_NEXT_DUE = """
+    SELECT min(timer) FROM liteq_jobs WHERE timer IS NOT NULL
+     UNION ALL
+    SELECT min(expires) FROM liteq_jobs
+     WHERE expires IS NOT NULL AND started_at IS NULL AND finished_at IS NULL
+     UNION ALL
+    SELECT deadline FROM (SELECT deadline FROM liteq_jobs
+     WHERE deadline IS NOT NULL AND finished_at IS NULL AND worker IS NULL
+     ORDER BY deadline LIMIT 1)
+"""
+
 # An idle worker looks with this read before it takes the write lock:
 # whether a claim could find work, a ready job of the worker's queue
-# names (one ? each, filled in by the worker) or a due timer, or a schema
-# that is not ours (the claim's transaction checks and reports it).
+# names (one ? each, filled in by the worker), or a schema that is not
+# ours (the claim's transaction checks and reports it); and when the
+# next thing comes due.
 _SQL_WORK_IN_SIGHT = f"""
     SELECT (SELECT user_version FROM pragma_user_version) != {_SCHEMA_VERSION}
         OR EXISTS (SELECT 1 FROM liteq_jobs
                     WHERE queue IN ({{}}) AND ready IS NOT NULL)
-        OR EXISTS (SELECT 1 FROM liteq_jobs WHERE timer <= ?)
+     UNION ALL {_NEXT_DUE}
 """
 
 # A worker that does not lead looks at the line: how many wait (up to a
@@ -846,7 +913,23 @@ _SQL_LINE_LOAD = """
              ORDER BY priority DESC, ready LIMIT 1)
 """
 
-_SQL_NEXT_TIMER = "SELECT min(timer) FROM liteq_jobs WHERE timer IS NOT NULL"
+_SQL_NEXT_TIMER = _NEXT_DUE
+
+# The same, strictly after a time: where drain(until=...) moves the clock.
+_SQL_NEXT_DUE_AFTER = """
+    SELECT min(timer) FROM liteq_jobs WHERE timer > :after
+     UNION ALL
+    SELECT min(expires) FROM liteq_jobs
+     WHERE expires > :after AND started_at IS NULL AND finished_at IS NULL
+     UNION ALL
+    SELECT min(deadline) FROM liteq_jobs
+     WHERE deadline > :after AND finished_at IS NULL
+"""
+
+_SQL_COUNT_WAITING = """
+    SELECT queue, count(*) FROM liteq_jobs WHERE waiting IS NOT NULL
+     GROUP BY queue
+"""
 
 # The queue names that ready jobs wait under: read from the ready index
 # alone, once, when a worker starts.
@@ -856,7 +939,8 @@ _SQL_READY_QUEUES = """
 
 _SQL_MAKE_READY = """
     UPDATE liteq_jobs SET ready = :ready, timer = NULL, worker = NULL,
-                          lost = lost + :lost, updated_at = :now
+                          waiting = NULL, lost = lost + :lost,
+                          updated_at = :now
      WHERE id = :id
 """
 
@@ -870,6 +954,12 @@ _SQL_MAKE_READY = """
 _SQL_LINE = """
     SELECT id, priority, ready FROM liteq_jobs
      WHERE queue = ? AND ready IS NOT NULL
+     ORDER BY priority DESC, ready LIMIT ?
+"""
+
+# The line of every queue name (drain() without queue names).
+_SQL_LINE_ALL = """
+    SELECT id, priority, ready FROM liteq_jobs WHERE ready IS NOT NULL
      ORDER BY priority DESC, ready LIMIT ?
 """
 
@@ -887,7 +977,8 @@ _SQL_CLAIM = f"""
     UPDATE liteq_jobs
        SET {_NEXT_TOKEN}, ready = NULL, timer = ? + ?
      WHERE id IN ({{}})
- RETURNING id, current, call, token, attempts, steps, failures, priority
+ RETURNING id, current, call, token, attempts, steps, failures, priority,
+           CASE WHEN started_at IS NULL THEN expires END, deadline
 """
 
 # A thread that runs its steps one at a time (see Worker._may_defer)
@@ -896,8 +987,9 @@ _SQL_CLAIM = f"""
 # It returns what _SQL_CLAIM returns (``attempts`` as it was before),
 # then NULL.  A place in line or an ``attempts`` that is not an integer is
 # kept, like the token, and that last column is the place: for the worker
-# to see and report.
-_SQL_CLAIM_START = f"""
+# to see and report.  A job that expired is passed over: the expiry
+# sweep cancels it.  (_SQL_CLAIM_JOB claims one job by its id instead.)
+_CLAIM_START = f"""
     UPDATE liteq_jobs
        SET {_NEXT_TOKEN},
            ready = CASE WHEN typeof(ready) = 'integer' THEN NULL
@@ -907,13 +999,21 @@ _SQL_CLAIM_START = f"""
            timer = :now + :lease, max_lost = :max_lost, status = 'running',
            worker = :worker, started_at = coalesce(started_at, :now),
            updated_at = :now
-     WHERE id = (SELECT id FROM liteq_jobs
-                  WHERE queue = :queue AND ready IS NOT NULL
-                  ORDER BY priority DESC, ready LIMIT 1)
+     WHERE {{}}
  RETURNING id, current, call, token,
            CASE WHEN typeof(attempts) = 'integer' THEN attempts - 1
-                ELSE attempts END, steps, failures, priority, ready
+                ELSE attempts END, steps, failures, priority, NULL,
+           deadline, ready
 """
+
+_SQL_CLAIM_START = _CLAIM_START.format("""
+           id = (SELECT id FROM liteq_jobs
+                  WHERE queue = :queue AND ready IS NOT NULL
+                    AND (expires IS NULL OR expires > :now
+                         OR started_at IS NOT NULL)
+                  ORDER BY priority DESC, ready LIMIT 1)""")
+
+_SQL_CLAIM_JOB = _CLAIM_START.format("id = :id AND ready IS NOT NULL")
 
 _SQL_ADJUST_CLAIM = """
     UPDATE liteq_jobs SET timer = :now + :lease, max_lost = :max_lost
@@ -922,6 +1022,9 @@ _SQL_ADJUST_CLAIM = """
 
 _HELD = "id = :id AND token = :token AND ready IS NULL " \
         "AND finished_at IS NULL"
+
+# An outcome is written only before the job's deadline (see refusal()).
+_HELD_IN_TIME = f"{_HELD} AND (deadline IS NULL OR deadline > :now)"
 
 _SQL_HIGHER_READY = """
     SELECT 1 FROM liteq_jobs
@@ -958,21 +1061,42 @@ _OUTCOME = """
            started_at = coalesce(started_at, :started), worker = NULL,
            updated_at = :now"""
 
+# The first call is kept in ``origin`` once the job moves past it.
 _CONTINUE = f"""
     UPDATE liteq_jobs
        SET call = :call, current = :current, percent = :percent,
+           origin = coalesce(origin, call), errors = NULL,
            steps = steps + :n, attempts = 0, failures = 0, lost = 0,
-           eta = :now, {_OUTCOME},
+           eta = :eta, {_OUTCOME},
            status = CASE WHEN cancel THEN 'cancelled' ELSE 'running' END,
            finished_at = CASE WHEN cancel THEN :now END,
            {{}}
-     WHERE {_HELD}
+     WHERE {_HELD_IN_TIME}
  RETURNING status
 """
 
 # Back in line, behind every ready job of equal or higher priority.
 _SQL_CONTINUE = _CONTINUE.format(
     "ready = CASE WHEN cancel THEN NULL ELSE :ready END, timer = NULL")
+
+# Or out of line until its wake time (Task.after(), Task.at()).
+_SQL_CONTINUE_WAIT = _CONTINUE.format(
+    f"ready = NULL, timer = CASE WHEN cancel THEN NULL ELSE :eta END, "
+    f"waiting = CASE WHEN cancel THEN NULL ELSE '{_WAIT_TIMER}' END")
+
+# The same call again, in line or at its wake time (snooze()).
+_SQL_SNOOZE = f"""
+    UPDATE liteq_jobs
+       SET attempts = 0, eta = :eta, {_OUTCOME},
+           status = CASE WHEN cancel THEN 'cancelled' ELSE 'running' END,
+           finished_at = CASE WHEN cancel THEN :now END,
+           ready = CASE WHEN cancel OR :eta > :now THEN NULL ELSE :ready END,
+           timer = CASE WHEN NOT cancel AND :eta > :now THEN :eta END,
+           waiting = CASE WHEN NOT cancel AND :eta > :now
+                          THEN '{_WAIT_TIMER}' END
+     WHERE {_HELD_IN_TIME}
+ RETURNING status
+"""
 
 # When no such job waits, the worker claims the job again at once, as its
 # next claim would have: a fresh token, the same lease.  ``n`` steps that
@@ -985,33 +1109,65 @@ _SQL_DONE = f"""
        SET status = 'done', result = :result, percent = 100.0,
            steps = steps + 1, attempts = :attempt, timer = NULL,
            finished_at = :now, {_OUTCOME}
-     WHERE {_HELD}
+     WHERE {_HELD_IN_TIME}
 """
 
 _SQL_FAIL = f"""
     UPDATE liteq_jobs
        SET status = CASE WHEN cancel THEN 'cancelled' ELSE 'failed' END,
-           error = :error, attempts = :attempt, timer = NULL,
-           finished_at = :now, {_OUTCOME}
-     WHERE {_HELD}
+           error = :error, errors = :errors, attempts = :attempt,
+           timer = NULL, finished_at = :now, {_OUTCOME}
+     WHERE {_HELD_IN_TIME}
  RETURNING status
 """
+
+_SQL_SELECT_ERRORS = "SELECT errors FROM liteq_jobs WHERE id = ?"
 
 _SQL_FAIL_STEP = f"""
     UPDATE liteq_jobs
        SET status = CASE WHEN cancel THEN 'cancelled'
                          WHEN failures < :retries THEN 'running'
                          ELSE 'failed' END,
-           failures = failures + 1, error = :error, attempts = :attempt,
-           eta = :now + :delay,
+           failures = failures + 1, error = :error, errors = :errors,
+           attempts = :attempt, eta = :now + :delay,
            timer = CASE WHEN NOT cancel AND failures < :retries AND :delay > 0
                         THEN :now + :delay END,
+           waiting = CASE WHEN NOT cancel AND failures < :retries
+                           AND :delay > 0 THEN '{_WAIT_RETRY}' END,
            ready = CASE WHEN NOT cancel AND failures < :retries AND :delay <= 0
                         THEN :ready END,
            finished_at = CASE WHEN cancel OR failures >= :retries
                               THEN :now END, {_OUTCOME}
-     WHERE {_HELD}
+     WHERE {_HELD_IN_TIME}
  RETURNING status, failures
+"""
+
+# A job that ran out of time: expired before its first step started
+# (cancelled), or past its deadline (failed).  Held by the step that
+# found it so, or (the sweeps) by no one: the guard says which.
+_SQL_OUT_OF_TIME = """
+    UPDATE liteq_jobs
+       SET status = :status, error = :error, finished_at = :now,
+           updated_at = :now, ready = NULL, timer = NULL, worker = NULL,
+           waiting = NULL
+     WHERE {}
+ RETURNING status
+"""
+_SQL_EXPIRE_HELD = _SQL_OUT_OF_TIME.format(_HELD)
+_SQL_EXPIRE = _SQL_OUT_OF_TIME.format("id = :id")
+
+# Jobs out of time that no step of theirs holds: expired before their
+# first step, or past their deadline with no step executing.
+_SQL_SELECT_EXPIRED = """
+    SELECT id, expires FROM liteq_jobs
+     WHERE expires <= ? AND started_at IS NULL AND finished_at IS NULL
+     LIMIT 100
+"""
+
+_SQL_SELECT_OVERDUE = """
+    SELECT id, deadline FROM liteq_jobs
+     WHERE deadline <= ? AND finished_at IS NULL AND worker IS NULL
+     LIMIT 100
 """
 
 # A claimed step goes back in line unrun (at its old place when it had
@@ -1040,7 +1196,8 @@ _SQL_QUARANTINE = f"""
            error = CASE WHEN {_UNFINISHED} THEN :error ELSE error END,
            finished_at = CASE WHEN {_UNFINISHED} THEN :now
                               ELSE finished_at END,
-           ready = NULL, timer = NULL, worker = NULL, updated_at = :now
+           ready = NULL, timer = NULL, worker = NULL, waiting = NULL,
+           updated_at = :now
      WHERE id = :id
 """
 
@@ -1057,6 +1214,7 @@ _SQL_CANCEL = """
            status = CASE WHEN worker IS NULL THEN 'cancelled' ELSE status END,
            ready = CASE WHEN worker IS NULL THEN NULL ELSE ready END,
            timer = CASE WHEN worker IS NULL THEN NULL ELSE timer END,
+           waiting = CASE WHEN worker IS NULL THEN NULL ELSE waiting END,
            finished_at = CASE WHEN worker IS NULL THEN :now END
      WHERE id = :id AND status IN ('pending', 'running')
  RETURNING status
@@ -1068,7 +1226,8 @@ _SQL_SELECT_CANCEL = "SELECT cancel FROM liteq_jobs WHERE id = ?"
 
 # Why an outcome was refused: see _Claims.refusal.
 _SQL_SELECT_REFUSAL = """
-    SELECT status, cancel, token FROM liteq_jobs WHERE id = ?
+    SELECT status, cancel, token, deadline, error, ready, finished_at
+      FROM liteq_jobs WHERE id = ?
 """
 
 # Steps claimed ahead that must not run: cancelled (or finished) since.
@@ -1077,21 +1236,26 @@ _SQL_SELECT_GONE = """
      WHERE id IN ({}) AND (cancel OR finished_at IS NOT NULL)
 """
 
-# A cancelled job whose eta is still ahead (a countdown, a retry's
-# backoff) resumes that wait, on its timer, out of line; any other job
-# goes in line at once (a failed job's eta is the retry it ran out of).
-# SET expressions read the row as it was before the UPDATE.
-_SQL_RETRY = """
+# A cancelled job whose eta is still ahead (a countdown, a wait, a
+# retry's backoff) resumes that wait, on its timer, out of line; any
+# other job goes in line at once (a failed job's eta is the retry it ran
+# out of).  An expiry or a deadline already past no longer applies.  SET
+# expressions read the row as it was before the UPDATE.
+_SQL_RETRY = f"""
     UPDATE liteq_jobs
        SET status = CASE WHEN steps > 0 THEN 'running' ELSE 'pending' END,
            attempts = 0, failures = 0, lost = 0, cancel = 0, error = NULL,
            worker = NULL,
            timer = CASE WHEN status = 'cancelled' AND eta > :now
                         THEN eta END,
+           waiting = CASE WHEN status = 'cancelled' AND eta > :now
+                          THEN '{_WAIT_TIMER}' END,
            ready = CASE WHEN status = 'cancelled' AND eta > :now
                         THEN NULL ELSE :ready END,
            eta = CASE WHEN status = 'cancelled' AND eta > :now
                       THEN eta ELSE :now END,
+           expires = CASE WHEN expires > :now THEN expires END,
+           deadline = CASE WHEN deadline > :now THEN deadline END,
            finished_at = NULL, updated_at = :now
      WHERE id = :id AND status IN ('failed', 'cancelled')
 """
@@ -1490,6 +1654,10 @@ class Task:
 
     __hash__ = None  # type: ignore[assignment]  # equal by value, mutable
 
+    # A delayed copy (after(), at()) waits before it runs: ("after",
+    # seconds) or ("at", unix time).  Stored in its JSON form.
+    _wait: tuple[str, float] | None = None
+
     def __init__(self, name: str, args: Sequence = (), kwargs: dict | None
                  = None, *, _then: tuple = ()) -> None:
         self.name = _check_name("task name", name)
@@ -1513,6 +1681,10 @@ class Task:
         parts = [repr(a) for a in self.args]
         parts += [f"{k}={v!r}" for k, v in self.kwargs.items()]
         text = f"{self.name}({', '.join(parts)})"
+        if self._wait is not None:
+            kind, value = self._wait
+            text += (f".after({value:g}s)" if kind == _AFTER
+                     else f".at({_iso(value)})")
         return f"<Task {text}{' then ...' if self._then else ''}>"
 
     def __eq__(self, other: object) -> bool:
@@ -1532,6 +1704,8 @@ class Task:
                 except _Unstorable as exc:
                     exc.where.append(f".{part}")
                     raise
+        if self._wait is not None:
+            out[self._wait[0]] = self._wait[1]
         return out
 
     @staticmethod
@@ -1561,6 +1735,7 @@ class Task:
                 raise
         task = Task._made(name, parts["args"], parts["kwargs"],
                           tuple(parts["then"]))
+        task._wait = _wait_from_json(value)
         _check_chain_form(task)
         return task
 
@@ -1584,6 +1759,39 @@ class Task:
             own = frame._scaled(own)
         return own
 
+    # Waiting before it runs -----------------------------------------------
+
+    def after(self, seconds: float = 0, minutes: float = 0, hours: float = 0,
+              days: float = 0) -> Task:
+        """A copy of this call that waits this long before it runs.
+
+        Returned from a step, the job waits (``Job.waiting == "timer"``)
+        from the step's end; given to ``delay()``, it is a countdown; in a
+        chain, the chain waits before this member.
+        """
+        total = 0.0
+        for name, value, unit in (("seconds", seconds, 1),
+                                  ("minutes", minutes, 60),
+                                  ("hours", hours, 3600),
+                                  ("days", days, 86400)):
+            total += _check_number(name, value) * unit
+        if total > _MAX_RETRY_DELAY:  # else wake times past year 9999
+            raise ValueError(f"after() waits at most {_MAX_RETRY_DELAY:.0f}"
+                             f" seconds (100 years), got {total:g}")
+        return self._waiting((_AFTER, total))
+
+    def at(self, eta: Any) -> Task:
+        """A copy of this call that waits until ``eta`` (an aware
+        datetime, a naive one read as local time, or a unix timestamp)
+        before it runs; a past time means at once."""
+        return self._waiting((_AT, _eta_time(eta)))
+
+    def _waiting(self, wait: tuple[str, float] | None) -> Task:
+        copy = Task._made(self.name, list(self.args), dict(self.kwargs),
+                          self._then)
+        copy._wait = wait
+        return copy
+
     # Storing and running --------------------------------------------------
 
     def delay(self) -> Job:
@@ -1601,25 +1809,44 @@ class Task:
         Every call and result goes through the JSON form a worker uses,
         and each step is attempted once: an exception propagates.
         """
-        call = _roundtrip(self, "")
+        call, snoozes = _roundtrip(self, ""), 0
         while True:
             value = call._run_step()
+            if isinstance(value, _Snooze):  # at once, but not for ever
+                snoozes += 1
+                if snoozes > _MAX_SNOOZES:
+                    raise RuntimeError(
+                        f"{call.name} snoozed {_MAX_SNOOZES} times in a row "
+                        f"in run(): it waits for something run() never "
+                        f"brings; test it with Queue.drain() and a clock")
+                continue
+            snoozes = 0
             follow = _advance(call, value)
             if follow is None:
                 return value
-            call = follow
+            call = follow  # a wait is skipped: nothing is stored
 
     def run_once(self) -> Any:
-        """Run exactly one step here; a Task means the work continues."""
+        """Run exactly one step here; a Task means the work continues (a
+        snoozing step returns this call again)."""
         call = _roundtrip(self, "")
         value = call._run_step()
+        if isinstance(value, _Snooze):
+            return call
         follow = _advance(call, value)
         return value if follow is None else follow
 
     def _run_step(self) -> Any:
         fn = self.function
         args, kwargs = fn._bind_stored(self.args, self.kwargs)
-        return _roundtrip(fn.__wrapped__(*args, **kwargs), "result")
+        local = _PROCESS.current
+        local.steps = getattr(local, "steps", 0) + 1  # see snooze()
+        try:
+            value = fn.__wrapped__(*args, **kwargs)
+        finally:
+            local.steps -= 1
+        return value if isinstance(value, _Snooze) else _roundtrip(
+            value, "result")
 
     # What a chain does differently (see chain) ----------------------------
 
@@ -1642,9 +1869,11 @@ class Task:
 
     def _followed_by(self, frames: tuple) -> Task:
         """A copy of this call that resumes ``frames`` once it finishes."""
-        return Task._made(_check_name("task name", self.name),
+        task = Task._made(_check_name("task name", self.name),
                           list(self.args), dict(self.kwargs or {}),
                           self._then + frames)
+        task._wait = self._wait
+        return task
 
     def _resumes(self) -> bool:
         """As a frame: whether it has a step left to run (see _advance)."""
@@ -1680,6 +1909,24 @@ def _decode_call(text: str) -> Task:
         raise exc.at("call") from None
 
 
+def _wait_from_json(value: dict) -> tuple[str, float] | None:
+    """The wait of a serialized call (its "after" or "at" key), if any."""
+    found = [(key, value[key]) for key in (_AFTER, _AT) if key in value]
+    if not found:
+        return None
+    key, number = found[0]
+    if len(found) > 1 or type(number) not in (int, float) or not (
+            math.isfinite(number) and (number >= 0 or key == _AT)):
+        problem = _Undecodable(
+            "has both 'after' and 'at'" if len(found) > 1 else
+            f"is {number!r:.60}, not a finite number"
+            + (" >= 0" if key == _AFTER else ""))
+        if len(found) == 1:
+            problem.where.append(f".{key}")
+        raise problem
+    return key, float(number)
+
+
 def _roundtrip(value: Any, path: str) -> Any:
     try:
         return _loads(_dumps(_to_json(value, _top_depth(value))))
@@ -1701,6 +1948,32 @@ def _advance(call: Task, value: Any) -> Task | None:
         if frame._resumes():
             return frame._followed_by(frames[i + 1:])
     return None
+
+
+class _Snooze:
+    """What ``snooze()`` returns: run the same call again after a delay."""
+
+    __slots__ = ("seconds",)
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __repr__(self) -> str:
+        return f"<snooze {self.seconds:g}s>"
+
+
+def snooze(seconds: float) -> Any:
+    """Return this from a step to run the same call again ``seconds``
+    later: no retry is used, no step is completed, ``attempts`` goes back
+    to 0.  Raises RuntimeError outside a step."""
+    if current_job() is None and not getattr(_PROCESS.current, "steps", 0):
+        raise RuntimeError("snooze() is for a task's return value: "
+                           "return liteq.snooze(seconds) inside a step")
+    seconds = _check_number("seconds", seconds)
+    if seconds > _MAX_RETRY_DELAY:
+        raise ValueError(f"snooze() waits at most {_MAX_RETRY_DELAY:.0f} "
+                         f"seconds (100 years), got {seconds:g}")
+    return _Snooze(seconds)
 
 
 class TaskFunction:
@@ -1746,13 +2019,16 @@ class TaskFunction:
     def apply_async(self, args: Sequence = (), kwargs: dict | None = None,
                     countdown: float | None = None, eta: Any = None,
                     priority: int | None = None, queue: str | None = None,
-                    key: str | None = None) -> Job:
+                    key: str | None = None, expires: Any = None,
+                    deadline: Any = None) -> Job:
         """Store a call with options and return its Job.
 
         ``countdown`` (seconds from now) or ``eta`` (an aware datetime, a
         naive one read as local time, or a unix timestamp) delay the start;
         ``priority`` and ``queue`` override the task's; ``key`` makes the
-        call idempotent among unfinished jobs.
+        call idempotent among unfinished jobs.  ``expires`` (seconds from
+        now, or a datetime) cancels the job if its first step has not
+        started by then; past ``deadline`` (an eta form) the job fails.
         """
         if not isinstance(args, (list, tuple)):
             raise TypeError(f"args must be a list or tuple, got {args!r}")
@@ -1761,7 +2037,7 @@ class TaskFunction:
         call = self(*args, **(kwargs or {}))
         return self._queue_for(call)._enqueue(
             call, countdown=countdown, eta=eta, priority=priority,
-            queue=queue, key=key)
+            queue=queue, key=key, expires=expires, deadline=deadline)
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
         """Run the call here, following continuations; return the result."""
@@ -1875,9 +2151,6 @@ def _check_function(function: Any) -> None:
                         f"yields; return a value or the next Task instead")
 
 
-_MAX_RETRY_DELAY = 100 * 365.25 * 86400  # seconds
-
-
 def _check_options(options: dict) -> dict:
     unknown = set(options) - set(_TASK_DEFAULTS)
     if unknown:
@@ -1912,6 +2185,13 @@ def _check_options(options: dict) -> dict:
     if not isinstance(opts["retry_jitter"], bool):
         raise TypeError(f"retry_jitter must be True or False, got "
                         f"{opts['retry_jitter']!r}")
+    if opts["job_timeout"] is not None:
+        opts["job_timeout"] = _check_number("job_timeout",
+                                            opts["job_timeout"], strict=True)
+        if opts["job_timeout"] > _MAX_RETRY_DELAY:
+            raise ValueError(f"job_timeout must be at most "
+                             f"{_MAX_RETRY_DELAY:.0f} seconds (100 years), "
+                             f"got {options['job_timeout']!r}")
     return opts
 
 
@@ -1959,7 +2239,8 @@ def task(function: Callable | None = None, *args: Any,
 
     Use bare (``@task``) or with options (``@task(retries=3)``): percent,
     retries, retry_delay, retry_max_delay, retry_on, dont_retry,
-    retry_jitter, queue, priority, name, description, lease, max_lost.
+    retry_jitter, queue, priority, name, description, lease, max_lost,
+    job_timeout.
     """
     if function is not None and not callable(function):
         raise TypeError("@task options are keyword-only, e.g. "
@@ -2168,8 +2449,9 @@ class Job:
     """A handle on one stored job; every field read is fresh.
 
     Fields: id, name, current, description, queue, priority, key, status,
-    percent, steps, attempts, error, eta, created_at, started_at,
-    updated_at, finished_at (aware UTC datetimes), worker.
+    percent, steps, attempts, error, errors, waiting, eta, expires,
+    deadline, created_at, started_at, updated_at, finished_at (aware UTC
+    datetimes), worker.
     """
 
     def __init__(self, queue: Queue, job_id: int | None) -> None:
@@ -2190,8 +2472,20 @@ class Job:
     steps = _job_field("steps", "Steps completed so far.")
     attempts = _job_field("attempts", "Starts of the current step.")
     error = _job_field("error", "Traceback text of the last error, or None.")
+    errors = _job_field(
+        "errors", "Error lines of the current step's failed attempts, "
+                  "oldest first (the last 10).", lambda v: _error_list(v))
+    waiting = _job_field(
+        "waiting", 'Why an unfinished job is out of line ("timer", '
+                   '"retry"), or None.')
     worker = _job_field("worker", '"host:pid" while a step runs, else None.')
-    eta = _job_field("eta", "When its current step is due.", _utc)
+    eta = _job_field("eta", "When its current step is due (a waiting "
+                            "job's wake time).", _utc)
+    expires = _job_field(
+        "expires", "When it is cancelled if its first step has not "
+                   "started, or None.", _utc)
+    deadline = _job_field(
+        "deadline", "When it fails if still unfinished, or None.", _utc)
     created_at = _job_field("created_at", "When it was stored.", _utc)
     started_at = _job_field(
         "started_at", "When its first step started, or None.", _utc)
@@ -2304,8 +2598,22 @@ class Job:
         return self
 
 
-_TIME_COLUMNS = ("eta", "created_at", "started_at", "updated_at",
-                 "finished_at")
+_TIME_COLUMNS = ("eta", "expires", "deadline", "created_at", "started_at",
+                 "updated_at", "finished_at")
+
+
+def _error_list(text: Any) -> list[str]:
+    """The stored ``errors`` as a list of lines (see _errors_after)."""
+    if text is None:
+        return []
+    try:
+        errors = json.loads(text) if type(text) is str else None
+    except (ValueError, RecursionError):
+        errors = None
+    if type(errors) is list and all(type(e) is str for e in errors):
+        return errors
+    raise ValueError(f"errors is {_shown(text)}, not a JSON list of "
+                     f"error lines")
 
 
 def _row_dict(row: tuple) -> dict:
@@ -2332,6 +2640,11 @@ def _public_dict(row: dict) -> dict:
         except ValueError:
             out[key] = None
             problems.append(f"{key} is {_shown(row[key])}, not a unix time")
+    try:
+        out["errors"] = _error_list(row["errors"])
+    except ValueError as exc:
+        out["errors"] = []
+        problems.append(str(exc))
     out["args"] = out["kwargs"] = out["result"] = None
     try:
         _decode_call(row["call"])  # as a worker reads it
@@ -2353,7 +2666,7 @@ def _public_dict(row: dict) -> dict:
 
 _PUBLIC_FIELDS = ("id", "name", "current", "description", "queue",
                   "priority", "key", "status", "percent", "steps",
-                  "attempts", "error", "worker")
+                  "attempts", "error", "waiting", "worker")
 
 
 def _field_problem(key: str, value: Any) -> str | None:
@@ -2370,7 +2683,7 @@ def _field_problem(key: str, value: Any) -> str | None:
         ok, want = value in _STATUSES, "a status"
     else:
         ok = type(value) is str or (value is None and key in (
-            "key", "error", "worker"))
+            "key", "error", "waiting", "worker"))
         want = "text"
     return None if ok else f"{key} is {_shown(value)}, not {want}"
 
@@ -2473,6 +2786,21 @@ class Queue:
         self.max_payload = max_payload
         self._store = _Store(self.path, bool(durable), busy_timeout)
         self._batch = threading.local()
+        self._eager = threading.local()  # see eager()
+        self._clock: TestClock | None = None  # see clock()
+        self._crews: weakref.WeakSet = weakref.WeakSet()  # running workers
+        self._closed = False
+        self._folder: str | None = None  # a temporary() Queue's own
+
+    @classmethod
+    def temporary(cls, **options: Any) -> Queue:
+        """A Queue on a new file in a new temporary folder, both deleted
+        at ``close()`` (or when the program exits).  For tests."""
+        folder = tempfile.mkdtemp(prefix="liteq-")
+        queue = cls(os.path.join(folder, "liteq.db"), **options)
+        queue._folder = folder
+        weakref.finalize(queue, shutil.rmtree, folder, True)
+        return queue
 
     def __repr__(self) -> str:
         return f"<Queue {self.path}>"
@@ -2484,11 +2812,20 @@ class Queue:
         self.close()
 
     def close(self) -> None:
-        """Close this Queue's connections (it reopens if used again).
+        """Close this Queue's connections (it reopens if used again, but
+        a temporary() Queue's file is gone).
 
         A query that another thread is running ends first.
         """
+        self._closed = True
         self._store.close()
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise RuntimeError(f"{what} needs an open Queue: {self.path} "
+                               f"was closed")
 
     def task(self, function: Callable | None = None, *args: Any,
              **options: Any) -> Any:
@@ -2578,10 +2915,81 @@ class Queue:
                 job._id = job_id
             _Signal.of(self.path).notify()
 
+    # Testing (see section 12) ----------------------------------------------
+
+    @contextlib.contextmanager
+    def clock(self, start: Any = None) -> Iterator[TestClock]:
+        """Give this Queue, in this process, a clock that moves only when
+        told to (``advance()``, ``set()``); it starts at ``start`` (an eta
+        form), else now."""
+        self._check_open("clock()")
+        if self._clock is not None:
+            raise RuntimeError(f"{self.path} has a test clock already")
+        clock = TestClock(self, time.time() if start is None
+                          else _eta_time(start, "start"))
+        self._clock, self._store.clock = clock, clock.time
+        try:
+            yield clock
+        finally:
+            self._clock, self._store.clock = None, time.time
+            _Signal.of(self.path).notify()  # workers see the real time
+
+    def drain(self, queues: Sequence[str] | None = None, *, until: Any = None,
+              max_steps: int = 100_000,
+              raise_errors: bool = False) -> dict[str, int]:
+        """Run every ready job of these queue names (None: all) here, one
+        step at a time, until none is ready; with ``until`` (inside
+        ``clock()``), move the clock there, running what comes due on the
+        way in time order.  Returns this call's counts: done, failed,
+        cancelled, steps, and waiting (at the end)."""
+        if isinstance(queues, str):
+            queues = [queues]
+        names = None if queues is None else [
+            _check_name("queue name", name) for name in queues]
+        _check_int("max_steps", max_steps, 1)
+        return _drain_queue(self, names, until, max_steps, bool(raise_errors))
+
+    @contextlib.contextmanager
+    def eager(self) -> Iterator[Queue]:
+        """In the block, delay() on this Queue in this thread stores the
+        job and runs it to its end (or to a wait) before returning."""
+        outer = getattr(self._eager, "on", False)
+        self._eager.on = True
+        try:
+            yield self
+        finally:
+            self._eager.on = outer
+
+    def enqueued(self, task: Any = None, **match: Any) -> list[Job]:
+        """The unfinished jobs, oldest first, of ``task`` (a task function
+        or a stored name; None: any) whose first call's arguments match
+        ``match`` (parameter names of the task)."""
+        name = _task_name(task)
+        if match and name is not None and name in _PROCESS.tasks:
+            fn = _PROCESS.tasks[name]
+            unknown = set(match) - set(fn._signature.parameters)
+            if unknown:
+                raise TypeError(f"task {name!r} has no parameter "
+                                f"{sorted(unknown)[0]!r}")
+        wanted = {key: _roundtrip(value, key) for key, value in match.items()}
+        rows = self._store.read(_SQL_SELECT_ENQUEUED, {"name": name})
+        return [Job(self, job_id) for job_id, current, call in rows
+                if not wanted or _call_matches(call, wanted)]
+
     def _enqueue(self, call: Task, countdown: float | None = None,
                  eta: Any = None, priority: int | None = None,
-                 queue: str | None = None, key: str | None = None) -> Job:
-        row = self._job_row(call, countdown, eta, priority, queue, key)
+                 queue: str | None = None, key: str | None = None,
+                 expires: Any = None, deadline: Any = None) -> Job:
+        if call._wait is not None:
+            if countdown is not None or eta is not None:
+                raise TypeError(f"{call!r} waits already: give after()/at() "
+                                f"or countdown/eta, not both")
+            kind, value = call._wait
+            countdown, eta = (value, None) if kind == _AFTER else (None,
+                                                                   value)
+            call = call._waiting(None)
+        row = self._job_row(call, countdown, eta, priority, queue, key,
+                            (expires, deadline))
         items = getattr(self._batch, "items", None)
         if items is not None:
             job = Job(self, None)
@@ -2592,11 +3000,15 @@ class Queue:
         else:
             job_id = self._store.write(lambda conn: _insert(conn, row))
         _Signal.of(self.path).notify()
+        if getattr(self._eager, "on", False):
+            _Inline(self, None).run_job(job_id)
         return Job(self, job_id)
 
     def _job_row(self, call: Task, countdown: Any, eta: Any, priority: Any,
-                 queue: Any, key: Any) -> _NewJob:
-        """Validate a call and its options into the row to insert."""
+                 queue: Any, key: Any, limits: tuple = (None, None)
+                 ) -> _NewJob:
+        """Validate a call and its options into the row to insert;
+        ``limits`` are apply_async's ``expires`` and ``deadline``."""
         own = call.function
         text = _encode(call, "", self.max_payload)
         if own.percent is not None or own.description is not None:
@@ -2605,6 +3017,7 @@ class Queue:
         fn = call._options(own)
         now = self._store.clock()
         start = _start_time(countdown, eta, now)
+        expires, deadline = _time_limits(*limits, fn.job_timeout, now, start)
         if priority is not None:
             _check_int("priority", priority, *_INT64)
         if queue is not None:
@@ -2617,7 +3030,35 @@ class Queue:
             fn.queue if queue is None else queue,
             fn.priority if priority is None else priority,
             key, call.percent() if call._then else own._percent_of(
-                call.args, call.kwargs), start, start <= now, now)
+                call.args, call.kwargs), start, start <= now, now, expires,
+            deadline)
+
+
+def _task_name(task: Any) -> str | None:
+    """The stored name of a task function, a stored name, or None."""
+    if task is None or isinstance(task, str):
+        return task
+    if isinstance(task, TaskFunction):
+        return task._stored_name()
+    raise TypeError(f"enqueued() takes a task function or a stored task "
+                    f"name, got {task!r}")
+
+
+def _call_matches(text: Any, wanted: dict) -> bool:
+    """Whether a stored first call binds ``wanted`` parameters to equal
+    values (as stored: JSON forms)."""
+    try:
+        call = _decode_call(text)
+        fn = _PROCESS.tasks.get(call.name)
+        if fn is None:
+            return False
+        bound = fn._signature.bind(*call.args, **call.kwargs)
+    except (TypeError, ValueError):
+        return False  # it cannot run either: not what a test looks for
+    bound.apply_defaults()
+    arguments = bound.arguments
+    return all(key in arguments and _roundtrip(arguments[key], key) == value
+               for key, value in wanted.items())
 
 
 def _insert_many(conn: sqlite3.Connection,
@@ -2662,8 +3103,48 @@ def _start_time(countdown: Any, eta: Any, now: float) -> float:
                 f"countdown must start the job before {_LAST_START_TEXT},"
                 f" got {countdown!r} seconds: give a shorter countdown")
         return start
-    if eta is None:
-        return now
+    return now if eta is None else max(now, _eta_time(eta))
+
+
+def _time_limits(expires: Any, deadline: Any, job_timeout: float | None,
+                 now: float, start: float) -> tuple[float | None,
+                                                    float | None]:
+    """A new job's expiry and deadline as unix times (None: none)."""
+    if expires is not None:
+        if isinstance(expires, _dt.datetime):
+            expires = _eta_time(expires, "expires")
+        else:
+            expires = now + _check_number("expires", expires, -math.inf)
+            if expires >= _LAST_START:
+                raise ValueError(f"expires must be before "
+                                 f"{_LAST_START_TEXT}: give fewer seconds")
+        if expires <= start:
+            raise ValueError(
+                f"expires ({_shown_time(expires)}) must be after the job's start "
+                f"({_shown_time(start)}): it would expire before it could run")
+    limit = None if deadline is None else _eta_time(deadline, "deadline")
+    if job_timeout is not None:
+        limit = min(now + job_timeout, math.inf if limit is None else limit)
+    if limit is not None and limit <= start:
+        why = ("it is already past" if limit <= now
+               else "the job would fail before it starts")
+        raise ValueError(f"the deadline ({_shown_time(limit)}) must be after the "
+                         f"job's start ({_shown_time(start)}): {why}")
+    return expires, limit
+
+
+def _shown_time(timestamp: float) -> str:
+    """A unix time for a message: ISO 8601, or the number if no datetime
+    can hold it."""
+    try:
+        return _iso(timestamp)
+    except ValueError:
+        return f"{timestamp:g}"
+
+
+def _eta_time(eta: Any, what: str = "eta") -> float:
+    """An eta form as a unix time: an aware datetime, a naive one read as
+    local time, or a unix timestamp; TypeError or ValueError if not."""
     if isinstance(eta, _dt.datetime):
         try:
             start = eta.timestamp()  # naive: local time
@@ -2673,14 +3154,14 @@ def _start_time(countdown: Any, eta: Any, now: float) -> float:
             # Naive, near year 1 or 9999: local time is out of range.
             start = -math.inf if eta.year < 5000 else math.inf
     elif isinstance(eta, bool) or not isinstance(eta, (int, float)):
-        raise TypeError(f"eta must be a datetime or a unix timestamp, got "
-                        f"{eta!r}")
+        raise TypeError(f"{what} must be a datetime or a unix timestamp, "
+                        f"got {eta!r}")
     else:
-        start = _check_number("eta", eta, -math.inf)
+        start = _check_number(what, eta, -math.inf)
     if start >= _LAST_START:
-        raise ValueError(f"eta must be before {_LAST_START_TEXT}, got "
+        raise ValueError(f"{what} must be before {_LAST_START_TEXT}, got "
                          f"{eta!r}: give an earlier time")
-    return max(now, start)
+    return max(start, -_LAST_START)
 
 
 def default_queue() -> Queue:
@@ -2782,15 +3263,16 @@ class _Step:
     """
 
     __slots__ = ("id", "current", "call", "token", "attempt", "number",
-                 "failures", "priority", "ready", "limits", "lease",
-                 "renewed", "started", "began", "state", "long", "after",
-                 "lost_logged")
+                 "failures", "priority", "expires", "deadline", "ready",
+                 "limits", "lease", "renewed", "started", "began", "state",
+                 "long", "after", "lost_logged")
 
     def __init__(self, row: tuple, ready: int | None,
                  limits: tuple[float, int], lease: float, state: str,
                  renewed: float) -> None:
+        # expires: only while the job's first step has not started.
         (self.id, self.current, self.call, self.token, attempts, steps,
-         self.failures, self.priority) = row
+         self.failures, self.priority, self.expires, self.deadline) = row
         self.attempt, self.number = attempts + 1, steps + 1
         self.ready, self.limits = ready, limits
         self.lease, self.state, self.renewed = lease, state, renewed
@@ -2812,8 +3294,8 @@ class _Step:
     def follow(self, outcome: _Outcome) -> _Step:
         """The job's next step, claimed again by this thread at once."""
         nxt = _Step((self.id, outcome.current, outcome.text, self.token + 1,
-                     0, self.number, 0, self.priority), None, self.limits,
-                    self.lease, _AHEAD, self.renewed)
+                     0, self.number, 0, self.priority, None, self.deadline),
+                    None, self.limits, self.lease, _AHEAD, self.renewed)
         nxt.after = outcome
         outcome.follow = nxt
         return nxt
@@ -2822,15 +3304,19 @@ class _Step:
 class _Outcome:
     """How a step ended, to be written under its claim's token.
 
-    kind: 'continue' (text is the next call), 'continue_here' (the same,
-    and this thread runs the next step), 'done' (text is the result),
-    'retry' (a retryable error), 'fail' (a final error), or 'release'.
-    ``ok`` is None until written, then whether it was; ``refusal`` says
-    why it was not ('cancelled', 'finished' or 'lease lost').
+    kind: 'continue' (text is the next call; ``wait`` its wait, if any),
+    'continue_here' (the same, and this thread runs the next step),
+    'done' (text is the result), 'retry' (a retryable error), 'fail' (a
+    final error), 'snooze' (run again in ``delay`` seconds), 'expired'
+    or 'overdue' (not run: out of time), or 'release'.  ``exc`` is the
+    exception a task raised.  ``ok`` is None until written, then whether
+    it was; ``refusal`` says why it was not ('cancelled', 'finished',
+    'expired', 'deadline exceeded' or 'lease lost').
     """
 
     __slots__ = ("step", "kind", "text", "current", "percent", "error",
-                 "retries", "delay", "ended", "follow", "ok", "refusal")
+                 "retries", "delay", "wait", "exc", "ended", "follow", "ok",
+                 "refusal")
 
     def __init__(self, step: _Step, kind: str, text: str | None = None,
                  current: str | None = None, percent: float | None = None,
@@ -2839,6 +3325,8 @@ class _Outcome:
         self.step, self.kind, self.text = step, kind, text
         self.current, self.percent, self.error = current, percent, error
         self.retries, self.delay, self.ended = retries, delay, ended
+        self.wait: tuple[str, float] | None = None
+        self.exc: BaseException | None = None
         self.follow: _Step | None = None  # see _Step.follow
         self.ok: bool | None = None
         self.refusal: str | None = None
@@ -2877,6 +3365,21 @@ def _run_step(step: _Step, queue: Queue) -> _Outcome:
     return _finished_step(step, call, value, queue.max_payload)
 
 
+def _out_of_time(step: _Step, now: float) -> _Outcome | None:
+    """The outcome of a claimed step that must not run: its job expired
+    before its first step started, or is past its deadline."""
+    if step.expires is not None and step.expires <= now:
+        return _Outcome(step, "expired",
+                        error=f"expired at {_shown_time(step.expires)}")
+    if step.deadline is not None and step.deadline <= now:
+        return _Outcome(step, "overdue", error=_overdue(step.deadline))
+    return None
+
+
+def _overdue(deadline: float) -> str:
+    return f"deadline exceeded at {_shown_time(deadline)}"
+
+
 def _step_refused(step: _Step, error: str) -> _Outcome:
     """Fail the job without running its step: retrying cannot help."""
     logger.error("job %d: %s", step.id, error)
@@ -2901,16 +3404,20 @@ def _malformed_row(job_id: int, problem: str) -> str:
 def _failed_step(step: _Step, fn: TaskFunction, error: str) -> _Outcome:
     """The outcome of a step whose function raised; called in the except
     clause, so the exception is sys.exc_info()'s."""
-    if not _worth_retrying(fn, sys.exc_info()[1]):
-        return _Outcome(step, "fail", error=error)
-    retry = step.failures + 1
-    # The exponent is capped: past it the delay is retry_max_delay anyway.
-    delay = min(fn.retry_delay * 2.0 ** min(retry - 1, 64),
-                fn.retry_max_delay)
-    if fn.retry_jitter:  # full jitter, added: never sooner than the backoff
-        delay += random.uniform(0.0, delay)
-    return _Outcome(step, "retry", error=error, retries=fn.retries,
-                    delay=delay)
+    exc = sys.exc_info()[1]
+    if not _worth_retrying(fn, exc):
+        outcome = _Outcome(step, "fail", error=error)
+    else:
+        retry = step.failures + 1
+        # The exponent is capped: past it the delay is retry_max_delay.
+        delay = min(fn.retry_delay * 2.0 ** min(retry - 1, 64),
+                    fn.retry_max_delay)
+        if fn.retry_jitter:  # full jitter, added: never sooner
+            delay += random.uniform(0.0, delay)
+        outcome = _Outcome(step, "retry", error=error, retries=fn.retries,
+                           delay=delay)
+    outcome.exc = exc
+    return outcome
 
 
 def _worth_retrying(fn: TaskFunction, exc: BaseException | None) -> bool:
@@ -2922,10 +3429,15 @@ def _worth_retrying(fn: TaskFunction, exc: BaseException | None) -> bool:
 
 def _finished_step(step: _Step, call: Task, value: Any,
                    limit: int) -> _Outcome:
+    if type(value) is _Snooze:
+        return _Outcome(step, "snooze", delay=value.seconds)
     try:
         follow = _advance(call, value)
         if follow is None:
             return _Outcome(step, "done", _encode(value, "result", limit))
+        wait = follow._wait
+        if wait is not None:  # stored as the job's wake time instead
+            follow = follow._waiting(None)
         text = _encode(follow, "continuation", limit)
         fn = _PROCESS.tasks.get(follow.name)
         if follow._then or (fn is not None and fn.percent is not None):
@@ -2937,7 +3449,9 @@ def _finished_step(step: _Step, call: Task, value: Any,
         error = f"task {call.name!r} returned a value liteq cannot " \
                 f"store: {problem}"
         return _Outcome(step, "fail", error=error)
-    return _Outcome(step, "continue", text, follow.name, percent)
+    outcome = _Outcome(step, "continue", text, follow.name, percent)
+    outcome.wait = wait
+    return outcome
 
 
 def _task_limits(current: str) -> tuple[float, int]:
@@ -2961,27 +3475,36 @@ _MAX_COUNT = 2**62  # beyond it, a count + 1 may not fit back in SQLite
 # What the worker reads of a row: each column with what it must hold.
 _CLAIMED = (("id", "integer"), ("current", "text"), ("call", "text"),
             ("token", "integer"), ("attempts", "count"), ("steps", "count"),
-            ("failures", "count"), ("priority", "integer"))
+            ("failures", "count"), ("priority", "integer"),
+            ("expires", "a number or NULL"), ("deadline", "a number or NULL"))
 _CLAIMED_STARTED = _CLAIMED + (("ready", "cleared"),)
 _IN_LINE = (("id", "integer"), ("priority", "integer"), ("ready", "integer"))
 _DUE = (("id", "integer"), ("current", "text"), ("worker", "text or NULL"),
         ("lost", "count"), ("max_lost", "count"))
 _TIMER = (("id", "integer"), ("timer", "a number"))
+_EXPIRES = (("id", "integer"), ("expires", "a number"))
+_DEADLINE = (("id", "integer"), ("deadline", "a number"))
 
 _WANTED = {"integer": "an integer", "count": "an integer", "text": "text",
            "text or NULL": "text or NULL", "a number": "a number",
-           "cleared": "an integer"}
+           "a number or NULL": "a number or NULL", "cleared": "an integer"}
 
 
 def _claimed_sound(row: tuple) -> bool:
     """Whether a row _SQL_CLAIM returned holds what liteq writes: the
     claim's quick check of _CLAIMED (_row_problem says what is wrong)."""
     current, call, token, attempts, steps, failures, priority = row[1:8]
-    return (type(current) is str and type(call) is str
+    return (_time_or_none(row[8]) and _time_or_none(row[9])
+            and type(current) is str and type(call) is str
             and type(token) is int and type(priority) is int
             and type(attempts) is int and type(steps) is int
             and type(failures) is int and 0 <= attempts <= _MAX_COUNT
             and 0 <= steps <= _MAX_COUNT and 0 <= failures <= _MAX_COUNT)
+
+
+def _time_or_none(value: Any) -> bool:
+    return value is None or type(value) in (int, float) and not (
+        math.isnan(value))
 
 
 def _row_problem(row: tuple, columns: tuple) -> str | None:
@@ -2994,6 +3517,8 @@ def _row_problem(row: tuple, columns: tuple) -> str | None:
             ok = value is None or type(value) is str
         elif kind == "a number":
             ok = type(value) in (int, float)
+        elif kind == "a number or NULL":
+            ok = _time_or_none(value)
         elif kind == "cleared":  # see _SQL_CLAIM_START
             ok = value is None
         else:
@@ -3011,6 +3536,33 @@ def _row_problem(row: tuple, columns: tuple) -> str | None:
     return None
 
 
+def _wake_time(wait: tuple[str, float], now: float) -> float:
+    """When a delayed continuation wakes, written at store time ``now``."""
+    kind, value = wait
+    return min(now + value if kind == _AFTER else value, _LAST_START)
+
+
+def _errors_after(conn: sqlite3.Connection, job_id: int,
+                  error: str | None) -> str:
+    """A job's ``errors`` with the last line of ``error`` added: the JSON
+    list of its current step's last _ERRORS_KEPT error lines."""
+    row = _execute(conn, _SQL_SELECT_ERRORS, (job_id,)).fetchone()
+    try:
+        errors = json.loads(row[0]) if row and type(row[0]) is str else []
+    except (ValueError, RecursionError):
+        errors = []  # changed outside liteq: start again
+    if not (type(errors) is list and all(type(e) is str for e in errors)):
+        errors = []
+    errors.append(_error_line(error))
+    return _dumps(errors[-_ERRORS_KEPT:])
+
+
+def _earliest(rows: list) -> float | None:
+    """The least of one-column rows that hold a time, if any."""
+    times = [row[0] for row in rows if type(row[0]) in (int, float)]
+    return min(times) if times else None
+
+
 # The statements a worker sends -------------------------------------------
 
 
@@ -3019,21 +3571,25 @@ class _Claims:
     connection and returns what it found.
 
     Two places are meant to grow.  ``sweeps`` are the things that come
-    due with time, each a method ``(self, conn, now) -> jobs finished``
-    (those it quarantined are counted in ``quarantined`` instead), run by
-    ``sweep`` in the claim transaction.  ``rules`` decide whether a job in
+    due with time, each a method ``(self, conn, now) -> statuses`` of the
+    jobs it finished (those it quarantined are counted in
+    ``quarantined`` instead), run by ``sweep`` in the claim transaction;
+    what comes due next is read by ``next_due``.  ``rules`` decide whether a job in
     line may start now, each ``(conn, now, line) -> line`` keeping the
     rows that may; the claim runs them between reading the line and
     taking it (with no rule, one statement claims and starts a step).
     """
 
-    def __init__(self, queues: list[str], identity: str,
+    def __init__(self, queues: list[str] | None, identity: str,
                  tuning: _Tuning) -> None:
         #: ``host:pid``, written in ``worker`` while a step runs.
         self.identity = identity
+        #: The queue names served (None: all, for drain()).
         self.queues, self.tuning = queues, tuning
         self.rules: tuple[Callable[[Any, float, list], list], ...] = ()
-        self._in_queues = ",".join("?" * len(queues))
+        #: A job id: claim only that job (for eager()).
+        self.only: int | None = None
+        self._in_queues = ",".join("?" * len(queues or ()))
         #: How many rows this worker quarantined (see quarantine()).
         self.quarantined = 0
         # Guards quarantined and _reported: threads share these claims.
@@ -3071,15 +3627,18 @@ class _Claims:
 
     # Things that come due -------------------------------------------------
 
-    def sweep(self, conn: sqlite3.Connection, now: float) -> int:
-        """Run every sweep; how many jobs they finished."""
-        return sum(sweep(self, conn, now) for sweep in self.sweeps)
+    def sweep(self, conn: sqlite3.Connection, now: float) -> list[str]:
+        """Run every sweep; the statuses of the jobs they finished."""
+        return [status for sweep in self.sweeps
+                for status in sweep(self, conn, now)]
 
-    def wake_timers(self, conn: sqlite3.Connection, now: float) -> int:
-        """Put jobs whose timer is due in line: etas, retries, and claims
-        and leases that expired.  A step counts as lost only if its start
-        was written: a claim that lapsed before ran nothing anyone saw."""
-        finished = 0
+    def wake_timers(self, conn: sqlite3.Connection,
+                    now: float) -> list[str]:
+        """Put jobs whose timer is due in line: etas, waits, retries, and
+        claims and leases that expired.  A step counts as lost only if its
+        start was written: a claim that lapsed before ran nothing anyone
+        saw."""
+        finished = []
         for row in _execute(conn, _SQL_SELECT_DUE, (now,)).fetchall():
             problem = _row_problem(row, _DUE)  # ``cancel`` is any truth
             if problem is not None:
@@ -3095,30 +3654,54 @@ class _Claims:
                     params["error"] = (f"worker lost {lost + 1} times while "
                                        f"running {current}")
                     _execute(conn, _SQL_LOSE, params)
-                    finished += 1
+                    finished.append(_CANCELLED if cancel else _FAILED)
                     continue
             params["ready"] = _next_ready(conn)
             _execute(conn, _SQL_MAKE_READY, params)
         return finished
 
-    def bad_timers(self, conn: sqlite3.Connection, now: float) -> int:
+    def bad_timers(self, conn: sqlite3.Connection,
+                   now: float) -> list[str]:
         """Quarantine jobs whose timer is not a number: it would never come
         due, and the next timer would not be a time."""
         for row in _execute(conn, _SQL_SELECT_BAD_TIMERS).fetchall():
             problem = _row_problem(row, _TIMER)
             if problem is not None:  # always, as the query reads
                 self.quarantine(conn, now, row[0], problem)
-        return 0  # counted in ``quarantined``
+        return []  # counted in ``quarantined``
+
+    def expire(self, conn: sqlite3.Connection, now: float) -> list[str]:
+        """Cancel the jobs whose first step did not start by their expiry
+        (one claimed ahead too: its start is then refused)."""
+        return self._out_of_time(conn, now, _SQL_SELECT_EXPIRED, _EXPIRES,
+                                 _CANCELLED, "expired at {}")
+
+    def overdue(self, conn: sqlite3.Connection, now: float) -> list[str]:
+        """Fail the jobs past their deadline with no step executing; an
+        executing step's outcome is refused when it ends (see refusal)."""
+        return self._out_of_time(conn, now, _SQL_SELECT_OVERDUE, _DEADLINE,
+                                 _FAILED, "deadline exceeded at {}")
+
+    def _out_of_time(self, conn: sqlite3.Connection, now: float, sql: str,
+                     columns: tuple, status: str, error: str) -> list[str]:
+        finished = []
+        for row in self._sound(conn, now, _execute(conn, sql, (now,))
+                               .fetchall(), columns):
+            _execute(conn, _SQL_EXPIRE, {
+                "id": row[0], "now": now, "status": status,
+                "error": error.format(_shown_time(row[1]))})
+            finished.append(status)
+        return finished
 
     def next_due(self, conn: sqlite3.Connection) -> float | None:
-        """The store-clock time the next timer comes due, if any (None
-        also when the first is not a number: a sweep quarantines it)."""
-        due = _execute(conn, _SQL_NEXT_TIMER).fetchone()[0]
-        return due if type(due) in (int, float) else None
+        """The store-clock time the next sweep has work, if any: a timer,
+        an expiry or a deadline (a value that is not a number is left to
+        the sweeps and the claim, which quarantine its job)."""
+        return _earliest(_execute(conn, _SQL_NEXT_TIMER).fetchall())
 
     # Unbound, so that claims are freed as soon as dropped (no cycle).
-    sweeps: tuple[Callable[[Any, Any, float], int], ...] = (
-        bad_timers, wake_timers)
+    sweeps: tuple[Callable[[Any, Any, float], list], ...] = (
+        bad_timers, wake_timers, expire, overdue)
 
     # Claims -----------------------------------------------------------------
 
@@ -3127,8 +3710,13 @@ class _Claims:
         """Claim up to ``limit`` steps in line order; with ``start`` (and
         a limit of 1), write the start of the step claimed too.  Rows
         changed outside liteq met on the way are quarantined."""
-        if start and not self.rules and len(self.queues) == 1:
-            return self.claim_started(conn, now, renewed)
+        if self.only is not None:
+            return self.claim_started(conn, now, renewed, _SQL_CLAIM_JOB,
+                                      {"id": self.only})
+        if (start and not self.rules and self.queues is not None
+                and len(self.queues) == 1):
+            return self.claim_started(conn, now, renewed, _SQL_CLAIM_START,
+                                      {"queue": self.queues[0]})
         lease, steps = self.tuning.hold, []
         while not steps:
             quarantined = self.quarantined
@@ -3154,7 +3742,9 @@ class _Claims:
     def line(self, conn: sqlite3.Connection, now: float,
              limit: int) -> list[tuple]:
         """The first ``limit`` ready jobs: (id, priority, place)."""
-        if len(self.queues) == 1:
+        if self.queues is None:
+            rows = _execute(conn, _SQL_LINE_ALL, (limit,)).fetchall()
+        elif len(self.queues) == 1:
             rows = _execute(conn, _SQL_LINE,
                             (self.queues[0], limit)).fetchall()
         else:
@@ -3163,28 +3753,30 @@ class _Claims:
         if not all(type(priority) is int and type(ready) is int
                    for _, priority, ready in rows):
             rows = self._sound(conn, now, rows, _IN_LINE)
-        if len(self.queues) == 1:
+        if self.queues is None or len(self.queues) == 1:
             return rows
         # The index orders one queue name at a time: merge them here.
         return sorted(rows, key=lambda row: (-row[1], row[2]))[:limit]
 
     def claim_started(self, conn: sqlite3.Connection, now: float,
-                      renewed: float) -> list[_Step]:
-        """Claim the first ready step of our one queue name, started, in
-        one statement (it writes the default lease; a task with its own
-        is adjusted after).  A row changed outside liteq is quarantined,
-        and the next one claimed."""
+                      renewed: float, sql: str,
+                      which: dict) -> list[_Step]:
+        """Claim the first ready step of our one queue name (or, with
+        _SQL_CLAIM_JOB, the job ``which`` names), started, in one
+        statement (it writes the default lease; a task with its own is
+        adjusted after).  A row changed outside liteq is quarantined, and
+        the next one claimed."""
         lease, max_lost = _TASK_DEFAULTS["lease"], _TASK_DEFAULTS["max_lost"]
         while True:
-            row = _execute(conn, _SQL_CLAIM_START, {
-                "queue": self.queues[0], "now": now, "lease": lease,
+            row = _execute(conn, sql, {
+                **which, "now": now, "lease": lease,
                 "max_lost": max_lost, "worker": self.identity}).fetchone()
             if row is None:
                 return []
-            if (row[8] is None and _claimed_sound(row)) or self._sound(
+            if (row[10] is None and _claimed_sound(row)) or self._sound(
                     conn, now, [row], _CLAIMED_STARTED):
                 break
-        row = row[:8]
+        row = row[:10]
         limits = _task_limits(row[1])
         if limits != (lease, max_lost):
             _execute(conn, _SQL_ADJUST_CLAIM, {
@@ -3229,7 +3821,7 @@ class _Claims:
                 run = run[:-1] or run  # its end is written on its own
             row = self._record_one(conn, run[-1], now, first.step, len(run))
             refusal = None if row is not None else self.refusal(
-                conn, first.step)
+                conn, first.step, now)
             for outcome in run:
                 outcome.ok, outcome.refusal = row is not None, refusal
                 rows.append(row)
@@ -3246,33 +3838,61 @@ class _Claims:
         kind = outcome.kind
         if kind in ("continue", "continue_here"):
             params.update(call=outcome.text, current=outcome.current,
-                          percent=outcome.percent)
-            if kind == "continue":
-                params["ready"] = _next_ready(conn)
-                return _execute(conn, _SQL_CONTINUE, params).fetchone()
-            return _execute(conn, _SQL_CONTINUE_HERE, params).fetchone()
+                          percent=outcome.percent, eta=now)
+            if kind == "continue_here":
+                return _execute(conn, _SQL_CONTINUE_HERE, params).fetchone()
+            if outcome.wait is not None:
+                wake = _wake_time(outcome.wait, now)
+                if wake > now:
+                    params["eta"] = wake
+                    return _execute(conn, _SQL_CONTINUE_WAIT,
+                                    params).fetchone()
+            params["ready"] = _next_ready(conn)
+            return _execute(conn, _SQL_CONTINUE, params).fetchone()
         if kind == "done":
             params["result"] = outcome.text
             done = _execute(conn, _SQL_DONE, params).rowcount
             return (_DONE,) if done else None
-        if kind == "fail":
-            params["error"] = outcome.error
-            return _execute(conn, _SQL_FAIL, params).fetchone()
-        if kind == "retry":
-            params.update(error=outcome.error, retries=outcome.retries,
-                          delay=outcome.delay, ready=_next_ready(conn))
+        if kind in ("fail", "retry"):
+            params.update(error=outcome.error, errors=_errors_after(
+                conn, step.id, outcome.error))
+            if kind == "fail":
+                return _execute(conn, _SQL_FAIL, params).fetchone()
+            params.update(retries=outcome.retries, delay=outcome.delay,
+                          ready=_next_ready(conn))
             return _execute(conn, _SQL_FAIL_STEP, params).fetchone()
+        if kind == "snooze":
+            params.update(eta=now + outcome.delay, ready=_next_ready(conn))
+            return _execute(conn, _SQL_SNOOZE, params).fetchone()
+        if kind in ("expired", "overdue"):
+            params.update(error=outcome.error, status=_CANCELLED if
+                          kind == "expired" else _FAILED)
+            return _execute(conn, _SQL_EXPIRE_HELD, params).fetchone()
         params["ready"] = _next_ready(conn)  # release
         return _execute(conn, _SQL_RELEASE, params).rowcount or None
 
-    def refusal(self, conn: sqlite3.Connection, step: _Step) -> str:
-        """Why an outcome of ``step`` was refused."""
+    def refusal(self, conn: sqlite3.Connection, step: _Step,
+                now: float) -> str:
+        """Why an outcome of ``step`` was refused.  Past the job's
+        deadline, the step's job fails here (no sweep touches a job while
+        a step of it executes)."""
         row = _execute(conn, _SQL_SELECT_REFUSAL, (step.id,)).fetchone()
         if row is None:
             return "finished"  # and purged since
-        status, cancel, token = row
-        if token == step.token and status == _CANCELLED and cancel:
+        status, cancel, token, deadline, error, ready, finished = row
+        if token != step.token or ready is not None:
+            return "lease lost"
+        if finished is None and _time_or_none(deadline) and (
+                deadline is not None and deadline <= now):
+            _execute(conn, _SQL_EXPIRE_HELD, {
+                "id": step.id, "token": step.token, "now": now,
+                "status": _FAILED, "error": _overdue(deadline)})
+            return "deadline exceeded"
+        if status == _CANCELLED and cancel:
             return "cancelled"
+        if type(error) is str and error.startswith(("expired at",
+                                                    "deadline exceeded")):
+            return error.partition(" at ")[0]  # by a sweep
         return "lease lost"
 
     def release(self, conn: sqlite3.Connection, steps: list[_Step]) -> None:
@@ -3303,10 +3923,14 @@ class _Claims:
         return any(_execute(conn, _SQL_HIGHER_READY, (name, priority))
                    .fetchone() for name in self.queues)
 
-    def in_sight(self, conn: sqlite3.Connection, now: float) -> bool:
-        """Whether a claim could find work (or a schema to report)."""
+    def in_sight(self, conn: sqlite3.Connection,
+                 now: float) -> tuple[bool, float | None]:
+        """Whether a claim could find work (or a schema to report), and
+        when the next thing comes due (see next_due)."""
         sql = _SQL_WORK_IN_SIGHT.format(self._in_queues)
-        return bool(_execute(conn, sql, (*self.queues, now)).fetchone()[0])
+        rows = _execute(conn, sql, self.queues).fetchall()
+        due = _earliest(rows[1:])
+        return bool(rows[0][0]) or (due is not None and due <= now), due
 
     def loads(self, conn: sqlite3.Connection) -> list[tuple]:
         """How many jobs wait per queue name (up to follow_load) and since
@@ -3378,6 +4002,8 @@ class _WorkerThread:
         self.poke = crew.housekeeper.poke
         self.bugs = crew.bugs
         self.progress = _ProgressLog()
+        #: Counts the statuses of the jobs finished (drain() sets it).
+        self.tally: collections.Counter | None = None
 
     # The loop ----------------------------------------------------------------
 
@@ -3472,9 +4098,12 @@ class _WorkerThread:
         # Woken by another process's commit: look before taking the write
         # lock.  A commit of this process that made work needs no look.
         local = self.wakeups.local
-        if (hold is None and self.woken and not self.pending
-                and local == self.seen_local and not self._in_sight(now)):
-            return self.tuning.idle_max
+        if hold is None and self.woken and not self.pending \
+                and local == self.seen_local:
+            found, due = self._in_sight(now)
+            if not found:  # a wait another process stored may be sooner
+                return min(self.tuning.idle_max, self.tuning.idle_max
+                           if due is None else max(due - now, 0.0))
         self.seen_local = local
         started, due = self.write_and_claim(None, claim=hold is None)
         if self.fault.count:
@@ -3560,14 +4189,17 @@ class _WorkerThread:
         step.began = self.tick()
         if step.state == _AHEAD:
             step.state = _HIDDEN
-        if (step.attempt > 1 or step.number == 1) and logger.isEnabledFor(
-                logging.INFO):
+        late = None
+        if step.expires is not None or step.deadline is not None:
+            late = _out_of_time(step, step.started)
+        if late is None and (step.attempt > 1 or step.number == 1) and \
+                logger.isEnabledFor(logging.INFO):
             logger.info("job %d started: %s (step %d, attempt %d)",
                         step.id, step.current, step.number, step.attempt)
         with self.lock:
             self.running = step
         self.poke(self.tuning.rescue)
-        outcome = _run_step(step, self.crew.queue)
+        outcome = late or _run_step(step, self.crew.queue)
         outcome.ended = self.tick()
         follow = None
         if outcome.kind == "continue" and self._may_continue_here(
@@ -3591,6 +4223,7 @@ class _WorkerThread:
         """Whether the job's next step would be this thread's next claim."""
         fn = _PROCESS.tasks.get(outcome.current)
         if (self.solo or self.stopping.is_set() or fn is None
+                or outcome.wait is not None
                 or (fn.lease, fn.max_lost) != step.limits
                 or (step.token + 1) >> _TOKEN_BITS != step.token >> _TOKEN_BITS
                 or (self.ahead and any(other.priority >= step.priority
@@ -3615,15 +4248,16 @@ class _WorkerThread:
 
     # Looks and waits ---------------------------------------------------------
 
-    def _in_sight(self, now: float) -> bool:
-        """Whether a claim could find work, read without the write lock.
+    def _in_sight(self, now: float) -> tuple[bool, float | None]:
+        """Whether a claim could find work, read without the write lock,
+        and when the next thing comes due.
 
         Every commit wakes idle workers; without this look each would
         take the write lock only to find nothing, crowding out producers.
         """
         found = self.store.peek_with(
             lambda conn: self.claims.in_sight(conn, now))
-        return found is None or found
+        return (True, None) if found is None else found
 
     def _follower_hold(self, now: float) -> float | None:
         try:
@@ -3757,7 +4391,7 @@ class _WorkerThread:
         started = step if step and self.claims.start(conn, step, now) \
             else None
         batch: list[_Step] = []
-        due, finished = None, 0
+        due, finished = None, []
         if claim:
             defer = self.may_defer()
             limit = self.tuning.batch if defer else 1
@@ -3769,27 +4403,30 @@ class _WorkerThread:
         return now, rows, started, batch, due, finished
 
     def _claim_in(self, conn: sqlite3.Connection, now: float, limit: int,
-                  defer: bool) -> tuple[list[_Step], float | None, int]:
+                  defer: bool) -> tuple[list[_Step], float | None,
+                                        list[str]]:
         """Claim, sweeping what came due first: every ``probe`` seconds
-        while busy, and always before finding nothing."""
+        while busy, and always before finding nothing.  Also returns the
+        statuses of the jobs the sweeps finished."""
         claims, renewed = self.claims, self.tick()
         quarantined = claims.quarantined
         swept = now >= self.next_sweep
-        finished = claims.sweep(conn, now) if swept else 0
+        finished = claims.sweep(conn, now) if swept else []
         batch = claims.claim(conn, now, limit, not defer, renewed)
         if not batch and not swept:
             finished += claims.sweep(conn, now)
             swept = True
             batch = claims.claim(conn, now, limit, not defer, renewed)
-        finished += claims.quarantined - quarantined
+        finished += [_FAILED] * (claims.quarantined - quarantined)
         if swept:
             self.next_sweep = now + self.tuning.probe
         due = None if batch else self.claims.next_due(conn)
         return batch, due, finished
 
     def _after_write(self, outcomes: list[_Outcome], rows: list,
-                     release: list[_Step], finished: int) -> None:
-        """Log the outcomes just written and wake who waits for them."""
+                     release: list[_Step], finished: list[str]) -> None:
+        """Log the outcomes just written and wake who waits for them;
+        ``finished``: the statuses of the jobs the sweeps finished."""
         in_line = bool(release)
         debug = logger.isEnabledFor(logging.DEBUG)
         for outcome, row in zip(outcomes, rows):
@@ -3799,9 +4436,13 @@ class _WorkerThread:
                 self.progress.note(outcome, row)
             status = row[0] if isinstance(row, tuple) else None
             if status in _FINISHED:
-                finished += 1
+                finished = [*finished, status]
             elif row is not None and outcome.kind != "continue_here":
                 in_line = True  # another thread may run it
+            elif row is None and outcome.refusal == "deadline exceeded":
+                finished = [*finished, _FAILED]  # failed by refusal()
+        if self.tally is not None:
+            self.tally.update(finished)
         if finished:
             self.crew.finished.notify()
         if in_line:
@@ -3841,7 +4482,7 @@ class _WorkerThread:
                 if step.state == _HIDDEN:
                     step.state = _SHOWN
             step.lease, step.renewed = step.limits[0], self.tick()
-        self._after_write(outcomes, rows, release, 0)
+        self._after_write(outcomes, rows, release, [])
 
     def survey(self, now: float) -> tuple[list[_Step], bool, float]:
         """For the housekeeper at pacing time ``now``: the held steps whose
@@ -3946,6 +4587,9 @@ def _log_refused(outcome: _Outcome, first_loss: bool) -> None:
     elif outcome.refusal == "finished":
         logger.info("job %d was finished and purged while claimed; its "
                     "outcome was discarded", step.id)
+    elif outcome.refusal in ("expired", "deadline exceeded"):
+        logger.info("job %d %s while %s ran; its outcome was discarded",
+                    step.id, outcome.refusal, step.current)
     elif first_loss:
         logger.warning("job %d: lease lost while running %s (step %d); "
                        "its outcome was discarded", step.id, step.current,
@@ -3961,8 +4605,13 @@ def _log_outcome(outcome: _Outcome, row: Any, first_loss: bool,
         _log_refused(outcome, first_loss)
         return
     status = row[0] if isinstance(row, tuple) else None
-    if status == _CANCELLED:
+    if outcome.kind in ("expired", "overdue"):
+        logger.info("job %d %s: %s; not run", step.id, status,
+                    outcome.error)
+    elif status == _CANCELLED:
         logger.info("job %d cancelled", step.id)
+    elif outcome.kind == "snooze":
+        logger.info("job %d snoozed for %gs", step.id, outcome.delay)
     elif outcome.kind in ("continue", "continue_here"):
         if debug:
             logger.debug("job %d continued: step %d of %s done, next %s",
@@ -4506,6 +5155,18 @@ class _Crew:
         self.chore_bugs = _Bugs(f"unexpected error in the housekeeper of "
                                 f"a worker on {path}", tick)
         self.housekeeper: Any = _NO_HOUSEKEEPER  # see _start_threads
+        self.units: list[_WorkerThread] = []  # see _start_threads
+
+    def renew_all(self, until: float) -> None:
+        """Renew every lease the threads hold as if it were ``until`` on
+        the store clock (a test clock about to move there)."""
+        steps = []
+        for unit in self.units:
+            with unit.lock:
+                steps += unit.held()
+        if steps:
+            self.store.write(lambda conn: self.claims.renew(conn, steps,
+                                                            until))
 
     def open_watch(self) -> None:
         if self.tuning.inotify:
@@ -4590,6 +5251,8 @@ class Worker:
         units = [_WorkerThread(crew, f"liteq-worker-{i + 1}")
                  for i in range(self.threads)]
         crew.housekeeper.threads.extend(units)
+        crew.units = units
+        self.queue._crews.add(crew)  # its test clock renews their leases
         self._threads = [threading.Thread(target=unit.run, daemon=True,
                                           name=unit.name) for unit in units]
         logger.info("worker %s serving %s on %s with %d thread(s)",
@@ -4635,6 +5298,7 @@ class Worker:
             if finished and self._threads and crew is not None:
                 crew.housekeeper.stop()
                 crew.close()
+                self.queue._crews.discard(crew)
                 self._lead.close()
                 self._threads, self._running = [], None
                 self._stopping.clear()  # it may be started again
@@ -4684,7 +5348,165 @@ class Worker:
 
 
 # ---------------------------------------------------------------------------
-# 12. HTTP: status resource and dashboard
+# 12. Testing helpers: the test clock, drain, eager, using
+# ---------------------------------------------------------------------------
+
+
+class TestClock:
+    """A Queue's clock in tests (``with q.clock() as clock:``).
+
+    While it is active, every time liteq reads or stores for its Queue in
+    this process comes from it: etas, waits, retries, leases, expiries,
+    deadlines.  It moves only when told to: ``advance()`` or ``set()``.
+    """
+
+    __test__ = False  # not a pytest test class, despite its name
+
+    def __init__(self, queue: Queue, now: float) -> None:
+        self._queue, self._now = queue, now
+
+    def __repr__(self) -> str:
+        return f"<TestClock {_iso(self._now)} of {self._queue.path}>"
+
+    def time(self) -> float:
+        """The clock's time as a unix timestamp."""
+        return self._now
+
+    def now(self) -> _dt.datetime:
+        """The clock's time, an aware UTC datetime."""
+        return _utc(self._now)
+
+    def advance(self, seconds: float = 0, minutes: float = 0,
+                hours: float = 0, days: float = 0) -> _dt.datetime:
+        """Move forward; return the new time."""
+        total = sum(_check_number(name, value) * unit for name, value, unit
+                    in (("seconds", seconds, 1), ("minutes", minutes, 60),
+                        ("hours", hours, 3600), ("days", days, 86400)))
+        return self._move(self._now + total)
+
+    def set(self, eta: Any) -> _dt.datetime:
+        """Move to ``eta`` (a datetime or a unix timestamp), forward or
+        back (as a wall clock may jump); return the new time."""
+        return self._move(_eta_time(eta))
+
+    def _move(self, when: float) -> _dt.datetime:
+        """Move to ``when``: the leases this process holds on the Queue
+        are renewed first, so no step of its own is taken from it; then
+        its idle workers wake to look."""
+        self._queue._check_open("its clock")
+        if self._queue._clock is not self:
+            raise RuntimeError("this clock's block has ended")
+        if when >= _LAST_START:
+            raise ValueError(f"the clock must stay before "
+                             f"{_LAST_START_TEXT}")
+        for crew in list(self._queue._crews):
+            crew.renew_all(when)
+        self._now = when
+        _Signal.of(self._queue.path).notify()
+        return self.now()
+
+
+class _Inline:
+    """Runs steps of a Queue in the calling thread, as a worker of this
+    process: Queue.drain() and Queue.eager()."""
+
+    def __init__(self, queue: Queue, names: list[str] | None) -> None:
+        worker = Worker(queue, queues=names)
+        worker.tuning = _Tuning(inotify=False)
+        self.crew = worker._crew()
+        self.crew.claims = _Claims(names, self.crew.claims.identity,
+                                   worker.tuning)
+        self.unit = _WorkerThread(self.crew, "drain", solo=True)
+        self.unit.tally = collections.Counter()
+        self.steps = 0
+
+    @property
+    def tally(self) -> collections.Counter:
+        return self.unit.tally
+
+    def run_ready(self, max_steps: int, raise_errors: bool) -> None:
+        """Run steps until none is ready; with ``raise_errors``, raise the
+        first exception a task raises (its outcome written first)."""
+        unit = self.unit
+        while True:
+            started, _ = unit.write_and_claim()
+            if started is None:
+                return
+            if self.steps >= max_steps:
+                unit.write_and_claim(None, claim=False)
+                raise RuntimeError(
+                    f"drain() ran {max_steps} steps and job {started.id} "
+                    f"({started.current}) is ready still: a job that "
+                    f"never ends?  Raise max_steps if it is only long")
+            self.steps += 1
+            unit.run_step(started)
+            exc = unit.pending[-1].exc if unit.pending else None
+            if raise_errors and exc is not None:
+                unit.write_and_claim(None, claim=False)
+                raise exc
+
+    def run_job(self, job_id: int) -> None:
+        """Run one job's steps while it is ready (eager())."""
+        self.crew.claims.only = job_id
+        self.run_ready(_MAX_EAGER_STEPS, False)
+
+    def next_due(self, after: float) -> float | None:
+        """When the next timer, expiry or deadline after ``after`` is."""
+        rows = self.crew.store.read(_SQL_NEXT_DUE_AFTER, {"after": after})
+        return _earliest(rows)
+
+    def waiting(self, names: list[str] | None) -> int:
+        rows = self.crew.store.read(_SQL_COUNT_WAITING)
+        return sum(n for name, n in rows if names is None or name in names)
+
+
+def _drain_queue(queue: Queue, names: list[str] | None, until: Any,
+           max_steps: int, raise_errors: bool) -> dict[str, int]:
+    clock, target = queue._clock, None
+    if until is not None:
+        if clock is None:
+            raise RuntimeError("drain(until=...) moves the queue's test "
+                               "clock: call it inside `with q.clock():`")
+        target = _eta_time(until, "until")
+        if target < clock.time():
+            raise ValueError(f"until ({_shown_time(target)}) is before the"
+                             f" clock's time ({_iso(clock.time())})")
+    inline = _Inline(queue, names)
+    while True:
+        inline.run_ready(max_steps, raise_errors)
+        if target is None:
+            break
+        due = inline.next_due(clock.time())
+        if due is None or due > target:
+            if clock.time() < target:
+                clock._move(target)
+                continue  # what came due on the way runs, then stop
+            break
+        clock._move(due)
+    counts = {status: inline.tally[status] for status in _FINISHED}
+    counts["steps"] = inline.steps
+    counts["waiting"] = inline.waiting(names)
+    return counts
+
+
+@contextlib.contextmanager
+def using(queue: Queue) -> Iterator[Queue]:
+    """Make ``queue`` the default queue for the block (and every thread
+    of this process): module-level @task functions delay into it."""
+    if not isinstance(queue, Queue):
+        raise TypeError(f"using() takes a Queue, got {queue!r}")
+    with _PROCESS.lock:
+        old, _PROCESS.default_queue = _PROCESS.default_queue, queue
+    try:
+        yield queue
+    finally:
+        with _PROCESS.lock:
+            _PROCESS.default_queue = old
+
+
+
+# ---------------------------------------------------------------------------
+# 13. HTTP: status resource and dashboard
 # ---------------------------------------------------------------------------
 
 _JSON_TYPE = "application/json"
@@ -4874,7 +5696,7 @@ def _dashboard_page(environ: dict) -> bytes:
 
 
 # ---------------------------------------------------------------------------
-# 13. Command line
+# 14. Command line
 # ---------------------------------------------------------------------------
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -5652,7 +6474,7 @@ def _loopback_only(app: Callable, bound: str) -> Callable:
 
 
 # ---------------------------------------------------------------------------
-# 14. Dashboard page: HTML, script and style
+# 15. Dashboard page: HTML, script and style
 # ---------------------------------------------------------------------------
 
 # The dashboard: one page, no external assets.  It polls /counts and
@@ -6153,7 +6975,7 @@ _DASHBOARD_CSP = (
 
 
 # ---------------------------------------------------------------------------
-# 15. python -m liteq
+# 16. python -m liteq
 # ---------------------------------------------------------------------------
 
 if __name__ == "__main__":
