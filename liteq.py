@@ -2914,6 +2914,9 @@ class Queue:
             for (_, job), job_id in zip(items, ids):
                 job._id = job_id
             _Signal.of(self.path).notify()
+            if getattr(self._eager, "on", False):
+                for job_id in ids:
+                    _Inline(self, None).run_job(job_id)
 
     # Testing (see section 12) ----------------------------------------------
 

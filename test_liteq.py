@@ -1898,7 +1898,8 @@ def test_to_dict_is_a_json_snapshot_of_every_field(q, clock):
         "id", "name", "current", "description", "queue", "priority", "key",
         "status", "percent", "steps", "attempts", "error", "eta",
         "created_at", "started_at", "updated_at", "finished_at", "worker",
-        "result", "args", "kwargs"}
+        "result", "args", "kwargs", "waiting", "expires", "deadline",
+        "errors"}
     assert pending["result"] is None
     assert pending["args"] == [{"__tuple__": [1, 2]}]  # docs/choices.md
     assert pending["kwargs"] == {}
