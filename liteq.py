@@ -6234,9 +6234,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
     else:
         now = time.time()
         _emit(_table(
-            ["ID", "STATUS", "PROGRESS", "STEPS", "QUEUE", "TASK",
-             "DESCRIPTION", "UPDATED"],
-            [_list_row(job, now) for job in jobs], right=(0, 2, 3)))
+            ["ID", "STATUS", "PROGRESS", "STEPS", "TRIES", "QUEUE", "TASK",
+             "NEXT", "UPDATED", "DESCRIPTION", "LAST ERROR"],
+            [_list_row(job, now) for job in jobs], right=(0, 2, 3, 4)))
     return 0
 
 
@@ -6247,9 +6247,30 @@ def _list_row(job: dict, now: float) -> list[str]:
     about = cell("description", 40)
     if "unreadable" in job:  # its fields that liteq could read, and why
         about = _clean(f"UNREADABLE: {job['unreadable']}", 60)
+    error = _error_line(job["error"]) if job["error"] else "-"
     return [cell("id"), cell("status"), _percent_text(job["percent"]).strip(),
-            cell("steps"), cell("queue", 20), cell("name", 32), about,
-            _age_text(job["updated_at"], now)]
+            cell("steps"), cell("attempts"), cell("queue", 20),
+            cell("name", 32), _next_text(job, now),
+            _age_text(job["updated_at"], now), about, _clean(error, 50)]
+
+
+def _next_text(job: dict, now: float) -> str:
+    """Why an unfinished job waits and when it wakes: ``timer in 23h``."""
+    if job["waiting"] is None:
+        return "-"
+    return f"{_clean(job['waiting'], 20)} {_in_text(job['eta'], now)}"
+
+
+def _in_text(iso: str | None, now: float) -> str:
+    if iso is None:
+        return "-"
+    seconds = int(_seconds(iso) - now + 0.999)
+    if seconds <= 0:
+        return "now"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"in {seconds // size}{unit}"
+    return f"in {seconds}s"
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
@@ -6278,9 +6299,9 @@ def _unreadable(job: Job, data: dict) -> int:
 
 _SHOW_FIELDS = (
     "id", "name", "current", "description", "queue", "priority", "key",
-    "status", "percent", "steps", "attempts", "worker", "eta",
-    "created_at", "started_at", "updated_at", "finished_at", "args",
-    "kwargs", "result")
+    "status", "waiting", "percent", "steps", "attempts", "worker", "eta",
+    "expires", "deadline", "created_at", "started_at", "updated_at",
+    "finished_at", "args", "kwargs", "result")
 
 
 def _show_text(data: dict) -> str:
@@ -6291,9 +6312,14 @@ def _show_text(data: dict) -> str:
             text = json.dumps(value)
         elif field == "percent":
             text = f"{_bar(value)} {_percent_text(value).strip()}"
+        elif field == "eta" and data["waiting"] is not None:
+            text = f"{_clean(value)} ({_in_text(value, time.time())})"
         else:
             text = "-" if value is None else _clean(value)
         lines.append(f"{field:<12} {text}")
+    if len(data["errors"]) > 1:  # the last one is the error's last line
+        lines.append("errors:")
+        lines += [f"  {_clean(line)}" for line in data["errors"]]
     if data["error"]:
         lines.append("error:")
         lines += [f"  {_clean(line)}"
@@ -6574,8 +6600,9 @@ tbody tr.selected { background: #ddf4ff; }
   font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
   font-size: 12.5px;
 }
+.errors { white-space: pre-wrap; }
 .c-id { width: 64px; } .c-task { width: 17%; } .c-status { width: 112px; }
-.c-progress { width: 210px; } .c-steps { width: 64px; }
+.c-progress { width: 210px; } .c-steps, .c-tries { width: 64px; }
 .c-updated { width: 96px; }
 .status {
   display: inline-block; padding: 1px 9px; border-radius: 999px;
@@ -6632,7 +6659,7 @@ pre.error {
 }
 @media (max-width: 800px) {
   .counts { grid-template-columns: repeat(3, minmax(0, 1fr)); }
-  .c-task, .c-updated { display: none; }
+  .c-task, .c-updated, .c-tries { display: none; }
   .c-progress { width: 130px; } .c-status { width: 96px; }
   main { padding: 12px; }
 }
@@ -6655,12 +6682,14 @@ pre.error {
     <table>
       <colgroup>
         <col class="c-id"><col class="c-task"><col><col class="c-status">
-        <col class="c-progress"><col class="c-steps"><col class="c-updated">
+        <col class="c-progress"><col class="c-steps"><col class="c-tries">
+        <col class="c-updated">
       </colgroup>
       <thead><tr>
         <th class="num">ID</th><th class="c-task">Task</th>
         <th>Description</th><th>Status</th><th>Progress</th>
-        <th class="num">Steps</th><th class="c-updated">Updated</th>
+        <th class="num">Steps</th><th class="num c-tries">Tries</th>
+        <th class="c-updated">Updated</th>
       </tr></thead>
       <tbody id="jobs"></tbody>
     </table>
@@ -6826,19 +6855,22 @@ function jobRow(job) {
     const why = node("span", "why", "unreadable row: " + job.unreadable);
     description.appendChild(why);
     description.title = why.textContent;
-  } else if (job.status === "failed" && job.error) {
+  } else if (job.error && (job.status === "failed" || job.waiting)) {
     const why = node("span", "why", lastLine(job.error));
     description.appendChild(why);
     description.title = job.description + "\n" + why.textContent;
-  } else if (job.status === "pending" && when(job.eta) > Date.now()) {
-    description.appendChild(node("span", "note", "runs " + ahead(job.eta)));
+  }
+  if (job.waiting && !job.unreadable) {
+    description.appendChild(node("span", "note", "waits (" + job.waiting +
+                                 "), wakes " + ahead(job.eta)));
   }
   const status = node("td");
   status.appendChild(statusWord(job.status || "unknown"));
   const bar = node("td");
   bar.appendChild(progress(job));
   row.append(node("td", "num", job.id), task, description, status, bar,
-             node("td", "num", job.steps), updated);
+             node("td", "num", job.steps),
+             node("td", "num c-tries", job.attempts), updated);
   row.tabIndex = 0;
   row.addEventListener("click", () => { location.hash = "job-" + job.id; });
   row.addEventListener("keydown", (event) => {
@@ -6859,9 +6891,11 @@ function renderJobs(jobs) {
 }
 
 const FIELDS = ["id", "name", "current", "description", "queue",
-                "priority", "key", "status", "percent", "steps", "attempts",
-                "worker", "eta", "created_at", "started_at", "updated_at",
-                "finished_at", "args", "kwargs", "result"];
+                "priority", "key", "status", "waiting", "percent", "steps",
+                "attempts", "errors", "worker", "eta", "expires", "deadline",
+                "created_at", "started_at", "updated_at", "finished_at",
+                "args", "kwargs", "result"];
+const TIMES = ["eta", "expires", "deadline"];
 
 function fieldValue(job, field) {
   const value = job[field];
@@ -6870,8 +6904,15 @@ function fieldValue(job, field) {
   if (["args", "kwargs", "result"].includes(field)) {
     return node("span", "mono", JSON.stringify(value));
   }
+  if (field === "errors") {
+    return node("span", "mono errors", (value || []).join("\n") || "-");
+  }
   if (value === null || value === undefined) return node("span", "", "-");
-  if (field.endsWith("_at") || field === "eta") {
+  if (field === "eta" && job.waiting) {
+    return node("span", "", localTime(value) + " (wakes " + ahead(value) +
+                ")");
+  }
+  if (field.endsWith("_at") || TIMES.includes(field)) {
     return node("span", "", localTime(value) + " (" + ago(value) + ")");
   }
   return node("span", field === "name" || field === "current" ?

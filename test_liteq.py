@@ -4738,17 +4738,32 @@ def test_list_prints_jobs_newest_first_with_progress(tmp_path):
         out = _ops_cli(tmp_path, "list", "--db", db)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0].split() == ["ID", "STATUS", "PROGRESS", "STEPS",
-                                "QUEUE", "TASK", "DESCRIPTION", "UPDATED"]
-    first = [line.split()[:5] for line in lines[1:]]
+    assert lines[0].split() == [
+        "ID", "STATUS", "PROGRESS", "STEPS", "TRIES", "QUEUE", "TASK",
+        "NEXT", "UPDATED", "DESCRIPTION", "LAST", "ERROR"]
+    first = [line.split()[:6] for line in lines[1:]]
     assert first == [
-        [str(ids["running"]), "running", "40%", "2", "ops-live"],
-        [str(ids["cancelled"]), "cancelled", "-", "0", "ops-wait"],
-        [str(ids["pending"]), "pending", "25%", "0", "ops-wait"],
-        [str(ids["failed"]), "failed", "-", "0", "ops-work"],
-        [str(ids["done"]), "done", "100%", "1", "ops-work"]]
+        [str(ids["running"]), "running", "40%", "2", "1", "ops-live"],
+        [str(ids["cancelled"]), "cancelled", "-", "0", "0", "ops-wait"],
+        [str(ids["pending"]), "pending", "25%", "0", "0", "ops-wait"],
+        [str(ids["failed"]), "failed", "-", "0", "1", "ops-work"],
+        [str(ids["done"]), "done", "100%", "1", "1", "ops-work"]]
     assert "walk 5 steps" in lines[1] and "add 2 and 3" in lines[-1]
+    assert lines[-2].rstrip().endswith("RuntimeError: boom")
     assert len({line.index(" ops-") for line in lines[1:]}) == 1
+
+
+def test_list_and_show_say_why_a_job_waits_and_when_it_wakes(q, capsys):
+    waiting = T.add.apply_async((1, 2), countdown=7200)
+    assert liteq.main(["list", "--db", q.path]) == 0
+    row = capsys.readouterr().out.splitlines()[1]
+    assert row.split()[:8] == [str(waiting.id), "pending", "-", "0", "0",
+                               "default", stored(add), "timer"]
+    assert " timer in 1h " in row or " timer in 2h " in row
+    assert liteq.main(["show", str(waiting.id), "--db", q.path]) == 0
+    out = capsys.readouterr().out
+    assert "waiting      timer\n" in out
+    assert re.search(r"^eta +\S+ \(in (1|2)h\)$", out, re.M), out
 
 
 def test_list_filters_and_prints_to_dict_objects_as_json(tmp_path):
