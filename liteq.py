@@ -165,7 +165,9 @@ _TASK_DEFAULTS = {
     "job_timeout": None,  # seconds from the delay to the job's deadline
 }
 
-_WAIT_TIMER, _WAIT_RETRY = "timer", "retry"  # values of Job.waiting
+# Values of Job.waiting.
+_WAIT_TIMER, _WAIT_RETRY, _WAIT_UNKNOWN = "timer", "retry", "unknown task"
+_UNKNOWN_GRACE = 300.0  # Worker(unknown_grace=...) default, seconds
 _AFTER, _AT = "after", "at"  # the keys of a delayed Task's JSON form
 _MAX_RETRY_DELAY = 100 * 365.25 * 86400  # seconds; also the longest wait
 _MAX_SNOOZES = 100  # Task.run() re-runs a snoozing call at most this often
@@ -292,6 +294,7 @@ def _error_line(error: str | None) -> str:
 
 _SURROGATE = re.compile("[\ud800-\udfff]")  # not storable as UTF-8
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_NUMBER = re.compile(r"^\d+(?:\.\d+)?$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
@@ -767,13 +770,16 @@ _SCHEMA = (
 # and ``deadline`` are unix times (NULL: none), each found by a partial
 # index for as long as it can still come due; ``origin`` is the first
 # call, kept from the job's first continuation on (NULL: ``call`` is it);
-# ``errors`` the JSON list of the current step's last error lines.
+# ``errors`` the JSON list of the current step's last error lines;
+# ``unknown_since`` when a worker first met the current call's task name
+# unregistered (it then waits for one that knows it, see _SQL_PARK).
 _SCHEMA_2 = (
     "ALTER TABLE liteq_jobs ADD COLUMN waiting TEXT",
     "ALTER TABLE liteq_jobs ADD COLUMN expires REAL",
     "ALTER TABLE liteq_jobs ADD COLUMN deadline REAL",
     "ALTER TABLE liteq_jobs ADD COLUMN origin TEXT",
     "ALTER TABLE liteq_jobs ADD COLUMN errors TEXT",
+    "ALTER TABLE liteq_jobs ADD COLUMN unknown_since REAL",
     """
     CREATE INDEX liteq_jobs_expires ON liteq_jobs (expires)
      WHERE expires IS NOT NULL AND started_at IS NULL
@@ -1066,6 +1072,7 @@ _CONTINUE = f"""
     UPDATE liteq_jobs
        SET call = :call, current = :current, percent = :percent,
            origin = coalesce(origin, call), errors = NULL,
+           unknown_since = NULL,
            steps = steps + :n, attempts = 0, failures = 0, lost = 0,
            eta = :eta, {_OUTCOME},
            status = CASE WHEN cancel THEN 'cancelled' ELSE 'running' END,
@@ -1129,7 +1136,7 @@ _SQL_FAIL_STEP = f"""
                          WHEN failures < :retries THEN 'running'
                          ELSE 'failed' END,
            failures = failures + 1, error = :error, errors = :errors,
-           attempts = :attempt, eta = :now + :delay,
+           attempts = :attempt, eta = :now + :delay, unknown_since = NULL,
            timer = CASE WHEN NOT cancel AND failures < :retries AND :delay > 0
                         THEN :now + :delay END,
            waiting = CASE WHEN NOT cancel AND failures < :retries
@@ -1141,6 +1148,27 @@ _SQL_FAIL_STEP = f"""
      WHERE {_HELD_IN_TIME}
  RETURNING status, failures
 """
+
+# A step whose task this worker does not know goes out of line unrun, to
+# wait for a worker that knows it (see _Claims.unknown): observers see it
+# as before it was claimed, but for ``waiting`` and the error.
+_SQL_PARK = f"""
+    UPDATE liteq_jobs
+       SET unknown_since = coalesce(unknown_since, :now), error = :error,
+           attempts = :attempts, worker = NULL, updated_at = :now,
+           status = CASE WHEN cancel THEN 'cancelled'
+                         WHEN steps = 0 AND :attempts = 0 THEN 'pending'
+                         ELSE status END,
+           started_at = CASE WHEN steps = 0 AND :attempts = 0 THEN NULL
+                             ELSE started_at END,
+           finished_at = CASE WHEN cancel THEN :now END,
+           timer = CASE WHEN cancel THEN NULL ELSE :wake END,
+           waiting = CASE WHEN cancel THEN NULL ELSE '{_WAIT_UNKNOWN}' END
+     WHERE {_HELD}
+ RETURNING status
+"""
+
+_SQL_SELECT_UNKNOWN_SINCE = "SELECT unknown_since FROM liteq_jobs WHERE id = ?"
 
 # A job that ran out of time: expired before its first step started
 # (cancelled), or past its deadline (failed).  Held by the step that
@@ -1255,6 +1283,7 @@ _SQL_RETRY = f"""
            eta = CASE WHEN status = 'cancelled' AND eta > :now
                       THEN eta ELSE :now END,
            expires = CASE WHEN expires > :now THEN expires END,
+           unknown_since = NULL,
            deadline = CASE WHEN deadline > :now THEN deadline END,
            finished_at = NULL, updated_at = :now
      WHERE id = :id AND status IN ('failed', 'cancelled')
@@ -3238,6 +3267,7 @@ class _Tuning:
     # every follow_look, and once it helps, it helps for follow_wait.
     follow_wait, follow_load, follow_look = 0.5, 1000, 0.05
     stop_grace = 3.0  # a stopping thread retries its last writes this long
+    unknown_look = 5.0  # a job of an unknown task is looked at this often
     chores = 1.0  # between checks of the file and of the WAL's size
     purge_every = 3600.0  # between purges, with Worker(keep=...)
     inotify = True  # watch the -wal file where the system can
@@ -3346,9 +3376,9 @@ def _run_step(step: _Step, queue: Queue) -> _Outcome:
     except Exception as exc:  # a row no liteq wrote: fail the job only
         return _malformed_step(step, exc)
     fn = _PROCESS.tasks.get(call.name)
-    if fn is None:
-        return _step_refused(step, f"unknown task {call.name!r}: not "
-                                   f"registered in this worker")
+    if fn is None:  # never run: it waits for a worker that knows it
+        return _Outcome(step, "unknown", current=call.name,
+                        error=_unknown_task(call.name))
     try:
         args, kwargs = fn._bind_stored(call.args, call.kwargs)
     except TypeError as exc:  # the task's signature changed since
@@ -3381,6 +3411,15 @@ def _out_of_time(step: _Step, now: float) -> _Outcome | None:
 
 def _overdue(deadline: float) -> str:
     return f"deadline exceeded at {_shown_time(deadline)}"
+
+
+def _unknown_task(name: str) -> str:
+    modules = sorted({fn.__module__ for fn in _PROCESS.tasks.values()
+                      if fn.name != _CHAIN_NAME})
+    return (f"unknown task {name!r}: not registered in this worker (its "
+            f"tasks come from {', '.join(modules) or 'no module'}); deploy "
+            f"the module that defines it to every worker serving this "
+            f"queue name, or give it name={name!r}")
 
 
 def _step_refused(step: _Step, error: str) -> _Outcome:
@@ -3592,6 +3631,8 @@ class _Claims:
         self.rules: tuple[Callable[[Any, float, list], list], ...] = ()
         #: A job id: claim only that job (for eager()).
         self.only: int | None = None
+        #: How long a job of a task unknown here waits for another worker.
+        self.unknown_grace = _UNKNOWN_GRACE
         self._in_queues = ",".join("?" * len(queues or ()))
         #: How many rows this worker quarantined (see quarantine()).
         self.quarantined = 0
@@ -3867,12 +3908,36 @@ class _Claims:
         if kind == "snooze":
             params.update(eta=now + outcome.delay, ready=_next_ready(conn))
             return _execute(conn, _SQL_SNOOZE, params).fetchone()
+        if kind == "unknown":
+            return self.unknown(conn, outcome, now, params)
         if kind in ("expired", "overdue"):
             params.update(error=outcome.error, status=_CANCELLED if
                           kind == "expired" else _FAILED)
             return _execute(conn, _SQL_EXPIRE_HELD, params).fetchone()
         params["ready"] = _next_ready(conn)  # release
         return _execute(conn, _SQL_RELEASE, params).rowcount or None
+
+    def unknown(self, conn: sqlite3.Connection, outcome: _Outcome,
+                now: float, params: dict) -> Any:
+        """A step whose task is not registered here: wait for a worker
+        that knows it, looking again every ``unknown_look`` seconds, up to
+        ``unknown_grace`` from the first time a worker met it; then fail
+        (the kind becomes 'fail', for the log)."""
+        step = outcome.step
+        since = _execute(conn, _SQL_SELECT_UNKNOWN_SINCE,
+                         (step.id,)).fetchone()
+        since = since[0] if since and _time_or_none(since[0]) else None
+        since = now if since is None else min(since, now)
+        left = since + self.unknown_grace - now
+        if left <= 0:
+            outcome.kind = "fail"
+            outcome.error += f"; then `liteq retry {step.id}`"
+            params.update(error=outcome.error, errors=_errors_after(
+                conn, step.id, outcome.error))
+            return _execute(conn, _SQL_FAIL, params).fetchone()
+        params.update(error=outcome.error, attempts=step.attempt - 1,
+                      wake=now + min(left, self.tuning.unknown_look))
+        return _execute(conn, _SQL_PARK, params).fetchone()
 
     def refusal(self, conn: sqlite3.Connection, step: _Step,
                 now: float) -> str:
@@ -4196,7 +4261,8 @@ class _WorkerThread:
         if step.expires is not None or step.deadline is not None:
             late = _out_of_time(step, step.started)
         if late is None and (step.attempt > 1 or step.number == 1) and \
-                logger.isEnabledFor(logging.INFO):
+                logger.isEnabledFor(logging.INFO) and \
+                step.current in _PROCESS.tasks:  # else it waits, unrun
             logger.info("job %d started: %s (step %d, attempt %d)",
                         step.id, step.current, step.number, step.attempt)
         with self.lock:
@@ -4615,6 +4681,11 @@ def _log_outcome(outcome: _Outcome, row: Any, first_loss: bool,
         logger.info("job %d cancelled", step.id)
     elif outcome.kind == "snooze":
         logger.info("job %d snoozed for %gs", step.id, outcome.delay)
+    elif outcome.kind == "unknown":
+        _warn_once(f"unknown task {outcome.current}",
+                   f"job {step.id} waits: {outcome.error}.  Jobs of "
+                   f"{outcome.current!r} wait for a worker that knows it, "
+                   f"each up to this worker's unknown_grace, then fail")
     elif outcome.kind in ("continue", "continue_here"):
         if debug:
             logger.debug("job %d continued: step %d of %s done, next %s",
@@ -5142,6 +5213,7 @@ class _Crew:
         self.tuning, self.tick = worker.tuning, tick
         self.threads, self.keep = worker.threads, worker.keep
         self.claims = _Claims(worker.queues, _host_pid(), self.tuning)
+        self.claims.unknown_grace = worker.unknown_grace
         self.wakeups = _Signal.of(self.queue.path)
         self.finished = _Signal.of(self.queue.path, "finished")
         self.stopping, self.request_stop = stopping, request_stop
@@ -5184,16 +5256,20 @@ class _Crew:
 class Worker:
     """Run stored jobs in background threads of this process.
 
-    ``Worker(queue=None, threads=1, queues=None, keep=None)``: ``queue`` is
-    the Queue (default: the default queue), ``queues`` the queue names to
-    serve (default: ``["default"]``), ``keep`` a duration (``"7d"`` or
-    seconds) after which finished jobs are purged.  ``start()`` returns at
-    once; ``stop()`` lets running steps finish.  No signal handlers.
+    ``Worker(queue=None, threads=1, queues=None, keep=None,
+    unknown_grace=300)``: ``queue`` is the Queue (default: the default
+    queue), ``queues`` the queue names to serve (default:
+    ``["default"]``), ``keep`` a duration (``"7d"`` or seconds) after which
+    finished jobs are purged, ``unknown_grace`` how long (seconds or a
+    duration) a job of a task this worker does not know waits for one
+    that knows it before it fails.  ``start()`` returns at once; ``stop()``
+    lets running steps finish.  No signal handlers.
     """
 
     def __init__(self, queue: Queue | None = None, threads: int = 1,
                  queues: Sequence[str] | None = None,
-                 keep: str | float | None = None) -> None:
+                 keep: str | float | None = None,
+                 unknown_grace: str | float = _UNKNOWN_GRACE) -> None:
         self.queue = queue if queue is not None else default_queue()
         self.threads = _check_int("threads", threads, 1, 1024)
         if isinstance(queues, str):
@@ -5203,6 +5279,9 @@ class Worker:
         if isinstance(keep, str):
             keep = _parse_duration(keep)
         self.keep = None if keep is None else _check_number("keep", keep)
+        if isinstance(unknown_grace, str):
+            unknown_grace = _parse_duration(unknown_grace)
+        self.unknown_grace = _check_number("unknown_grace", unknown_grace)
         #: Why the worker stopped by itself (e.g. its file was deleted).
         self.fatal: str | None = None
         #: Steps that a stop left to their leases, as writes failed.
@@ -5419,6 +5498,7 @@ class _Inline:
         self.crew = worker._crew()
         self.crew.claims = _Claims(names, self.crew.claims.identity,
                                    worker.tuning)
+        self.crew.claims.unknown_grace = worker.unknown_grace
         self.unit = _WorkerThread(self.crew, "drain", solo=True)
         self.unit.tally = collections.Counter()
         self.steps = 0
@@ -5801,6 +5881,10 @@ def _add_worker_commands(add: Callable) -> None:
     run.add_argument("--queue", action="append", dest="queues",
                      metavar="NAME", help="queue name to serve (repeat; "
                                           "default: default)")
+    run.add_argument("--unknown-grace", default="300s", metavar="DURATION",
+                     help="how long a job of a task no module given here "
+                          "defines waits for a worker that knows it, "
+                          "then fails (default 300s)")
     run.add_argument("--log-level", default="INFO", choices=_LOG_LEVELS)
     demo = add("demo", _cmd_demo,
                "enqueue demo jobs and run a worker until they finish")
@@ -5899,6 +5983,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _check_int("--threads", args.threads, 1, 1024)
     for name in args.queues or ():
         _check_name("queue name", name)
+    grace = args.unknown_grace.strip()
+    grace = float(grace) if _NUMBER.match(grace) else _parse_duration(grace)
     queue = _cli_queue(args, create=True)
     _setup_logging(args.log_level)
     sys.path.insert(0, os.getcwd())
@@ -5907,7 +5993,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if not (args.db or os.environ.get("LITEQ_DB")):
         queue = default_queue()  # as a module's liteq.configure() set it
     _warn_other_files(queue)
-    worker = Worker(queue, threads=args.threads, queues=args.queues)
+    worker = Worker(queue, threads=args.threads, queues=args.queues,
+                    unknown_grace=grace)
     _on_stop_signals(worker)
     worker.run_forever()
     return 1 if worker.left_to_leases else 0
