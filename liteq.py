@@ -1998,11 +1998,7 @@ def snooze(seconds: float) -> Any:
     if current_job() is None and not getattr(_PROCESS.current, "steps", 0):
         raise RuntimeError("snooze() is for a task's return value: "
                            "return liteq.snooze(seconds) inside a step")
-    seconds = _check_number("seconds", seconds)
-    if seconds > _MAX_RETRY_DELAY:
-        raise ValueError(f"snooze() waits at most {_MAX_RETRY_DELAY:.0f} "
-                         f"seconds (100 years), got {seconds:g}")
-    return _Snooze(seconds)
+    return _Snooze(_check_seconds("seconds", seconds))
 
 
 class TaskFunction:
@@ -2190,11 +2186,7 @@ def _check_options(options: dict) -> dict:
         raise TypeError(f"percent must be callable, got {opts['percent']!r}")
     _check_int("retries", opts["retries"], 0)
     for option in ("retry_delay", "retry_max_delay"):
-        opts[option] = _check_number(option, opts[option])
-        if opts[option] > _MAX_RETRY_DELAY:  # else etas past year 9999
-            raise ValueError(f"{option} must be at most "
-                             f"{_MAX_RETRY_DELAY:.0f} seconds (100 years),"
-                             f" got {options[option]!r}")
+        opts[option] = _check_seconds(option, opts[option])
     _check_name("queue", opts["queue"])
     _check_int("priority", opts["priority"], *_INT64)
     if opts["name"] is not None:
@@ -2215,13 +2207,19 @@ def _check_options(options: dict) -> dict:
         raise TypeError(f"retry_jitter must be True or False, got "
                         f"{opts['retry_jitter']!r}")
     if opts["job_timeout"] is not None:
-        opts["job_timeout"] = _check_number("job_timeout",
-                                            opts["job_timeout"], strict=True)
-        if opts["job_timeout"] > _MAX_RETRY_DELAY:
-            raise ValueError(f"job_timeout must be at most "
-                             f"{_MAX_RETRY_DELAY:.0f} seconds (100 years), "
-                             f"got {options['job_timeout']!r}")
+        opts["job_timeout"] = _check_seconds("job_timeout",
+                                             opts["job_timeout"], True)
     return opts
+
+
+def _check_seconds(name: str, value: Any, strict: bool = False) -> float:
+    """A number of seconds that liteq can add to a time: at most 100
+    years (beyond that, times would pass year 9999)."""
+    seconds = _check_number(name, value, strict=strict)
+    if seconds > _MAX_RETRY_DELAY:
+        raise ValueError(f"{name} must be at most {_MAX_RETRY_DELAY:.0f} "
+                         f"seconds (100 years), got {value!r}")
+    return seconds
 
 
 def _check_errors(name: str, value: Any) -> tuple[type, ...]:
@@ -3599,6 +3597,14 @@ def _errors_after(conn: sqlite3.Connection, job_id: int,
     return _dumps(errors[-_ERRORS_KEPT:])
 
 
+#: Which _Claims method writes each kind of _Outcome.
+_WRITERS = {"continue": "_continued", "continue_here": "_continued",
+            "done": "_done", "fail": "_failed", "retry": "_failed",
+            "snooze": "_snoozed", "unknown": "unknown",
+            "expired": "_out_of_time_held", "overdue": "_out_of_time_held",
+            "release": "_released"}
+
+
 def _earliest(rows: list) -> float | None:
     """The least of one-column rows that hold a time, if any."""
     times = [row[0] for row in rows if type(row[0]) in (int, float)]
@@ -3879,42 +3885,54 @@ class _Claims:
                   "attempt": step.attempt, "started": step.started, "n": n}
         if outcome.error is not None:
             outcome.error = _storable_text(outcome.error)
-        kind = outcome.kind
-        if kind in ("continue", "continue_here"):
-            params.update(call=outcome.text, current=outcome.current,
-                          percent=outcome.percent, eta=now)
-            if kind == "continue_here":
-                return _execute(conn, _SQL_CONTINUE_HERE, params).fetchone()
-            if outcome.wait is not None:
-                wake = _wake_time(outcome.wait, now)
-                if wake > now:
-                    params["eta"] = wake
-                    return _execute(conn, _SQL_CONTINUE_WAIT,
-                                    params).fetchone()
-            params["ready"] = _next_ready(conn)
-            return _execute(conn, _SQL_CONTINUE, params).fetchone()
-        if kind == "done":
-            params["result"] = outcome.text
-            done = _execute(conn, _SQL_DONE, params).rowcount
-            return (_DONE,) if done else None
-        if kind in ("fail", "retry"):
-            params.update(error=outcome.error, errors=_errors_after(
-                conn, step.id, outcome.error))
-            if kind == "fail":
-                return _execute(conn, _SQL_FAIL, params).fetchone()
-            params.update(retries=outcome.retries, delay=outcome.delay,
-                          ready=_next_ready(conn))
-            return _execute(conn, _SQL_FAIL_STEP, params).fetchone()
-        if kind == "snooze":
-            params.update(eta=now + outcome.delay, ready=_next_ready(conn))
-            return _execute(conn, _SQL_SNOOZE, params).fetchone()
-        if kind == "unknown":
-            return self.unknown(conn, outcome, now, params)
-        if kind in ("expired", "overdue"):
-            params.update(error=outcome.error, status=_CANCELLED if
-                          kind == "expired" else _FAILED)
-            return _execute(conn, _SQL_EXPIRE_HELD, params).fetchone()
-        params["ready"] = _next_ready(conn)  # release
+        write = getattr(self, _WRITERS[outcome.kind])
+        return write(conn, outcome, now, params)
+
+    def _continued(self, conn: sqlite3.Connection, outcome: _Outcome,
+                   now: float, params: dict) -> Any:
+        params.update(call=outcome.text, current=outcome.current,
+                      percent=outcome.percent, eta=now)
+        if outcome.kind == "continue_here":
+            return _execute(conn, _SQL_CONTINUE_HERE, params).fetchone()
+        if outcome.wait is not None:
+            wake = _wake_time(outcome.wait, now)
+            if wake > now:
+                params["eta"] = wake
+                return _execute(conn, _SQL_CONTINUE_WAIT, params).fetchone()
+        params["ready"] = _next_ready(conn)
+        return _execute(conn, _SQL_CONTINUE, params).fetchone()
+
+    def _done(self, conn: sqlite3.Connection, outcome: _Outcome,
+              now: float, params: dict) -> Any:
+        params["result"] = outcome.text
+        done = _execute(conn, _SQL_DONE, params).rowcount
+        return (_DONE,) if done else None
+
+    def _failed(self, conn: sqlite3.Connection, outcome: _Outcome,
+                now: float, params: dict) -> Any:
+        params.update(error=outcome.error, errors=_errors_after(
+            conn, outcome.step.id, outcome.error))
+        if outcome.kind == "fail":
+            return _execute(conn, _SQL_FAIL, params).fetchone()
+        params.update(retries=outcome.retries, delay=outcome.delay,
+                      ready=_next_ready(conn))
+        return _execute(conn, _SQL_FAIL_STEP, params).fetchone()
+
+    def _snoozed(self, conn: sqlite3.Connection, outcome: _Outcome,
+                 now: float, params: dict) -> Any:
+        params.update(eta=now + outcome.delay, ready=_next_ready(conn))
+        return _execute(conn, _SQL_SNOOZE, params).fetchone()
+
+    def _out_of_time_held(self, conn: sqlite3.Connection,
+                          outcome: _Outcome, now: float,
+                          params: dict) -> Any:
+        params.update(error=outcome.error, status=_CANCELLED if
+                      outcome.kind == "expired" else _FAILED)
+        return _execute(conn, _SQL_EXPIRE_HELD, params).fetchone()
+
+    def _released(self, conn: sqlite3.Connection, outcome: _Outcome,
+                  now: float, params: dict) -> Any:
+        params["ready"] = _next_ready(conn)
         return _execute(conn, _SQL_RELEASE, params).rowcount or None
 
     def unknown(self, conn: sqlite3.Connection, outcome: _Outcome,
@@ -4674,11 +4692,31 @@ def _log_outcome(outcome: _Outcome, row: Any, first_loss: bool,
         _log_refused(outcome, first_loss)
         return
     status = row[0] if isinstance(row, tuple) else None
-    if outcome.kind in ("expired", "overdue"):
+    if outcome.kind in ("continue", "continue_here") and status != \
+            _CANCELLED:
+        if debug:
+            logger.debug("job %d continued: step %d of %s done, next %s",
+                         step.id, step.number, step.current,
+                         outcome.current)
+    elif outcome.kind in ("expired", "overdue"):
         logger.info("job %d %s: %s; not run", step.id, status,
                     outcome.error)
     elif status == _CANCELLED:
         logger.info("job %d cancelled", step.id)
+    else:
+        _log_ended(outcome, status)
+
+
+def _log_ended(outcome: _Outcome, status: str | None) -> None:
+    """Log an outcome written that did not continue the job."""
+    step = outcome.step
+    if outcome.kind == "done":
+        logger.info("job %d done", step.id)
+    elif outcome.kind == "retry" and status != _FAILED:
+        logger.info("job %d retried in %gs: %s", step.id, outcome.delay,
+                    _error_line(outcome.error))
+    elif outcome.kind in ("retry", "fail"):
+        logger.info("job %d failed: %s", step.id, _error_line(outcome.error))
     elif outcome.kind == "snooze":
         logger.info("job %d snoozed for %gs", step.id, outcome.delay)
     elif outcome.kind == "unknown":
@@ -4686,18 +4724,6 @@ def _log_outcome(outcome: _Outcome, row: Any, first_loss: bool,
                    f"job {step.id} waits: {outcome.error}.  Jobs of "
                    f"{outcome.current!r} wait for a worker that knows it, "
                    f"each up to this worker's unknown_grace, then fail")
-    elif outcome.kind in ("continue", "continue_here"):
-        if debug:
-            logger.debug("job %d continued: step %d of %s done, next %s",
-                         step.id, step.number, step.current,
-                         outcome.current)
-    elif outcome.kind == "done":
-        logger.info("job %d done", step.id)
-    elif outcome.kind == "retry" and status != _FAILED:
-        logger.info("job %d retried in %gs: %s", step.id, outcome.delay,
-                    _error_line(outcome.error))
-    elif outcome.kind in ("retry", "fail"):
-        logger.info("job %d failed: %s", step.id, _error_line(outcome.error))
 
 
 # The housekeeper ------------------------------------------------------------
