@@ -821,20 +821,33 @@ _SQL_NEXT_READY = """
 _INSERT_JOB = """
     INSERT INTO liteq_jobs (name, current, call, description, queue,
                             priority, key, status, percent, eta, ready,
-                            timer, waiting, created_at, updated_at,
-                            expires, deadline)
+                            timer, waiting, created_at, updated_at)
     {} ?1, ?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?8,
             CASE WHEN ?9 THEN 1 + coalesce((SELECT seq FROM sqlite_sequence
                                  WHERE name = 'liteq_jobs'), 0) END,
             CASE WHEN ?9 THEN NULL ELSE ?8 END,
-            CASE WHEN ?9 THEN NULL ELSE 'timer' END, ?10, ?10, ?11, ?12{}
+            CASE WHEN ?9 THEN NULL ELSE 'timer' END, ?10, ?10{}
 """
 
-#: A job to insert, in the order of _INSERT_JOB's parameters; ``due``
-#: says whether it goes in line at once (else it waits for ``eta``).
-_NewJob = collections.namedtuple(
-    "_NewJob", "name call description queue priority key percent eta due now "
-               "expires deadline")
+
+class _NewJob(collections.namedtuple(
+        "_NewJob", "name call description queue priority key percent eta "
+                   "due now")):
+    """A job to insert, in the order of _INSERT_JOB's parameters; ``due``
+    says whether it goes in line at once (else it waits for ``eta``).
+    A job with an expiry or a deadline is a _LimitedJob: they are written
+    after the insert, in its transaction (binding them for every job
+    would cost each insert a fifth more)."""
+
+    __slots__ = ()
+    limits: tuple[float | None, float | None] | None = None
+
+
+class _LimitedJob(_NewJob):
+    """A _NewJob with ``limits``: (expires, deadline)."""
+
+
+_SQL_SET_LIMITS = "UPDATE liteq_jobs SET expires = ?, deadline = ? WHERE id = ?"
 
 _SQL_INSERT_JOB = _INSERT_JOB.format("VALUES (", ")")
 
@@ -2813,7 +2826,7 @@ class Queue:
         self.max_payload = max_payload
         self._store = _Store(self.path, bool(durable), busy_timeout)
         self._batch = threading.local()
-        self._eager = threading.local()  # see eager()
+        self._eager: set[int] = set()  # threads in eager() (idents)
         self._clock: TestClock | None = None  # see clock()
         self._crews: weakref.WeakSet = weakref.WeakSet()  # running workers
         self._closed = False
@@ -2941,7 +2954,7 @@ class Queue:
             for (_, job), job_id in zip(items, ids):
                 job._id = job_id
             _Signal.of(self.path).notify()
-            if getattr(self._eager, "on", False):
+            if threading.get_ident() in self._eager:
                 for job_id in ids:
                     _Inline(self, None).run_job(job_id)
 
@@ -2983,12 +2996,14 @@ class Queue:
     def eager(self) -> Iterator[Queue]:
         """In the block, delay() on this Queue in this thread stores the
         job and runs it to its end (or to a wait) before returning."""
-        outer = getattr(self._eager, "on", False)
-        self._eager.on = True
+        me = threading.get_ident()
+        outer = me in self._eager
+        self._eager.add(me)
         try:
             yield self
         finally:
-            self._eager.on = outer
+            if not outer:
+                self._eager.discard(me)
 
     def enqueued(self, task: Any = None, **match: Any) -> list[Job]:
         """The unfinished jobs, oldest first, of ``task`` (a task function
@@ -3025,12 +3040,12 @@ class Queue:
             job = Job(self, None)
             items.append((row, job))
             return job
-        if key is None:
+        if key is None and row.limits is None:
             job_id = self._store.insert(_SQL_INSERT_CHECKED, row)
         else:
             job_id = self._store.write(lambda conn: _insert(conn, row))
         _Signal.of(self.path).notify()
-        if getattr(self._eager, "on", False):
+        if self._eager and threading.get_ident() in self._eager:
             _Inline(self, None).run_job(job_id)
         return Job(self, job_id)
 
@@ -3047,21 +3062,24 @@ class Queue:
         fn = call._options(own)
         now = self._store.clock()
         start = _start_time(countdown, eta, now)
-        expires, deadline = _time_limits(*limits, fn.job_timeout, now, start)
+        if limits != (None, None) or fn.job_timeout is not None:
+            limits = _time_limits(*limits, fn.job_timeout, now, start)
         if priority is not None:
             _check_int("priority", priority, *_INT64)
         if queue is not None:
             _check_name("queue", queue)
         if key is not None:
             _check_name("key", key)
-        return _NewJob(
+        row = (_NewJob if limits == (None, None) else _LimitedJob)(
             call.name, text,
             _storable_text(call._description(own)),
             fn.queue if queue is None else queue,
             fn.priority if priority is None else priority,
             key, call.percent() if call._then else own._percent_of(
-                call.args, call.kwargs), start, start <= now, now, expires,
-            deadline)
+                call.args, call.kwargs), start, start <= now, now)
+        if type(row) is _LimitedJob:
+            row.limits = limits
+        return row
 
 
 def _task_name(task: Any) -> str | None:
@@ -3095,7 +3113,8 @@ def _insert_many(conn: sqlite3.Connection,
                  rows: list[_NewJob]) -> list[int]:
     """Insert rows in order; runs without a key go in one executemany."""
     ids: list[int] = []
-    for keyed, run in itertools.groupby(rows, lambda r: r.key is not None):
+    for keyed, run in itertools.groupby(
+            rows, lambda r: r.key is not None or r.limits is not None):
         run = list(run)
         if keyed:
             ids += [_insert(conn, row) for row in run]
@@ -3113,7 +3132,10 @@ def _insert(conn: sqlite3.Connection, row: _NewJob) -> int:
         existing = found.fetchone()
         if existing:
             return existing[0]
-    return _execute(conn, _SQL_INSERT_JOB, row).lastrowid
+    job_id = _execute(conn, _SQL_INSERT_JOB, row).lastrowid
+    if row.limits is not None:
+        _execute(conn, _SQL_SET_LIMITS, (*row.limits, job_id))
+    return job_id
 
 
 # The latest start liteq stores: every stored time must read back as a
@@ -3534,7 +3556,8 @@ def _claimed_sound(row: tuple) -> bool:
     """Whether a row _SQL_CLAIM returned holds what liteq writes: the
     claim's quick check of _CLAIMED (_row_problem says what is wrong)."""
     current, call, token, attempts, steps, failures, priority = row[1:8]
-    return (_time_or_none(row[8]) and _time_or_none(row[9])
+    return ((row[8] is None and row[9] is None or _time_or_none(row[8])
+             and _time_or_none(row[9]))
             and type(current) is str and type(call) is str
             and type(token) is int and type(priority) is int
             and type(attempts) is int and type(steps) is int
@@ -5422,7 +5445,7 @@ class Worker:
             self.start()
         # Ends when stop() is called, here or by a stop() elsewhere that
         # also tore the threads down.
-        while self._threads and not self._stopping.wait(0.1):
+        while self._threads and not self._stopping.wait(1.0):
             pass
         self.stop()
         if self.fatal:
