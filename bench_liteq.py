@@ -100,7 +100,7 @@ to average out):
    --quick): CPU in % of one core (target <= 1) and wake-ups per second
    (voluntary context switches of all its threads).  Then wake-up
    precision: 100 waits (40 with --quick) of 0.2-1.0 s, started about
-   0.1 s apart (0.04 s) so that several overlap, to an idle ``Worker``
+   0.1 s apart (0.025 s) so that several overlap, to an idle ``Worker``
    thread in this process and then to a worker in another process;
    every other wait is a countdown, the others a step returning
    ``stamp().after(seconds=...)``.  The stamp step returns
@@ -174,7 +174,7 @@ MULTI_WORKERS, MULTI_PRODUCERS = 4, 2
 WAITING_ROWS = (1_000_000, 100_000)  # jobs waiting on timers, in (8)
 TIMER_ROUNDS = (5, 1)  # drains with and without them, alternating
 WAKE_SAMPLES = (100, 40)  # waits timed, in each of two places
-WAKE_GAP = (0.1, 0.04)  # mean seconds between two waits' starts
+WAKE_GAP = (0.1, 0.025)  # mean seconds between two waits' starts
 WAKE_WAITS = (0.2, 1.0)  # each wait is drawn from this range, seconds
 IDLE_WAITING_SECONDS = (10.0, 5.0)
 POLL = 0.02  # seconds between checks of a child's progress
