@@ -4,7 +4,7 @@
 Run it from anywhere (standard library only)::
 
     python3 bench_liteq.py                 # full run, about 3 minutes
-    python3 bench_liteq.py --quick         # CI smoke run, about 20 s
+    python3 bench_liteq.py --quick         # CI smoke run, about 40 s
     python3 bench_liteq.py --n 10000 --json bench.json
     python3 bench_liteq.py --only drain --only steps
     python3 bench_liteq.py --profile       # where .delay() and a worker
@@ -89,12 +89,31 @@ to average out):
    the workers' stderr (target 0), ERROR and Traceback lines, failed
    jobs.  The rates with no backlog are also shown against the same run
    of raw workers and raw producers (30 s, 1 s with --quick).
+8. timers: one file with 1,000,000 jobs waiting on timers a day ahead
+   (100,000 with --quick; copies of a real ``apply_async(countdown=)``
+   row, each on its own timer, a sample read back through
+   ``Queue.get()``: pending, ``waiting == "timer"``).  Drains as in (3)
+   on it, alternating with drains on a file where none waits, best of 5
+   rounds (1 with --quick; target >= 0.9), and the worker's peak RSS
+   there (target <= 64 MiB).  Then an idle worker process on it and
+   another on the file with none waiting, over the same 10 s (5 s with
+   --quick): CPU in % of one core (target <= 1) and wake-ups per second
+   (voluntary context switches of all its threads).  Then wake-up
+   precision: 100 waits (40 with --quick) of 0.2-1.0 s, started about
+   0.1 s apart (0.025 s) so that several overlap, to an idle ``Worker``
+   thread in this process and then to a worker in another process;
+   every other wait is a countdown, the others a step returning
+   ``stamp().after(seconds=...)``.  The stamp step returns
+   ``time.time()`` as its first act; the delay is that stamp minus the
+   job's stored eta (its wake time), p50/p99/max in ms (target p99 <=
+   50), and a step that starts before its wake time is counted (target
+   0).
 
 Targets are informational: a MISS never changes the exit status.  The exit
 status is 1 only when something crashed: a child process failed or timed
-out, a job failed in (3), (4) or (6), a measurement raised.  (Errors and
+out, a job failed in (3), (4), (6) or (8), a measurement raised.  (Errors and
 failed jobs of (7) are figures with a target of 0, not crashes.)
-``--quick`` makes no timing assertions at all; it takes about 25 s on an
+``--quick`` makes no timing assertions at all; it takes about 40 s on an
 idle 2-CPU machine.
 
 ``--profile`` runs no benchmark: it runs cProfile over N in-process
@@ -152,6 +171,12 @@ FED_SECONDS, FED_ROUNDS = (15.0, 1.0), (3, 1)  # the same, with no backlog
 BACKLOG_RATE = 40000  # jobs per second of a round put in line beforehand
 RAW_MULTI_SECONDS = (30.0, 1.0)
 MULTI_WORKERS, MULTI_PRODUCERS = 4, 2
+WAITING_ROWS = (1_000_000, 100_000)  # jobs waiting on timers, in (8)
+TIMER_ROUNDS = (5, 1)  # drains with and without them, alternating
+WAKE_SAMPLES = (100, 40)  # waits timed, in each of two places
+WAKE_GAP = (0.1, 0.025)  # mean seconds between two waits' starts
+WAKE_WAITS = (0.2, 1.0)  # each wait is drawn from this range, seconds
+IDLE_WAITING_SECONDS = (10.0, 5.0)
 POLL = 0.02  # seconds between checks of a child's progress
 STOP_TIMEOUT = 15.0  # seconds a worker gets to exit after SIGTERM
 
@@ -350,6 +375,23 @@ def cpu_ticks(pid: int) -> int | None:
     return int(fields[11]) + int(fields[12])  # fields 14 and 15 of stat
 
 
+def wakeups(pid: int) -> int | None:
+    """Voluntary context switches of all of a process's threads (Linux):
+    one each time a thread blocks, so about one per wake-up when idle."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    total = 0
+    for tid in tids:
+        with contextlib.suppress(OSError):  # a thread that just ended
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        total += int(line.split()[1])
+    return total
+
+
 def peak_rss_mb(pid: int) -> float | None:
     """VmHWM of a process in MiB (Linux only)."""
     try:
@@ -387,9 +429,15 @@ def steps(n):
 @task
 def stamp():
     return time.time()
+
+
+@task
+def wait_stamp(seconds):
+    return stamp().after(seconds=seconds)
 '''
 
 NOOP, STEPS, STAMP = "benchtasks:noop", "benchtasks:steps", "benchtasks:stamp"
+WAIT_STAMP = "benchtasks:wait_stamp"
 
 
 def noop() -> None:
@@ -404,11 +452,17 @@ def stamp() -> float:
     return time.time()
 
 
+def wait_stamp(seconds: float) -> Any:
+    """A step that waits ``seconds`` as stored data, then stamps."""
+    return liteq.Task(STAMP, []).after(seconds=seconds)
+
+
 @dataclasses.dataclass
 class Tasks:
     noop: liteq.TaskFunction
     steps: liteq.TaskFunction
     stamp: liteq.TaskFunction
+    wait_stamp: liteq.TaskFunction
 
 
 def bind_tasks(queue: liteq.Queue) -> Tasks:
@@ -419,7 +473,8 @@ def bind_tasks(queue: liteq.Queue) -> Tasks:
     """
     return Tasks(queue.task(noop, name=NOOP),
                  queue.task(steps, name=STEPS),
-                 queue.task(stamp, name=STAMP))
+                 queue.task(stamp, name=STAMP),
+                 queue.task(wait_stamp, name=WAIT_STAMP))
 
 
 @contextlib.contextmanager
@@ -658,11 +713,16 @@ def liteq_drain(children: Children, path: str, first_id: int, last: int,
     return Drain(jobs, seconds, rss)
 
 
-def template_row(path: str, run: bool) -> dict:
-    """A real liteq row: one noop job, pending, or done when ``run``."""
+def template_row(path: str, kind: str) -> dict:
+    """A real liteq row: one noop job, ``kind`` pending, done, or waiting
+    (on a timer WAIT_COUNTDOWN seconds ahead: ``apply_async(countdown=)``).
+    """
     with open_queue(path) as (queue, tasks):
-        job = tasks.noop.delay()
-        if run:
+        if kind == "waiting":
+            job = tasks.noop.apply_async(countdown=WAIT_COUNTDOWN)
+        else:
+            job = tasks.noop.delay()
+        if kind == "done":
             if not liteq.Worker(queue).run_once():
                 raise BenchError("Worker.run_once() found no job to run")
             if job.status != "done":
@@ -676,33 +736,45 @@ def template_row(path: str, run: bool) -> dict:
             conn.close()
 
 
-TIME_COLUMNS = ("eta", "created_at", "started_at", "updated_at",
+TIME_COLUMNS = ("eta", "timer", "created_at", "started_at", "updated_at",
                 "finished_at")
+WAIT_COUNTDOWN = 86400.0  # seconds: the timers of filled waiting jobs
 
 
-def fill(path: str, rows: int, done: bool) -> float:
-    """Add ``rows`` copies of a real done (or pending) row; return seconds.
+def fill(path: str, rows: int, kind: str) -> float:
+    """Add ``rows`` copies of a real ``kind`` row (done, pending or
+    waiting: see template_row); return seconds.
 
     Done copies get ready and timer NULL.  Pending copies each get their
     own place in line: ids and ``ready`` values past the template's, with
     sqlite_sequence moved past them, as liteq's own inserts would leave
-    it.  Copies are spread 1 ms apart in time, ending at the template's.
+    it.  Waiting copies stay out of line (``ready`` NULL, ``waiting``
+    "timer"), each on its own timer, equal to its eta.  Copies are spread
+    1 ms apart in time, ending at the template's (so waiting copies all
+    wake about WAIT_COUNTDOWN seconds from now).
     """
-    template = template_row(path, run=done)
-    for column in ("id", "status", "ready", "timer", "worker"):
+    template = template_row(path, kind)
+    for column in ("id", "status", "ready", "timer", "worker", "waiting"):
         if column not in template:
             raise BenchError(f"liteq_jobs has no column {column!r}: update "
                              f"fill() in bench_liteq.py to the new schema")
     values = dict(template)
-    if done:
+    if kind == "done":
         if template["finished_at"] is None:
             raise BenchError("the template done row has no finished_at")
         values.update(status="done", ready=None, timer=None, worker=None)
-    elif template["ready"] is None:
+    elif kind == "pending" and template["ready"] is None:
         raise BenchError("the template pending row has no ready value")
+    elif kind == "waiting" and (
+            template["waiting"] != "timer" or template["ready"] is not None
+            or template["timer"] != template["eta"]):
+        raise BenchError(f"the template waiting row is not out of line on "
+                         f"its eta: waiting {template['waiting']!r}, ready "
+                         f"{template['ready']!r}, timer {template['timer']!r}"
+                         f", eta {template['eta']!r}")
     columns, exprs = [], []
     for column in template:
-        if column == "id" or (column == "ready" and not done):
+        if column == "id" or (column == "ready" and kind == "pending"):
             expr = ":base + x"
         elif column in TIME_COLUMNS and values[column] is not None:
             expr = f":{column} - (:rows - x) * 0.001"
@@ -967,7 +1039,7 @@ class Bench:
         empty, full = self.db("scale-empty"), self.db("scale-done")
         with open_queue(empty):
             pass
-        self.details["fill_done_seconds"] = fill(full, rows, done=True)
+        self.details["fill_done_seconds"] = fill(full, rows, "done")
         times: dict[str, list[float]] = {empty: [], full: []}
         with open_queue(empty) as (_, empty_tasks), \
                 open_queue(full) as (_, full_tasks):
@@ -989,7 +1061,7 @@ class Bench:
                      "jobs/s", base_label="empty file", target=">= 0.8"))
 
         path = self.db("scale-pending")
-        self.details["fill_pending_seconds"] = fill(path, rows, done=False)
+        self.details["fill_pending_seconds"] = fill(path, rows, "pending")
         first = next_id(path) - rows
         pending, plain = [], []
         for r in range(rounds):
@@ -1096,7 +1168,7 @@ class Bench:
         with open_queue(path):
             pass
         if backlog:
-            fill(path, int(BACKLOG_RATE * (seconds + 2)), done=False)
+            fill(path, int(BACKLOG_RATE * (seconds + 2)), "pending")
         last_of_backlog = next_id(path) - 1
         workers = [self.children.worker(f"multi-{kind}{count}{tag}-"
                                         f"worker{i + 1}", path)
@@ -1208,6 +1280,113 @@ class Bench:
                                  f"{stderr_tail(proc)}")
         return reports
 
+    # 8. --------------------------------------------------------------------
+
+    def section_timers(self) -> None:
+        rows = self.pick(WAITING_ROWS)
+        label = f"{rows:,} waiting"
+        # One file with the waiting jobs, built once; each round drains N
+        # fresh jobs on it, alternating with the same on a file where none
+        # waits (the waiting jobs' timers are a day ahead: none wakes).
+        waiting, none = self.db("timers-waiting"), self.db("timers-none")
+        with open_queue(none):
+            pass
+        self.details["fill_waiting_seconds"] = fill(waiting, rows,
+                                                    "waiting")
+        first = next_id(waiting) - rows
+        self.details["waiting_sample"] = check_waiting(waiting, first, rows)
+        drains: dict[str, list[Drain]] = {waiting: [], none: []}
+        for r in range(self.pick(TIMER_ROUNDS)):
+            for path in (waiting, none) if r % 2 == 0 else (none, waiting):
+                tag = "waiting" if path == waiting else "none"
+                drains[path].append(self.drain_round(
+                    f"timers-{r + 1}-{tag}", path))
+        if check_waiting(waiting, first, rows) != \
+                self.details["waiting_sample"]:
+            raise BenchError(f"{waiting}: waiting jobs changed while the "
+                             f"drains ran")
+        self.details["timers_drain"] = {
+            tag: [d.rate for d in drains[path]]
+            for tag, path in (("waiting", waiting), ("none", none))}
+        self.add(Row(f"8. drain, {label} on timers",
+                     max(d.rate for d in drains[waiting]),
+                     max(d.rate for d in drains[none]), "jobs/s",
+                     base_label="none waiting", target=">= 0.9"))
+        # (c) before (b): the same file, idle workers on both.
+        idle = self.idle_with_waiting(waiting, none)
+        self.add(Row(f"8. worker peak RSS, {label}",
+                     max([d.peak_rss_mb or 0 for d in drains[waiting]]
+                         + [idle["waiting"]["peak_rss_mb"] or 0]),
+                     max(d.peak_rss_mb or 0 for d in drains[none]), "MiB",
+                     base_label="none waiting", target="<= 64",
+                     applies_to="liteq"))
+        self.wake_precision()
+        seconds = self.pick(IDLE_WAITING_SECONDS)
+        self.add(Row(f"8. idle worker CPU over {seconds:g} s, {label}",
+                     idle["waiting"]["cpu"], idle["none"]["cpu"], "% core",
+                     base_label="none waiting", target="<= 1",
+                     applies_to="liteq"))
+        self.add(Row(f"8. idle worker wake-ups, {label}",
+                     idle["waiting"]["wakeups"], idle["none"]["wakeups"],
+                     "per s", base_label="none waiting"))
+
+    def idle_with_waiting(self, waiting: str, none: str) -> dict:
+        """Idle worker processes on both files, measured over the same
+        seconds: CPU, wake-ups (voluntary context switches of all their
+        threads) and peak RSS."""
+        procs = {"waiting": self.children.worker("timers-idle-waiting",
+                                                 waiting),
+                 "none": self.children.worker("timers-idle-none", none)}
+        try:
+            with open_queue(none) as (_, tasks):  # a worker is up and idle
+                tasks.stamp.delay().result(timeout=60)
+            settle_down(list(procs.values()))
+            usage = idle_usage(list(procs.values()),
+                               self.pick(IDLE_WAITING_SECONDS))
+            for proc in procs.values():
+                if proc.poll() is not None:
+                    raise BenchError(f"{proc.label} exited with status "
+                                     f"{proc.returncode} while idle"
+                                     f"{stderr_tail(proc)}")
+        finally:
+            self.children.stop(*procs.values(), wait=False)
+        out = {tag: {"cpu": cpu, "wakeups": wakeups,
+                     "peak_rss_mb": peak_rss_mb(procs[tag].pid)}
+               for tag, (cpu, wakeups) in zip(procs, usage)}
+        self.details["timers_idle"] = out
+        return out
+
+    def wake_precision(self) -> None:
+        """Waits with an idle worker: in this process, then in another."""
+        count, gap = self.pick(WAKE_SAMPLES), self.pick(WAKE_GAP)
+        found = {}
+        with open_queue(self.db("wake-in-process")) as (queue, tasks):
+            with liteq.Worker(queue, threads=1):
+                tasks.stamp.delay().result(timeout=60)
+                time.sleep(0.1)
+                found["in-process"] = wake_delays(tasks, count, gap)
+        with open_queue(self.db("wake-other")) as (queue, tasks):
+            proc = self.children.worker("wake-worker", queue.path)
+            try:
+                tasks.stamp.delay().result(timeout=60)
+                time.sleep(0.1)
+                found["other process"] = wake_delays(tasks, count, gap)
+            finally:
+                self.children.stop(proc, wait=False)
+        self.details["wake_ms"] = found
+        early = 0
+        for where, values in found.items():
+            early += sum(1 for v in values if v < 0)
+            for p, target in ((50, ""), (99, "<= 50"), (100, "")):
+                value = max(values) if p == 100 else percentile(values, p)
+                self.add(Row(f"8. wake-up {where}, "
+                             f"{'max' if p == 100 else f'p{p}'}", value,
+                             None, "ms", base_label="", target=target,
+                             applies_to="liteq"))
+        self.add(Row(f"8. steps started before their wake time "
+                     f"(of {2 * count})", early, None, "count",
+                     base_label="", target="<= 0", applies_to="liteq"))
+
 
 def settle_down(procs: list[subprocess.Popen],
                 timeout: float = 30.0) -> None:
@@ -1252,6 +1431,72 @@ def idle_cpu(proc: subprocess.Popen, seconds: float) -> float | None:
     return 100.0 * (after - before) / os.sysconf("SC_CLK_TCK") / wall
 
 
+def check_waiting(path: str, first: int, rows: int) -> list[tuple]:
+    """Read a sample of fill()'s waiting copies (ids ``first`` on) through
+    liteq: each must be pending, waiting on a timer, with its eta a day
+    ahead.  Returns what was read, to compare later."""
+    ids = sorted({first, first + rows - 1,
+                  *random.Random(5).sample(range(first, first + rows), 8)})
+    sample = []
+    queue = liteq.Queue(path)
+    try:
+        now = time.time()
+        for job_id in ids:
+            job = queue.get(job_id)
+            if job is None:
+                raise BenchError(f"{path}: no job {job_id}")
+            found = (job_id, job.status, job.waiting, job.eta.timestamp())
+            if found[1:3] != ("pending", "timer") or found[3] < now + 3600:
+                raise BenchError(f"{path}: job {job_id} is not waiting on "
+                                 f"a timer a day ahead: {found}")
+            sample.append(found)
+    finally:
+        queue.close()
+    return sample
+
+
+def wake_delays(tasks: Tasks, count: int, gap: float) -> list[float]:
+    """ms from each wait's end (the job's stored eta) to the stamp the
+    step after it took as its first act; negative: it started early.
+
+    The waits start about ``gap`` apart and last WAKE_WAITS seconds, so
+    several overlap and the worker sleeps until the next one ends; every
+    other one is a countdown (``apply_async(countdown=)``), the others a
+    step returning ``stamp().after(seconds=)``.
+    """
+    rng = random.Random(11)
+    jobs = []
+    for i in range(count):
+        time.sleep(rng.uniform(0.5, 1.5) * gap)
+        wait = rng.uniform(*WAKE_WAITS)
+        jobs.append(tasks.stamp.apply_async(countdown=wait) if i % 2 == 0
+                    else tasks.wait_stamp.delay(wait))
+    out = []
+    for job in jobs:
+        started = job.result(timeout=60)
+        out.append((started - job.eta.timestamp()) * 1000)
+    return out
+
+
+def idle_usage(procs: list[subprocess.Popen],
+               seconds: float) -> list[tuple[float | None, float | None]]:
+    """% of one core, and wake-ups per second, of each process over the
+    same ``seconds`` from now."""
+    before = [(cpu_ticks(p.pid), wakeups(p.pid)) for p in procs]
+    start = time.monotonic()
+    time.sleep(seconds)
+    after = [(cpu_ticks(p.pid), wakeups(p.pid)) for p in procs]
+    wall = time.monotonic() - start
+    out = []
+    for (ticks0, woke0), (ticks1, woke1) in zip(before, after):
+        cpu = None if ticks0 is None or ticks1 is None else (
+            100.0 * (ticks1 - ticks0) / os.sysconf("SC_CLK_TCK") / wall)
+        woke = None if woke0 is None or woke1 is None else (
+            (woke1 - woke0) / wall)
+        out.append((cpu, woke))
+    return out
+
+
 SECTIONS = {
     "enqueue": Bench.section_enqueue,
     "batch": Bench.section_batch,
@@ -1260,6 +1505,7 @@ SECTIONS = {
     "latency": Bench.section_latency,
     "scale": Bench.section_scale,
     "multi": Bench.section_multi,
+    "timers": Bench.section_timers,
 }
 
 # ---------------------------------------------------------------------------
@@ -1274,6 +1520,8 @@ def format_value(value: float | None, unit: str) -> str:
         return f"{value:,.0f} {unit}"
     if unit == "count":
         return f"{value:,.0f}"
+    if unit == "per s":
+        return f"{value:,.1f} /s"
     return f"{value:,.2f} {unit}"
 
 
@@ -1809,7 +2057,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="jobs per measurement (default 20000; 1000 "
                              "with --quick)")
     parser.add_argument("--quick", action="store_true",
-                        help="a short smoke run for CI (under 30 s)")
+                        help="a short smoke run for CI (about 40 s)")
     parser.add_argument("--json", metavar="PATH",
                         help="also write every figure to PATH")
     parser.add_argument("--only", action="append", choices=list(SECTIONS),
