@@ -107,6 +107,7 @@ __all__ = [
     "TaskCancelled",
     "TaskFailed",
     "TaskFunction",
+    "TestClock",
     "Worker",
     "chain",
     "configure",
@@ -116,7 +117,9 @@ __all__ = [
     "location_header",
     "main",
     "serialize_task",
+    "snooze",
     "task",
+    "using",
     "wsgi_app",
 ]
 
@@ -172,6 +175,7 @@ _AFTER, _AT = "after", "at"  # the keys of a delayed Task's JSON form
 _MAX_RETRY_DELAY = 100 * 365.25 * 86400  # seconds; also the longest wait
 _MAX_SNOOZES = 100  # Task.run() re-runs a snoozing call at most this often
 _MAX_EAGER_STEPS = 1_000_000  # steps of one job that eager() runs
+_TICK = 1e-6  # seconds: the finest time a datetime holds
 _ERRORS_KEPT = 10  # error lines Job.errors keeps
 
 # ---------------------------------------------------------------------------
@@ -2968,7 +2972,9 @@ class Queue:
         self._check_open("clock()")
         if self._clock is not None:
             raise RuntimeError(f"{self.path} has a test clock already")
-        clock = TestClock(self, time.time() if start is None
+        # From whole microseconds, so that the datetimes it gives (which
+        # hold no finer time) name its times exactly.
+        clock = TestClock(self, round(time.time(), 6) if start is None
                           else _eta_time(start, "start"))
         self._clock, self._store.clock = clock, clock.time
         try:
@@ -3758,11 +3764,12 @@ class _Claims:
     def _out_of_time(self, conn: sqlite3.Connection, now: float, sql: str,
                      columns: tuple, status: str, error: str) -> list[str]:
         finished = []
-        for row in self._sound(conn, now, _execute(conn, sql, (now,))
-                               .fetchall(), columns):
-            _execute(conn, _SQL_EXPIRE, {
-                "id": row[0], "now": now, "status": status,
-                "error": error.format(_shown_time(row[1]))})
+        for job_id, when in self._sound(conn, now, _execute(
+                conn, sql, (now,)).fetchall(), columns):
+            text = error.format(_shown_time(when))
+            _execute(conn, _SQL_EXPIRE, {"id": job_id, "now": now,
+                                         "status": status, "error": text})
+            logger.info("job %d %s: %s", job_id, status, text)
             finished.append(status)
         return finished
 
@@ -5609,6 +5616,8 @@ def _drain_queue(queue: Queue, names: list[str] | None, until: Any,
         if target is None:
             break
         due = inline.next_due(clock.time())
+        if due is not None and target < due <= target + _TICK:
+            target = due  # the same microsecond, which is all until can say
         if due is None or due > target:
             if clock.time() < target:
                 clock._move(target)
