@@ -6361,6 +6361,29 @@ def test_job_errors_start_again_when_a_continuation_is_stored(q, clock):
         "RuntimeError: step 1 fails once"])
 
 
+def test_the_cli_and_http_show_why_a_job_waits(tq, tclock, capsys):
+    job = T.nap_then.apply_async(("a", 3600), deadline=T0 + 7200)
+    tq.drain()
+    assert liteq.main(["list", "--json", "--db", tq.path]) == 0
+    (listed,) = json.loads(capsys.readouterr().out)
+    assert (listed["waiting"], listed["deadline"]) == (
+        "timer", iso(T0 + 7200))
+    status, _, body = _ops_call(liteq.wsgi_app(tq),
+                                _ops_environ(f"/tasks/{job.id}"))
+    assert status == "200 OK"
+    assert json.loads(body)["waiting"] == "timer"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: `liteq show` (text) leaves out the waiting field, which SPEC 10 "
+    "puts in the CLI too (show --json has it)"))
+def test_liteq_show_says_why_a_job_waits(tq, tclock, capsys):
+    job = T.nap_then.delay("a", 3600)
+    tq.drain()
+    assert liteq.main(["show", str(job.id), "--db", tq.path]) == 0
+    assert re.search(r"^waiting +timer$", capsys.readouterr().out, re.M)
+
+
 # snooze() ------------------------------------------------------------------
 
 
@@ -6604,6 +6627,29 @@ def test_retry_of_a_cancelled_waiting_job_past_its_wake_time_runs_at_once(
     assert (job.status, job.waiting) == ("running", None)
     assert tq.drain()["done"] == 1
     assert LOG == ["a", "a"]
+
+
+def test_retry_of_an_expired_job_runs_it_as_its_expiry_is_past(tq, tclock):
+    job = T.record.apply_async(("late",), expires=60)
+    tclock.advance(60)
+    tq.drain()
+    assert job.retry().expires is None  # past: it no longer applies
+    assert tq.drain()["done"] == 1
+    assert (job.result(), LOG) == ("late", ["late"])
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: retry() of a job failed at its deadline while it waited on a "
+    "timer puts it in line at once, before its wake time (only a cancelled "
+    "job keeps its wake time)"))
+def test_retry_of_a_job_failed_at_its_deadline_keeps_its_wake_time(
+        tq, tclock):
+    job = T.nap_then.apply_async(("a", 3600), deadline=T0 + 600)
+    tq.drain(until=T0 + 600)
+    assert (job.status, job.eta) == ("failed", utc(T0 + 3600))
+    job.retry()
+    assert (job.waiting, job.eta) == ("timer", utc(T0 + 3600))
+    assert tq.drain()["steps"] == 0
 
 
 # A waiting job holds nothing -----------------------------------------------
