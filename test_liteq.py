@@ -6074,6 +6074,12 @@ def snoozer(times):
     return "awake"
 
 
+def snooze_cancelled():
+    LOG.append("ran")
+    liteq.current_job().cancel()
+    return liteq.snooze(60)
+
+
 def fail_numbered():
     raise RuntimeError(f"attempt {liteq.current_job().attempt}")
 
@@ -6105,8 +6111,8 @@ def flaky_until(failures):
     return "made it"
 
 
-TIME_FUNCTIONS = [nap_then, record_at, snoozer, fail_numbered, every,
-                  remind, flaky_until]
+TIME_FUNCTIONS = [nap_then, record_at, snoozer, snooze_cancelled,
+                  fail_numbered, every, remind, flaky_until]
 
 
 @pytest.fixture
@@ -6404,6 +6410,16 @@ def test_a_snoozing_step_runs_again_later_using_no_retry_and_no_step(
     assert LOG == [(1, 0, 1)] * 3
 
 
+def test_a_snooze_from_a_step_cancelled_meanwhile_cancels_the_job(
+        tq, tclock):
+    job = T.snooze_cancelled.delay()
+    assert tq.drain() == {"done": 0, "failed": 0, "cancelled": 1,
+                          "steps": 1, "waiting": 0}
+    assert (job.status, job.waiting) == ("cancelled", None)
+    tq.drain(until=T0 + 3600)
+    assert LOG == ["ran"]
+
+
 def test_snooze_outside_a_step_is_a_runtime_error():
     with pytest.raises(RuntimeError, match="inside a step"):
         liteq.snooze(5)
@@ -6668,10 +6684,13 @@ def test_a_one_thread_worker_runs_other_jobs_while_10000_jobs_wait(
     assert [job.result(timeout=DEADLINE) for job in others] == [
         2 * i for i in range(20)]
     assert tq.counts()["pending"] == 10_000
-    held = tq._store.read("SELECT count(*) FROM liteq_jobs WHERE waiting "
-                          "IS NOT NULL AND (worker IS NOT NULL OR ready IS "
-                          "NOT NULL)")
-    assert held == [(0,)]
+    conn = sqlite3.connect(tq.path)
+    try:  # no waiting job is in line or held by a worker
+        assert conn.execute(
+            "SELECT count(*), count(worker), count(ready) FROM liteq_jobs "
+            "WHERE waiting = 'timer'").fetchone() == (10_020, 0, 0)
+    finally:
+        conn.close()
     assert worker.stop(timeout=DEADLINE) is True
     assert all(job.status == "running" for job in waiting)
 
