@@ -6576,6 +6576,36 @@ def test_a_continuation_returned_past_the_deadline_is_never_stored(
         "failed", stored(nap_then), ["a"])
 
 
+@pytest.mark.parametrize("pace", [{}, DEFER], ids=["steady", "deferred"])
+def test_a_worker_runs_no_step_of_a_job_past_its_deadline(
+        q, clock, hand, pace):
+    worker = hand(**pace)
+    FLAGS["meanwhile"] = lambda: clock.advance(60)
+    ticking = T.tick.apply_async(("a", 3), deadline=T0 + 30)
+    slow = T.meanwhile.apply_async(("slow",), deadline=T0 + 30)
+    later = T.tick.apply_async(("later", 2), deadline=T0 + 3600)
+    assert worker.turn_until_idle() > 0
+    for job in (ticking, slow):
+        assert (job.status, job.error) == (
+            "failed", f"deadline exceeded at {iso(T0 + 30)}")
+    assert (LOG, later.status) == (["a", "slow", "later", "later"], "done")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: an outcome whose write a worker deferred is judged by the time "
+    "it is written, not the time its step ended: a job done before its "
+    "deadline fails with 'deadline exceeded'"))
+def test_a_step_that_ended_before_the_deadline_counts_if_written_after(
+        q, clock, hand):
+    worker = hand(**DEFER)
+    FLAGS["meanwhile"] = lambda: clock.advance(60)
+    quick = T.record.apply_async(("quick",), deadline=T0 + 30)
+    T.meanwhile.delay("slow")  # its step ends before quick's is written
+    assert worker.turn_until_idle() > 0
+    assert LOG == ["quick", "slow"]
+    assert (quick.status, quick.error) == ("done", None)
+
+
 def test_a_worker_fails_a_job_past_its_deadline_when_its_step_ends(
         q, start_worker):
     with q.clock(start=T0) as test_clock:
