@@ -9,8 +9,10 @@ functions as registered for the running test.
 
 Sections: 0 helpers; 1 to 5 as in SPEC; 6 running, in this process, then
 6b with real worker processes (kill -9, SIGSTOP, signals); 7 the command
-line; 8 HTTP and the dashboard; 9 storage; last, the module's public
-names.  Every wait for a condition is ``wait_until(..., what=...)``;
+line; 8 HTTP and the dashboard; 9 storage and upgrades; 10 time (waits,
+snooze, expiry, deadlines); 11 the testing helpers; then the module's
+public names, and last bad rows and hostile input.  Every wait for a
+condition is ``wait_until(..., what=...)``;
 ``DEADLINE`` is the generous bound on a wait for what should happen.
 
 Set ``LITEQ_SLOW_TESTS=1`` to run the worker memory test with 100,000 steps
@@ -6029,6 +6031,1178 @@ def test_close_while_other_threads_query_neither_crashes_nor_fails(tmp_path):
     assert done.stdout.split() == ["survived"]
 
 
+# Version-1 files (before time as data) open as version 2 ----------------
+
+
+def _version_1_file(path, rows):
+    """A file as liteq's schema version 1 wrote it, holding ``rows``
+    (dicts of column values)."""
+    conn = sqlite3.connect(path)
+    try:
+        for sql in liteq._MIGRATIONS[0]:
+            conn.execute(sql)
+        conn.execute("PRAGMA application_id = 0x6C697471")
+        conn.execute("PRAGMA user_version = 1")
+        for row in rows:
+            conn.execute(
+                f"INSERT INTO liteq_jobs ({', '.join(row)}) VALUES "
+                f"({', '.join('?' * len(row))})", tuple(row.values()))
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def _v1_row(label, **columns):
+    call = json.dumps({"__task__": stored(record), "args": [label],
+                       "kwargs": {}})
+    return {"name": stored(record), "current": stored(record), "call": call,
+            "description": f"record {label}", "queue": "default",
+            "priority": 0, "status": "pending", "eta": T0,
+            "created_at": T0, "updated_at": T0, **columns}
+
+
+def test_a_version_1_file_is_migrated_keeping_every_job(make_queue,
+                                                        tmp_path):
+    path = tmp_path / "v1.db"
+    _version_1_file(path, [
+        _v1_row("now", ready=1),
+        _v1_row("later", eta=T0 + 600, timer=T0 + 600),
+        _v1_row("backoff", status="running", failures=1, attempts=1,
+                steps=0, eta=T0 + 30, timer=T0 + 30, started_at=T0,
+                error="Traceback...\nRuntimeError: once"),
+        _v1_row("done", status="done", result='"done"', steps=1,
+                attempts=1, started_at=T0, finished_at=T0),
+        _v1_row("held", status="running", attempts=1, timer=T0 + 60,
+                worker="gone:1", started_at=T0)])
+    queue = make_queue("v1.db")
+    jobs = queue.jobs()[::-1]
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone() == (2,)
+    finally:
+        conn.close()
+    assert [job.id for job in jobs] == [1, 2, 3, 4, 5]
+    assert [(job.status, job.waiting) for job in jobs] == [
+        ("pending", None), ("pending", "timer"), ("running", "retry"),
+        ("done", None), ("running", None)]
+    assert [job.to_dict()["waiting"] for job in jobs] == [
+        None, "timer", "retry", None, None]
+    assert [(job.expires, job.deadline, job.errors) for job in jobs] == [
+        (None, None, [])] * 5
+    assert queue.enqueued(T.record, label="later") == [jobs[1]]
+    with queue.clock(start=T0) as test_clock:
+        assert queue.drain()["done"] == 1
+        test_clock.advance(3600)  # the lease of "held" expires too
+        assert queue.drain() == {"done": 3, "failed": 0, "cancelled": 0,
+                                 "steps": 3, "waiting": 0}
+    assert [job.result() for job in jobs] == [
+        "now", "later", "backoff", "done", "held"]
+    assert LOG[0] == "now"
+    assert sorted(LOG[1:]) == ["backoff", "held", "later"]
+
+
+# ---------------------------------------------------------------------------
+# 10. Time: waits, snooze, expiry, deadlines
+# ---------------------------------------------------------------------------
+# Waits are stored data.  Most tests here run on the Queue's test clock
+# (``q.clock()``) and ``q.drain()``; those with a worker use the store's
+# fake clock (``clock``) and a ``HandWorker``, or a real Worker inside
+# ``q.clock()``.  Task bodies read the test clock from FLAGS["clock"].
+
+
+def iso(timestamp):
+    """A unix time as liteq writes it in messages: ISO 8601, Z."""
+    return utc(timestamp).isoformat().replace("+00:00", "Z")
+
+
+def clock_time():
+    """The time of the test clock in FLAGS["clock"], inside a step."""
+    return FLAGS["clock"].time()
+
+
+def nap_then(label, seconds):
+    """Note the label; its job then waits, then records the label."""
+    LOG.append(label)
+    FLAGS.get("during", lambda: None)()
+    return T.record(label).after(seconds=seconds)
+
+
+def record_at(label, eta):
+    LOG.append(label)
+    return T.record(label).at(eta)
+
+
+def snoozer(times):
+    """Snooze 60 s ``times`` times, then finish; notes what it saw."""
+    job = liteq.current_job()
+    if job is not None:
+        LOG.append((job.attempt, job.steps, job.attempts))
+    else:
+        LOG.append("run")
+    if len(LOG) <= times:
+        return liteq.snooze(60)
+    return "awake"
+
+
+def snooze_cancelled():
+    LOG.append("ran")
+    liteq.current_job().cancel()
+    return liteq.snooze(60)
+
+
+def fail_numbered():
+    raise RuntimeError(f"attempt {liteq.current_job().attempt}")
+
+
+def every(label, n, hours):
+    """Note (clock time, label), then again every ``hours``, n times."""
+    LOG.append((clock_time(), label))
+    if n > 1:
+        return T.every(label, n - 1, hours).after(hours=hours)
+    return label
+
+
+def remind(user, left):
+    """A daily reminder until the user answers or ``left`` runs out."""
+    answered = FLAGS["answers"].get(user)
+    if answered is not None and clock_time() >= answered:
+        return f"{user} answered"
+    LOG.append((user, (clock_time() - T0) / 86400))
+    if left > 1:
+        return T.remind(user, left - 1).after(days=1)
+    return f"{user} never answered"
+
+
+def flaky_until(failures):
+    """Fail the first ``failures`` attempts; note each attempt's time."""
+    LOG.append(clock_time())
+    if len(LOG) <= failures:
+        raise RuntimeError(f"not yet ({len(LOG)})")
+    return "made it"
+
+
+TIME_FUNCTIONS = [nap_then, record_at, snoozer, snooze_cancelled,
+                  fail_numbered, every, remind, flaky_until]
+
+
+@pytest.fixture
+def tq(q):
+    """``q`` with this section's task functions registered too."""
+    for fn in TIME_FUNCTIONS:
+        register(q, fn)
+    return q
+
+
+@pytest.fixture
+def tclock(tq):
+    """The test clock of ``tq``, from T0, also in FLAGS["clock"]."""
+    with tq.clock(start=T0) as test_clock:
+        FLAGS["clock"] = test_clock
+        yield test_clock
+
+
+# after() and at(): waits between steps ------------------------------------
+
+
+def test_a_step_returning_after_leaves_its_job_running_until_wake_time(
+        tq, tclock):
+    job = T.nap_then.delay("a", 3600)
+    assert tq.drain()["steps"] == 1
+    assert (job.status, job.waiting, job.eta) == (
+        "running", "timer", utc(T0 + 3600))
+    assert job.to_dict()["waiting"] == "timer"
+    assert job.to_dict()["eta"] == iso(T0 + 3600)
+    assert tq.drain(until=T0 + 3599.5)["steps"] == 0
+    assert (job.status, LOG) == ("running", ["a"])
+    assert tq.drain(until=T0 + 3600) == {
+        "done": 1, "failed": 0, "cancelled": 0, "steps": 1, "waiting": 0}
+    assert (job.result(), job.steps, job.waiting, LOG) == (
+        "a", 2, None, ["a", "a"])
+
+
+def test_the_wake_time_counts_from_the_commit_not_the_start_of_the_step(
+        tq, tclock):
+    FLAGS["during"] = lambda: tclock.advance(seconds=45)  # a long step
+    job = T.nap_then.delay("a", 600)
+    tq.drain()
+    assert job.eta == utc(T0 + 45 + 600)
+
+
+def test_a_worker_never_runs_a_waiting_job_before_its_wake_time(
+        tq, clock, hand):
+    worker = hand()
+    job = T.nap_then.delay("a", 3600)
+    other = T.record.delay("other")
+    assert worker.turn_until_idle() > 0
+    assert (job.status, job.waiting, other.status) == (
+        "running", "timer", "done")
+    clock.advance(3599.9)
+    assert worker.turn_until_idle() > 0
+    assert (job.status, LOG) == ("running", ["a", "other"])
+    clock.advance(0.1)
+    assert worker.turn_until_idle() > 0
+    assert (job.status, job.result(), LOG) == (
+        "done", "a", ["a", "other", "a"])
+
+
+def test_at_from_a_step_wakes_at_that_time_and_a_past_time_at_once(
+        tq, tclock):
+    later = T.record_at.delay("later", T0 + 7200)
+    past = T.record_at.delay("past", T0 - 10)
+    tq.drain()
+    assert (later.waiting, later.eta) == ("timer", utc(T0 + 7200))
+    assert (past.status, past.waiting) == ("done", None)
+    tq.drain(until=T0 + 7200)
+    assert later.result() == "later"
+    assert LOG == ["later", "past", "past", "later"]
+
+
+def test_after_or_at_given_to_delay_is_a_countdown_or_an_eta(q, clock):
+    jobs = [T.record("a").after(minutes=2).delay(),
+            T.record.apply_async(("b",), countdown=120),
+            T.record("c").at(T0 + 120).apply_async(priority=3),
+            T.record.apply_async(("d",), eta=utc(T0 + 120))]
+    for job in jobs:
+        assert (job.status, job.waiting, job.eta) == (
+            "pending", "timer", utc(T0 + 120))
+    # The stored call is the plain one: the wait became the job's eta.
+    assert [job.to_dict()["args"] for job in jobs] == [
+        ["a"], ["b"], ["c"], ["d"]]
+    worker = liteq.Worker(q)
+    assert worker.run_once() is False
+    clock.advance(120)
+    run_all(worker)
+    assert LOG[0] == "c" and sorted(LOG) == ["a", "b", "c", "d"]
+    assert [job.waiting for job in jobs] == [None] * 4
+
+
+@pytest.mark.parametrize("option", [{"countdown": 5}, {"eta": T0 + 5}])
+def test_a_delayed_call_with_a_countdown_or_eta_too_is_a_type_error(
+        q, clock, option):
+    for call in (T.record("x").after(seconds=5), T.record("x").at(T0 + 5)):
+        with pytest.raises(TypeError, match="not both"):
+            call.apply_async(**option)
+    assert sum(q.counts().values()) == 0
+
+
+def test_a_chain_waits_before_its_delayed_member(tq, tclock):
+    job = liteq.chain([T.record("one"), T.record("two").after(days=1),
+                       T.record("three")]).delay()
+    tq.drain()
+    assert (LOG, job.status, job.waiting, job.eta) == (
+        ["one"], "running", "timer", utc(T0 + 86400))
+    tq.drain(until=T0 + 86399)
+    assert LOG == ["one"]
+    tq.drain(until=T0 + 86400)
+    assert (LOG, job.status, job.result()) == (
+        ["one", "two", "three"], "done", "three")
+
+
+def test_a_chain_whose_first_member_waits_starts_late(tq, tclock):
+    job = liteq.chain([T.record("one").after(hours=2),
+                       T.record("two")]).delay()
+    tq.drain(until=T0 + 7199)
+    assert (LOG, job.waiting, job.eta) == ([], "timer", utc(T0 + 7200))
+    tq.drain(until=T0 + 7200)
+    assert (LOG, job.status) == (["one", "two"], "done")
+
+
+def test_a_delayed_task_keeps_its_wait_in_its_json_form(q):
+    plain = T.record("x")
+    after = plain.after(seconds=30, minutes=1, hours=1, days=1)
+    at = plain.at(dt.datetime(2030, 1, 1, tzinfo=UTC))
+    assert liteq.serialize_task(after) == {
+        "__task__": stored(record), "args": ["x"], "kwargs": {},
+        "after": 90090.0}
+    assert liteq.serialize_task(at)["at"] == 1893456000.0
+    assert plain.after() != plain  # a wait of 0 is still a wait
+    assert after != plain and at != plain and after != at
+    assert after == plain.after(seconds=90090)
+    assert liteq.serialize_task(plain) == {
+        "__task__": stored(record), "args": ["x"], "kwargs": {}}
+    for call in (after, at):
+        value = liteq.serialize_task(call)
+        assert liteq.deserialize_task(json.loads(json.dumps(value))) == call
+    assert T.echo([after, at]).run() == [after, at]  # in values too
+
+
+@pytest.mark.parametrize("wait, problem", [
+    ({"after": -1}, "after is -1, not a finite number >= 0"),
+    ({"after": "x"}, "after is 'x', not a finite number >= 0"),
+    ({"after": math.inf}, "after is inf, not a finite number >= 0"),
+    ({"at": None}, "at is None, not a finite number"),
+    ({"after": 1, "at": 1}, "the task has both 'after' and 'at'"),
+], ids=["negative", "text", "inf", "at-null", "both"])
+def test_a_malformed_wait_in_a_serialized_task_is_a_value_error(
+        wait, problem):
+    value = {"__task__": "m:f", "args": [], "kwargs": {}, **wait}
+    with pytest.raises(ValueError) as info:
+        liteq.deserialize_task(value)
+    assert str(info.value) == problem
+    with pytest.raises(ValueError) as info:
+        liteq.deserialize_task({"__task__": "m:g", "args": [value]})
+    assert str(info.value).startswith("args[0]")
+
+
+@pytest.mark.parametrize("store", [
+    lambda q: T.record("x").after(-1).delay(),
+    lambda q: T.record("x").after(minutes=math.nan).delay(),
+    lambda q: T.record("x").after(hours=math.inf).delay(),
+    lambda q: T.record("x").after(days=1e9).delay(),
+    lambda q: T.record("x").at(dt.datetime(9999, 12, 31, tzinfo=UTC)),
+    lambda q: T.record("x").at(1e300),
+    lambda q: T.record.apply_async(("x",), expires=0),
+    lambda q: T.record.apply_async(("x",), expires=-5),
+    lambda q: T.record.apply_async(("x",), countdown=60, expires=30),
+    lambda q: T.record("x").after(seconds=60).apply_async(expires=60),
+    lambda q: T.record.apply_async(("x",), expires=utc(T0)),
+    lambda q: T.record.apply_async(("x",), deadline=T0),
+    lambda q: T.record.apply_async(("x",), deadline=utc(T0 - 60)),
+    lambda q: T.record.apply_async(("x",), countdown=60, deadline=T0 + 30),
+    lambda q: register(q, record, job_timeout=0),
+    lambda q: register(q, record, job_timeout=-1),
+    lambda q: register(q, record, job_timeout=math.inf),
+], ids=["after-negative", "after-nan", "after-inf", "after-too-long",
+        "at-year-9999", "at-too-late", "expires-now", "expires-past",
+        "expires-before-countdown", "expires-at-after", "expires-datetime-now",
+        "deadline-now", "deadline-past", "deadline-before-countdown",
+        "job-timeout-0", "job-timeout-negative", "job-timeout-inf"])
+def test_bad_delays_and_time_limits_are_refused_and_store_nothing(
+        q, clock, store):
+    with pytest.raises(ValueError):
+        store(q)
+    assert sum(q.counts().values()) == 0
+
+
+@pytest.mark.parametrize("store", [
+    lambda: T.record("x").at("tomorrow"),
+    lambda: T.record("x").at(None),
+    lambda: T.record.apply_async(("x",), expires="1h"),
+    lambda: T.record.apply_async(("x",), deadline="soon"),
+    lambda: T.record.apply_async(("x",), deadline=True),
+], ids=["at-text", "at-none", "expires-text", "deadline-text",
+        "deadline-bool"])
+def test_times_of_the_wrong_type_are_type_errors(q, clock, store):
+    with pytest.raises(TypeError):
+        store()
+    assert sum(q.counts().values()) == 0
+
+
+# Job.waiting and Job.errors -----------------------------------------------
+
+
+def test_job_waiting_is_retry_during_a_backoff_and_none_in_line_or_done(
+        q, clock):
+    register(q, fail, retries=1, retry_delay=30)
+    job = T.fail.delay("boom")
+    assert (job.status, job.waiting) == ("pending", None)  # in line
+    worker = liteq.Worker(q)
+    assert worker.run_once() is True
+    assert (job.status, job.waiting, job.eta) == (
+        "running", "retry", utc(T0 + 30))
+    assert job.to_dict()["waiting"] == "retry"
+    assert worker.run_once() is False
+    clock.advance(30)
+    assert worker.run_once() is True
+    assert (job.status, job.waiting, job.to_dict()["waiting"]) == (
+        "failed", None, None)
+    done = T.record.delay("x")
+    run_all(worker)
+    assert (done.status, done.waiting) == ("done", None)
+
+
+def test_job_errors_lists_the_current_steps_last_ten_failed_attempts(
+        q, clock):
+    register(q, fail_numbered, retries=11, retry_delay=0)
+    job = T.fail_numbered.delay()
+    assert job.errors == [] and job.to_dict()["errors"] == []
+    run_all(liteq.Worker(q))
+    assert (job.status, job.attempts) == ("failed", 12)
+    assert job.errors == [f"RuntimeError: attempt {n}" for n in range(3, 13)]
+    assert job.to_dict()["errors"] == job.errors
+    assert job.error.startswith("Traceback")  # the last one, in full
+
+
+def test_job_errors_start_again_when_a_continuation_is_stored(q, clock):
+    job = T.flaky_steps.delay(2)  # each step fails once, then continues
+    worker = liteq.Worker(q)
+    worker.run_once()
+    assert job.errors == ["RuntimeError: step 2 fails once"]
+    worker.run_once()
+    assert (job.steps, job.errors) == (1, [])
+    worker.run_once()
+    assert job.errors == ["RuntimeError: step 1 fails once"]
+    run_all(worker)
+    assert (job.status, job.errors) == ("done", [
+        "RuntimeError: step 1 fails once"])
+
+
+def test_the_cli_and_http_show_why_a_job_waits(tq, tclock, capsys):
+    job = T.nap_then.apply_async(("a", 3600), deadline=T0 + 7200)
+    tq.drain()
+    assert liteq.main(["list", "--json", "--db", tq.path]) == 0
+    (listed,) = json.loads(capsys.readouterr().out)
+    assert (listed["waiting"], listed["deadline"]) == (
+        "timer", iso(T0 + 7200))
+    status, _, body = _ops_call(liteq.wsgi_app(tq),
+                                _ops_environ(f"/tasks/{job.id}"))
+    assert status == "200 OK"
+    assert json.loads(body)["waiting"] == "timer"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: `liteq show` (text) leaves out the waiting field, which SPEC 10 "
+    "puts in the CLI too (show --json has it)"))
+def test_liteq_show_says_why_a_job_waits(tq, tclock, capsys):
+    job = T.nap_then.delay("a", 3600)
+    tq.drain()
+    assert liteq.main(["show", str(job.id), "--db", tq.path]) == 0
+    assert re.search(r"^waiting +timer$", capsys.readouterr().out, re.M)
+
+
+# snooze() ------------------------------------------------------------------
+
+
+def test_a_snoozing_step_runs_again_later_using_no_retry_and_no_step(
+        tq, tclock):
+    register(tq, snoozer, retries=0)
+    job = T.snoozer.delay(2)
+    tq.drain()
+    assert (job.status, job.waiting, job.eta) == (
+        "running", "timer", utc(T0 + 60))
+    assert (job.steps, job.attempts, job.errors) == (0, 0, [])
+    assert tq.drain(until=T0 + 59)["steps"] == 0
+    counts = tq.drain(until=T0 + 120)
+    assert counts == {"done": 1, "failed": 0, "cancelled": 0, "steps": 2,
+                      "waiting": 0}
+    assert (job.result(), job.steps, job.attempts) == ("awake", 1, 1)
+    # (attempt, steps, attempts) inside: a first attempt each time.
+    assert LOG == [(1, 0, 1)] * 3
+
+
+def test_a_snooze_from_a_step_cancelled_meanwhile_cancels_the_job(
+        tq, tclock):
+    job = T.snooze_cancelled.delay()
+    assert tq.drain() == {"done": 0, "failed": 0, "cancelled": 1,
+                          "steps": 1, "waiting": 0}
+    assert (job.status, job.waiting) == ("cancelled", None)
+    tq.drain(until=T0 + 3600)
+    assert LOG == ["ran"]
+
+
+def test_snooze_outside_a_step_is_a_runtime_error():
+    with pytest.raises(RuntimeError, match="inside a step"):
+        liteq.snooze(5)
+
+
+def test_task_run_reruns_a_snooze_at_once_at_most_100_times(tq):
+    assert T.snoozer(100).run() == "awake"
+    assert LOG == ["run"] * 101
+    LOG.clear()
+    with pytest.raises(RuntimeError, match="snoozed 100 times"):
+        T.snoozer(101).run()
+
+
+def test_run_once_returns_the_same_call_for_a_snooze(tq):
+    assert T.snoozer(1).run_once() == T.snoozer(1)
+    assert LOG == ["run"]
+
+
+def test_task_run_skips_waits_and_run_once_returns_the_delayed_call(tq):
+    assert T.nap_then("a", 3600).run() == "a"
+    assert liteq.chain([T.record("b").after(days=9),
+                        T.record_at("c", T0 + 10**6)]).run() == "c"
+    assert LOG == ["a", "a", "b", "c", "c"]
+    assert T.nap_then("d", 60).run_once() == T.record("d").after(seconds=60)
+
+
+# expires -------------------------------------------------------------------
+
+
+def test_a_job_not_started_by_its_expiry_is_cancelled_and_never_runs(
+        tq, tclock):
+    seconds = T.record.apply_async(("seconds",), expires=60)
+    when = T.record.apply_async(("when",), expires=utc(T0 + 90))
+    assert (seconds.expires, when.expires) == (utc(T0 + 60), utc(T0 + 90))
+    assert seconds.to_dict()["expires"] == iso(T0 + 60)
+    tclock.advance(90)
+    assert tq.drain() == {
+        "done": 0, "failed": 0, "cancelled": 2, "steps": 0, "waiting": 0}
+    assert LOG == []
+    assert (seconds.status, seconds.error) == (
+        "cancelled", f"expired at {iso(T0 + 60)}")
+    assert (when.status, when.error) == (
+        "cancelled", f"expired at {iso(T0 + 90)}")
+    with pytest.raises(liteq.TaskCancelled):
+        when.result(timeout=0)
+
+
+def test_an_expiry_no_longer_applies_once_the_first_step_started(
+        tq, tclock):
+    job = T.nap_then.apply_async(("a", 3600), expires=60)
+    tq.drain(until=T0 + 7200)
+    assert (job.status, LOG) == ("done", ["a", "a"])
+
+
+@pytest.mark.parametrize("pace", [{}, DEFER], ids=["steady", "deferred"])
+def test_a_job_that_expires_in_line_behind_others_is_never_run(
+        q, clock, hand, pace):
+    worker = hand(**pace)
+    FLAGS["meanwhile"] = lambda: clock.advance(120)
+    first = T.meanwhile.delay("first")
+    expiring = T.record.apply_async(("expiring",), expires=60)
+    last = T.record.delay("last")
+    assert worker.turn_until_idle() > 0
+    assert (first.status, expiring.status, last.status) == (
+        "done", "cancelled", "done")
+    assert expiring.error == f"expired at {iso(T0 + 60)}"
+    assert LOG == ["first", "last"]
+
+
+def test_a_real_worker_cancels_a_job_that_expired_while_it_was_busy(
+        q, start_worker):
+    with q.clock(start=T0) as test_clock:
+        worker = start_worker(q)
+        busy = T.gated.delay("finish")
+        GATE.wait_entered()
+        expiring = T.record.apply_async(("expiring",), expires=60)
+        later = T.record.delay("later")
+        test_clock.advance(61)
+        GATE.go.set()
+        wait_until(lambda: later.status == "done" and expiring.status
+                   == "cancelled", what="the line to be worked through")
+        assert worker.stop(timeout=DEADLINE)
+    assert busy.result() == "finished anyway"
+    assert expiring.error == f"expired at {iso(T0 + 60)}"
+    assert LOG == ["later"]
+
+
+# deadline and job_timeout --------------------------------------------------
+
+
+def test_a_waiting_job_past_its_deadline_fails_at_once(tq, tclock):
+    job = T.nap_then.apply_async(("a", 3600), deadline=T0 + 1800)
+    assert job.deadline == utc(T0 + 1800)
+    assert job.to_dict()["deadline"] == iso(T0 + 1800)
+    tq.drain()
+    assert job.waiting == "timer"
+    tclock.advance(1800)
+    assert tq.drain() == {"done": 0, "failed": 1, "cancelled": 0,
+                          "steps": 0, "waiting": 0}
+    assert (job.status, job.error, job.waiting) == (
+        "failed", f"deadline exceeded at {iso(T0 + 1800)}", None)
+    assert job.finished_at == utc(T0 + 1800)
+    assert LOG == ["a"]
+    with pytest.raises(liteq.TaskFailed, match="deadline exceeded"):
+        job.result(timeout=0)
+
+
+def test_drain_until_fails_a_job_at_its_deadline_on_the_way(tq, tclock):
+    job = T.nap_then.apply_async(("a", 3600),
+                                 deadline=utc(T0) + dt.timedelta(hours=1))
+    tq.drain(until=T0 + 86400)
+    assert (job.status, job.error, job.finished_at) == (
+        "failed", f"deadline exceeded at {iso(T0 + 3600)}", utc(T0 + 3600))
+
+
+def test_job_timeout_counts_from_the_delay_over_all_the_waits(tq, tclock):
+    register(tq, nap_then, job_timeout=600)
+    job = T.nap_then.apply_async(("a", 3600), countdown=100)
+    assert job.deadline == utc(T0 + 600)  # from the delay, not the start
+    quick = T.nap_then.delay("b", 60)
+    tq.drain(until=T0 + 3600)
+    assert (job.status, job.error) == (
+        "failed", f"deadline exceeded at {iso(T0 + 600)}")
+    assert (quick.status, LOG) == ("done", ["b", "b", "a"])
+
+
+def test_a_deadline_keeps_the_earlier_of_job_timeout_and_the_option(
+        tq, tclock):
+    register(tq, record, job_timeout=600)
+    assert T.record.apply_async(("x",), deadline=T0 + 300).deadline == utc(
+        T0 + 300)
+    assert T.record.apply_async(("x",), deadline=T0 + 900).deadline == utc(
+        T0 + 600)
+
+
+def test_a_step_that_ends_past_the_deadline_has_its_outcome_refused(
+        tq, tclock):
+    register(tq, meanwhile)
+    FLAGS["meanwhile"] = lambda: tclock.advance(hours=1)
+    job = T.meanwhile.apply_async(("late",), deadline=T0 + 60)
+    assert tq.drain() == {"done": 0, "failed": 1, "cancelled": 0,
+                          "steps": 1, "waiting": 0}
+    assert (job.status, job.error, job.steps) == (
+        "failed", f"deadline exceeded at {iso(T0 + 60)}", 0)
+    assert LOG == ["late"]  # it ran: only its outcome was refused
+
+
+def test_a_continuation_returned_past_the_deadline_is_never_stored(
+        tq, tclock):
+    FLAGS["during"] = lambda: tclock.advance(hours=1)
+    job = T.nap_then.apply_async(("a", 1), deadline=T0 + 60)
+    tq.drain(until=T0 + 86400)
+    assert (job.status, job.current, LOG) == (
+        "failed", stored(nap_then), ["a"])
+
+
+@pytest.mark.parametrize("pace", [{}, DEFER], ids=["steady", "deferred"])
+def test_a_worker_runs_no_step_of_a_job_past_its_deadline(
+        q, clock, hand, pace):
+    worker = hand(**pace)
+    FLAGS["meanwhile"] = lambda: clock.advance(60)
+    ticking = T.tick.apply_async(("a", 3), deadline=T0 + 30)
+    slow = T.meanwhile.apply_async(("slow",), deadline=T0 + 30)
+    later = T.tick.apply_async(("later", 2), deadline=T0 + 3600)
+    assert worker.turn_until_idle() > 0
+    for job in (ticking, slow):
+        assert (job.status, job.error) == (
+            "failed", f"deadline exceeded at {iso(T0 + 30)}")
+    assert (LOG, later.status) == (["a", "slow", "later", "later"], "done")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: an outcome whose write a worker deferred is judged by the time "
+    "it is written, not the time its step ended: a job done before its "
+    "deadline fails with 'deadline exceeded'"))
+def test_a_step_that_ended_before_the_deadline_counts_if_written_after(
+        q, clock, hand):
+    worker = hand(**DEFER)
+    FLAGS["meanwhile"] = lambda: clock.advance(60)
+    quick = T.record.apply_async(("quick",), deadline=T0 + 30)
+    T.meanwhile.delay("slow")  # its step ends before quick's is written
+    assert worker.turn_until_idle() > 0
+    assert LOG == ["quick", "slow"]
+    assert (quick.status, quick.error) == ("done", None)
+
+
+def test_a_worker_fails_a_job_past_its_deadline_when_its_step_ends(
+        q, start_worker):
+    with q.clock(start=T0) as test_clock:
+        worker = start_worker(q, threads=2)
+        job = T.gated.apply_async(("continue",), deadline=T0 + 60)
+        GATE.wait_entered()
+        wait_until(lambda: job.worker is not None, what="the step shown")
+        test_clock.advance(120)
+        # Another job runs to its end: the sweeps ran, and left this one.
+        assert T.record.delay("other").result(timeout=DEADLINE) == "other"
+        assert job.status == "running"
+        GATE.go.set()
+        wait_until(lambda: job.status == "failed", what="the job to fail")
+        assert worker.stop(timeout=DEADLINE)
+    assert job.error == f"deadline exceeded at {iso(T0 + 60)}"
+    assert LOG == ["other"]  # the continuation was refused: never run
+
+
+def test_a_worker_fails_a_waiting_job_at_its_deadline(q, start_worker):
+    register(q, nap_then)
+    with q.clock(start=T0) as test_clock:
+        worker = start_worker(q)
+        job = T.nap_then.apply_async(("a", 3600), deadline=T0 + 600)
+        wait_until(lambda: job.waiting == "timer", what="the job to wait")
+        test_clock.advance(600)
+        wait_until(lambda: job.status == "failed", what="the job to fail")
+        assert worker.stop(timeout=DEADLINE)
+    assert job.error == f"deadline exceeded at {iso(T0 + 600)}"
+
+
+# cancel() and retry() of a waiting job -------------------------------------
+
+
+def test_cancel_of_a_waiting_job_is_immediate(tq, tclock):
+    job = T.nap_then.delay("a", 3600)
+    tq.drain()
+    assert job.cancel() is True
+    assert (job.status, job.waiting, job.finished_at) == (
+        "cancelled", None, utc(T0))
+    tq.drain(until=T0 + 7200)
+    assert LOG == ["a"]
+
+
+def test_retry_of_a_cancelled_waiting_job_keeps_its_wake_time(tq, tclock):
+    job = T.nap_then.delay("a", 3600)
+    tq.drain()
+    job.cancel()
+    tclock.advance(600)
+    assert job.retry() is job
+    assert (job.status, job.waiting, job.eta) == (
+        "running", "timer", utc(T0 + 3600))
+    tq.drain(until=T0 + 3599)
+    assert LOG == ["a"]
+    tq.drain(until=T0 + 3600)
+    assert (job.status, LOG) == ("done", ["a", "a"])
+
+
+def test_retry_of_a_cancelled_waiting_job_past_its_wake_time_runs_at_once(
+        tq, tclock):
+    job = T.nap_then.delay("a", 3600)
+    tq.drain()
+    job.cancel()
+    tclock.advance(7200)
+    job.retry()
+    assert (job.status, job.waiting) == ("running", None)
+    assert tq.drain()["done"] == 1
+    assert LOG == ["a", "a"]
+
+
+def test_retry_of_an_expired_job_runs_it_as_its_expiry_is_past(tq, tclock):
+    job = T.record.apply_async(("late",), expires=60)
+    tclock.advance(60)
+    tq.drain()
+    assert job.retry().expires is None  # past: it no longer applies
+    assert tq.drain()["done"] == 1
+    assert (job.result(), LOG) == ("late", ["late"])
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: retry() of a job failed at its deadline while it waited on a "
+    "timer puts it in line at once, before its wake time (only a cancelled "
+    "job keeps its wake time)"))
+def test_retry_of_a_job_failed_at_its_deadline_keeps_its_wake_time(
+        tq, tclock):
+    job = T.nap_then.apply_async(("a", 3600), deadline=T0 + 600)
+    tq.drain(until=T0 + 600)
+    assert (job.status, job.eta) == ("failed", utc(T0 + 3600))
+    job.retry()
+    assert (job.waiting, job.eta) == ("timer", utc(T0 + 3600))
+    assert tq.drain()["steps"] == 0
+
+
+# A waiting job holds nothing -----------------------------------------------
+
+
+def test_a_one_thread_worker_runs_other_jobs_while_10000_jobs_wait(
+        tq, start_worker):
+    with tq.batch():
+        for i in range(10_000):
+            T.record.apply_async((i,), countdown=3600)
+    waiting = [T.nap_then.delay(f"w{i}", 3600) for i in range(20)]
+    worker = start_worker(tq, threads=1)
+    wait_until(lambda: all(job.waiting == "timer" for job in waiting),
+               what="the waits to be stored")
+    others = [T.add.delay(i, i) for i in range(20)]
+    assert [job.result(timeout=DEADLINE) for job in others] == [
+        2 * i for i in range(20)]
+    assert tq.counts()["pending"] == 10_000
+    conn = sqlite3.connect(tq.path)
+    try:  # no waiting job is in line or held by a worker
+        assert conn.execute(
+            "SELECT count(*), count(worker), count(ready) FROM liteq_jobs "
+            "WHERE waiting = 'timer'").fetchone() == (10_020, 0, 0)
+    finally:
+        conn.close()
+    assert worker.stop(timeout=DEADLINE) is True
+    assert all(job.status == "running" for job in waiting)
+
+
+WAKE_TASKS = r'''
+import json
+import os
+import time
+
+from liteq import current_job, task
+
+LOG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "woke.log")
+
+
+@task
+def sleeper(label, seconds):
+    # The wake time counts from the commit, after this line.
+    return woke(label, time.time() + seconds).after(seconds=seconds)
+
+
+@task
+def woke(label, due):
+    line = json.dumps([label, due, time.time(), current_job().id]) + "\n"
+    fd = os.open(LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+    return label
+'''
+
+
+def _wake_worker(tmp_path, db, procs, name):
+    err_path = tmp_path / f"{name}.err"
+    with open(err_path, "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "liteq", "run", "waketasks", "--db",
+             str(db)], cwd=tmp_path, env=subprocess_env(),
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+    proc.stderr_path = err_path
+    procs.append(proc)
+    return proc
+
+
+def test_jobs_waiting_in_a_killed_worker_each_run_once_after_their_time(
+        tmp_path):
+    (tmp_path / "waketasks.py").write_text(WAKE_TASKS)
+    db = tmp_path / "wake.db"
+    env = subprocess_env()
+    env["LITEQ_DB"] = str(db)
+    produced = subprocess.run(
+        [sys.executable, "-c", "import json, waketasks\nprint(json.dumps(["
+         "waketasks.sleeper(f'j{i}', 4 + i / 10).delay().id "
+         "for i in range(20)]))"],
+        cwd=tmp_path, env=env, capture_output=True, timeout=DEADLINE)
+    assert produced.returncode == 0, produced.stderr.decode()
+    ids = json.loads(produced.stdout)
+    queue = liteq.Queue(db)
+    procs = []
+    try:
+        first = _wake_worker(tmp_path, db, procs, "first")
+        jobs = [queue.get(job_id) for job_id in ids]
+        wait_until(lambda: all(job.waiting == "timer" or job.status == "done"
+                               for job in jobs),
+                   what="every job to wait", alive=[first])
+        waiting_at_kill = sum(job.waiting == "timer" for job in jobs)
+        first.kill()
+        first.wait(DEADLINE)
+        second = _wake_worker(tmp_path, db, procs, "second")
+        wait_until(lambda: queue.counts()["done"] == 20,
+                   what="every job to finish", alive=[second])
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(DEADLINE) == 0
+        runs = [json.loads(line) for line in
+                (tmp_path / "woke.log").read_text().splitlines()]
+        assert sorted(label for label, *_ in runs) == sorted(
+            f"j{i}" for i in range(20))  # each once, none lost
+        for label, due, ran, job_id in runs:
+            assert ran >= due, f"{label} ran {due - ran:.3f} s early"
+            assert queue.get(job_id).result() == label
+        assert waiting_at_kill > 0  # the kill came while jobs waited
+        for proc in procs:
+            assert "Traceback" not in proc.stderr_path.read_text()
+    finally:
+        _chaos_reap(procs)
+        queue.close()
+
+
+# ---------------------------------------------------------------------------
+# 11. Testing helpers: clock, drain, eager, enqueued
+# ---------------------------------------------------------------------------
+
+
+@liteq.task
+def greet(name):
+    """A module-level task on the default queue (see liteq.using)."""
+    return f"hi {name}"
+
+
+# The test clock ------------------------------------------------------------
+
+
+def test_thirty_days_of_daily_reminders_run_in_one_drain(tq, tclock):
+    FLAGS["answers"] = {"ann": T0 + 12.5 * 86400}  # bob never answers
+    ann = T.remind.delay("ann", 30)
+    bob = T.remind.delay("bob", 30)
+    counts = tq.drain(until=tclock.now() + dt.timedelta(days=30))
+    assert counts == {"done": 2, "failed": 0, "cancelled": 0,
+                      "steps": 14 + 30, "waiting": 0}
+    assert (ann.result(), bob.result()) == ("ann answered",
+                                            "bob never answered")
+    assert [day for user, day in LOG if user == "ann"] == list(range(13))
+    assert [day for user, day in LOG if user == "bob"] == list(range(30))
+    assert tclock.now() == utc(T0 + 30 * 86400)  # drain moved it there
+    assert (ann.finished_at, bob.finished_at) == (
+        utc(T0 + 13 * 86400), utc(T0 + 29 * 86400))
+
+
+def test_retry_backoff_runs_on_the_test_clock(tq, tclock):
+    register(tq, flaky_until, retries=3, retry_delay=60)
+    job = T.flaky_until.delay(3)
+    tq.drain()
+    assert (job.waiting, job.eta) == ("retry", utc(T0 + 60))
+    assert tq.drain(until=T0 + 3600)["done"] == 1
+    assert LOG == [T0, T0 + 60, T0 + 180, T0 + 420]  # 60, 120, 240 s
+    assert (job.result(), job.attempts) == ("made it", 4)
+
+
+def test_a_worker_started_inside_a_test_clock_follows_it(q, start_worker):
+    with q.clock(start=T0) as test_clock:
+        worker = start_worker(q)
+        job = T.record("late").after(hours=1).delay()
+        assert T.record.delay("now").result(timeout=DEADLINE) == "now"
+        assert (job.status, job.waiting) == ("pending", "timer")
+        test_clock.advance(hours=1)
+        assert job.result(timeout=DEADLINE) == "late"
+        assert job.started_at == utc(T0 + 3600)
+        assert worker.stop(timeout=DEADLINE)
+    assert LOG == ["now", "late"]
+
+
+def test_a_long_step_keeps_its_lease_while_the_test_clock_jumps_a_day(
+        q, start_worker, caplog):
+    caplog.set_level(logging.INFO, logger="liteq")
+    with q.clock(start=T0) as test_clock:
+        worker = start_worker(q, threads=2)
+        job = T.gated.delay("finish")
+        GATE.wait_entered()
+        test_clock.advance(days=1)
+        # The other thread claims and runs a job: the claim's sweeps look
+        # at every lease, this step's too.
+        assert T.record.delay("meanwhile").result(timeout=DEADLINE) == \
+            "meanwhile"
+        GATE.go.set()
+        assert job.result(timeout=DEADLINE) == "finished anyway"
+        assert worker.stop(timeout=DEADLINE)
+    assert (job.attempts, job.steps, len(GATE.notes)) == (1, 1, 1)
+    assert job.finished_at == utc(T0 + 86400)
+    assert "lease" not in caplog.text
+
+
+def test_the_clock_moves_only_when_told_and_refuses_bad_moves(q):
+    with q.clock(start=utc(T0)) as test_clock:
+        assert (test_clock.time(), test_clock.now()) == (T0, utc(T0))
+        assert T.record.delay("x").created_at == utc(T0)
+        assert test_clock.advance(minutes=1, seconds=1) == utc(T0 + 61)
+        assert test_clock.set(T0 - 3600) == utc(T0 - 3600)  # back too
+        with pytest.raises(ValueError):
+            test_clock.advance(-1)
+        with pytest.raises(ValueError):
+            test_clock.set(dt.datetime(9999, 12, 31, tzinfo=UTC))
+        with pytest.raises(RuntimeError):
+            with q.clock():
+                pass
+        assert test_clock.time() == T0 - 3600
+    with pytest.raises(RuntimeError):
+        test_clock.advance(1)  # its block has ended
+    assert abs(T.record.delay("y").created_at.timestamp() - time.time()) \
+        < 3600  # the real clock again
+
+
+def test_a_closed_queue_has_no_clock(q):
+    q.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        with q.clock():
+            pass
+
+
+# drain() -------------------------------------------------------------------
+
+
+def test_drain_runs_every_ready_job_and_counts_what_it_did(tq, tclock):
+    register(tq, fail, retries=0)
+    register(tq, meanwhile)
+    FLAGS["meanwhile"] = lambda: tclock.advance(30)
+    done = [T.wait.delay(2), T.record.delay("x"), T.meanwhile.delay("m")]
+    expired = T.record.apply_async(("never",), expires=20)  # behind "m"
+    failed = T.fail.delay("boom")
+    waiting = T.nap_then.delay("w", 60)
+    assert tq.drain() == {"done": 3, "failed": 1, "cancelled": 1,
+                          "steps": 3 + 1 + 1 + 1 + 1, "waiting": 1}
+    assert [job.status for job in done] == ["done"] * 3
+    assert (failed.status, expired.status, waiting.waiting) == (
+        "failed", "cancelled", "timer")
+    assert tq.drain() == {"done": 0, "failed": 0, "cancelled": 0,
+                          "steps": 0, "waiting": 1}
+    assert tq.drain(until=T0 + 90) == {
+        "done": 1, "failed": 0, "cancelled": 0, "steps": 1, "waiting": 0}
+    assert LOG == ["x", "m", "w", "w"]
+
+
+def test_drain_with_raise_errors_reraises_the_tasks_own_exception(q):
+    register(q, fail, retries=0)
+    job = T.fail.delay("boom")
+    after = T.record.delay("after")
+    with pytest.raises(RuntimeError) as info:
+        q.drain(raise_errors=True)
+    assert info.value is SEEN[0]  # unchanged: the very object raised
+    assert (job.status, job.error.splitlines()[-1]) == (
+        "failed", "RuntimeError: boom")  # its outcome was written first
+    assert after.status == "pending"
+    assert q.drain()["done"] == 1
+
+
+def test_drain_raises_when_a_job_never_ends(q):
+    job = T.wait.delay(50)
+    with pytest.raises(RuntimeError, match="drain\\(\\) ran 10 steps"):
+        q.drain(max_steps=10)
+    assert (job.status, job.steps) == ("running", 10)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: drain() raising for max_steps leaves the job's next step "
+    "claimed and started (worker set, lease held), so drain() runs nothing "
+    "until the lease expires"))
+def test_drain_past_max_steps_leaves_the_job_for_the_next_drain(q):
+    job = T.wait.delay(50)
+    with pytest.raises(RuntimeError):
+        q.drain(max_steps=10)
+    assert job.worker is None  # no step of it executes
+    assert q.drain()["steps"] == 41
+    assert (job.status, job.steps) == ("done", 51)
+
+
+def test_drain_runs_only_the_queue_names_given(q):
+    alpha = T.record.apply_async(("a",), queue="alpha")
+    beta = T.record.apply_async(("b",), queue="beta")
+    default = T.record.delay("d")
+    assert q.drain(["alpha"])["done"] == 1
+    assert q.drain("beta")["done"] == 1
+    assert (alpha.status, beta.status, default.status) == (
+        "done", "done", "pending")
+    assert LOG == ["a", "b"]
+    assert q.drain()["done"] == 1
+
+
+def test_drain_until_runs_what_comes_due_in_time_order(tq, tclock):
+    T.every.delay("x", 3, 2)  # at 0, 2 and 4 h
+    T.every("y", 3, 2).after(hours=1).delay()  # at 1, 3 and 5 h
+    T.every("z", 1, 0).at(T0 + 4.5 * 3600).delay()
+    tq.drain(until=T0 + 10 * 3600)
+    assert LOG == [(T0 + h * 3600, label) for h, label in [
+        (0, "x"), (1, "y"), (2, "x"), (3, "y"), (4, "x"), (4.5, "z"),
+        (5, "y")]]
+    assert tclock.time() == T0 + 10 * 3600
+
+
+def test_drain_until_needs_a_clock_and_a_time_ahead(tq):
+    with pytest.raises(RuntimeError, match="clock"):
+        tq.drain(until=time.time() + 60)
+    with tq.clock(start=T0):
+        with pytest.raises(ValueError):
+            tq.drain(until=T0 - 1)
+        with pytest.raises(TypeError):
+            tq.drain(until="tomorrow")
+    assert sum(tq.counts().values()) == 0
+
+
+# eager() -------------------------------------------------------------------
+
+
+def test_delay_inside_eager_runs_the_job_to_its_end_before_returning(q):
+    register(q, fail, retries=0)
+    with q.eager():
+        job = T.tick.delay("t", 3)
+        assert LOG == ["t"] * 3
+        failed = T.fail.delay("boom")
+    assert (job.status, job.steps, job.result()) == ("done", 3, "t")
+    assert failed.status == "failed"
+    with pytest.raises(liteq.TaskFailed, match="boom"):
+        failed.result()
+    later = T.record.delay("later")  # outside the block: stored only
+    assert later.status == "pending"
+
+
+def test_eager_stops_at_a_wait(tq, tclock):
+    with tq.eager():
+        job = T.nap_then.delay("a", 60)
+    assert (job.status, job.waiting, LOG) == ("running", "timer", ["a"])
+    tq.drain(until=T0 + 60)
+    assert job.result() == "a"
+
+
+def test_keys_behave_under_eager_as_without_it(tq, tclock):
+    with tq.eager():
+        first = T.nap_then.apply_async(("k", 60), key="k")
+        again = T.nap_then.apply_async(("k", 60), key="k")
+        assert again == first  # the unfinished job holds the key
+        quick = T.record.apply_async(("q",), key="q")
+        fresh = T.record.apply_async(("q",), key="q")
+    assert quick.status == "done" and fresh != quick  # key freed
+    assert LOG == ["k", "q", "q"]
+
+
+def test_jobs_delayed_in_a_batch_inside_eager_run_at_batch_exit(q):
+    with q.eager():
+        with q.batch():
+            jobs = [T.record.delay(i) for i in range(3)]
+            assert LOG == []
+        assert LOG == [0, 1, 2]
+    assert [job.status for job in jobs] == ["done"] * 3
+
+
+def test_eager_applies_only_to_its_own_thread(q):
+    with q.eager():
+        other = Background(T.record.delay, "other").join()
+        own = T.record.delay("own")
+    assert (other.status, own.status, LOG) == ("pending", "done", ["own"])
+
+
+# enqueued() ----------------------------------------------------------------
+
+
+def test_enqueued_finds_unfinished_jobs_by_task_and_argument(q):
+    one = T.add.delay(1, 2)
+    two = T.add.apply_async((1,), {"b": 5})
+    three = T.add.delay(2, 5)
+    other = T.record.delay(1)
+    assert q.enqueued(T.add) == [one, two, three]  # oldest first
+    assert q.enqueued(T.add, a=1) == [one, two]
+    assert q.enqueued(T.add, b=5) == [two, three]  # by keyword or not
+    assert q.enqueued(stored(add), a=1, b=5) == [two]
+    assert q.enqueued(T.add, a=7) == []
+    assert q.enqueued() == [one, two, three, other]
+    assert q.enqueued(label=1) == [other]
+    one.cancel()
+    assert q.enqueued(T.add, a=1) == [two]
+
+
+def test_enqueued_leaves_out_finished_jobs(q):
+    jobs = [T.add.delay(1, i) for i in range(3)]
+    q.drain()
+    later = T.add.delay(1, 9)
+    assert [job.status for job in jobs] == ["done"] * 3
+    assert q.enqueued(T.add, a=1) == [later]
+
+
+def test_enqueued_matches_the_first_call_after_the_job_continued(
+        tq, tclock):
+    job = T.nap_then.delay("x", 60)
+    tq.drain()
+    assert job.current == stored(record)  # it continued
+    assert tq.enqueued(T.nap_then, label="x", seconds=60) == [job]
+    assert tq.enqueued(T.record) == []  # the first call's task
+    assert tq.enqueued(T.nap_then, label="y") == []
+
+
+def test_enqueued_with_an_unknown_parameter_is_a_type_error(q):
+    T.add.delay(1, 2)
+    with pytest.raises(TypeError, match="no parameter 'c'"):
+        q.enqueued(T.add, c=1)
+    with pytest.raises(TypeError):
+        q.enqueued(42)
+
+
+# Queue.temporary() and liteq.using() ---------------------------------------
+
+
+def test_a_temporary_queue_deletes_its_folder_at_close():
+    queue = liteq.Queue.temporary()
+    try:
+        register(queue, add)
+        assert T.add.delay(1, 2).status == "pending"
+        folder = os.path.dirname(queue.path)
+        assert os.path.isfile(queue.path)
+    finally:
+        queue.close()
+    assert not os.path.exists(folder)
+    other = liteq.Queue.temporary()
+    other.close()
+    assert os.path.dirname(other.path) != folder  # a new folder each
+
+
+def test_using_makes_a_queue_the_default_for_module_level_tasks(tmp_path):
+    queue = liteq.Queue.temporary()
+    try:
+        with liteq.using(queue) as used:
+            assert used is queue and liteq.default_queue() is queue
+            job = greet.delay("ann")
+            assert queue.get(job.id) == job
+            with queue.eager():
+                assert greet.delay("bob").result() == "hi bob"
+        assert liteq.default_queue().path == str(tmp_path / "default.db")
+        assert queue.drain()["done"] == 1
+        assert job.result() == "hi ann"
+    finally:
+        queue.close()
+    with pytest.raises(TypeError):
+        with liteq.using(str(tmp_path / "x.db")):
+            pass
+
+
 # ---------------------------------------------------------------------------
 # The module: public names and documentation
 # ---------------------------------------------------------------------------
@@ -6769,13 +7943,33 @@ _BAD_COLUMNS = {
                     "timer = 0", "worker holds a BLOB, not text or NULL"),
     "expired-current-utf8": (f"{_EXPIRED}, current = CAST(x'ff' AS TEXT)",
                              "current holds text that is not valid UTF-8"),
+    "expires-text": ("expires = 'x'",
+                     "expires holds 'x', not a number or NULL"),
+    "expires-blob": ("expires = x'00'",
+                     "expires holds a BLOB, not a number or NULL"),
+    "deadline-text": ("deadline = 'x'",
+                      "deadline holds 'x', not a number or NULL"),
+    "deadline-blob": ("deadline = x'00'",
+                      "deadline holds a BLOB, not a number or NULL"),
+    "waiting-number": ("waiting = 5", None),
+    "origin-blob": ("origin = x'00'", None),
+    "errors-text": ("errors = 'not json'", None),
 }
+#: Cases the one-statement claim (a one-queue thread that runs its steps
+#: one at a time) gets wrong: see the xfail below.
+_EXPIRES_BUG = ("BUG: the one-statement claim (_SQL_CLAIM_START) runs a "
+                "job whose expires holds text or a BLOB (text > any number "
+                "in SQL); the batched claim quarantines it")
+_BAD_EXPIRES = ("expires-blob", "expires-text")
 
 
 @pytest.mark.parametrize("pace", [{}, DEFER], ids=["steady", "deferred"])
 @pytest.mark.parametrize("case", sorted(_BAD_COLUMNS))
 def test_a_bad_value_in_a_column_the_claim_reads_fails_only_its_job(
-        q, hand, caplog, case, pace):
+        q, hand, caplog, case, pace, request):
+    if case in _BAD_EXPIRES and pace != DEFER:
+        request.applymarker(pytest.mark.xfail(strict=True,
+                                              reason=_EXPIRES_BUG))
     caplog.set_level(logging.INFO, logger="liteq")
     assignments, problem = _BAD_COLUMNS[case]
     jobs = [T.add.delay(i, i) for i in range(5)]
@@ -6808,6 +8002,8 @@ def test_bad_rows_of_every_kind_at_once_never_hold_up_the_line(q, hand,
     good = [T.add.delay(i, i).id for i in range(3)]
     bad = {}
     for case, (assignments, problem) in sorted(_BAD_COLUMNS.items()):
+        if case in _BAD_EXPIRES:
+            continue  # _EXPIRES_BUG: in the test above, as an xfail
         bad[case] = T.add.delay(1, 1).id
         _bad_update(q.path, bad[case], assignments)
     good += [T.add.delay(i, i).id for i in range(3)]
@@ -6822,6 +8018,29 @@ def test_bad_rows_of_every_kind_at_once_never_hold_up_the_line(q, hand,
             assert (status, error) == ("failed", f"stored row of job "
                                        f"{job_id} is malformed: column "
                                        f"{_BAD_COLUMNS[case][1]}"), case
+    assert "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize("value", ["not json", '{"a": 1}', "[1, 2]",
+                                   b"\x00"], ids=["text", "object",
+                                                  "numbers", "blob"])
+def test_a_tampered_errors_column_is_named_and_never_stops_the_worker(
+        q, hand, caplog, value):
+    caplog.set_level(logging.INFO, logger="liteq")
+    register(q, fail, retries=1, retry_delay=0)
+    job = T.fail.delay("boom")
+    _bad_tamper(q.path, job.id, "errors", value)
+    with pytest.raises(ValueError) as info:
+        job.errors
+    assert str(info.value).startswith("errors is ")
+    assert str(info.value).endswith(", not a JSON list of error lines")
+    listed = job.to_dict()
+    assert listed["errors"] == [] and str(info.value) in listed["unreadable"]
+    others = [T.add.delay(i, i) for i in range(3)]
+    assert hand().turn_until_idle() > 0
+    assert [other.status for other in others] == ["done"] * 3
+    assert (job.status, job.attempts) == ("failed", 2)
+    assert job.errors == ["RuntimeError: boom"] * 2  # started again
     assert "Traceback" not in caplog.text
 
 
@@ -6960,7 +8179,9 @@ _TAMPER_COLUMNS = [
     ("max_lost", True), ("token", True), ("cancel", True),
     ("result", False), ("error", False), ("eta", True), ("ready", False),
     ("timer", False), ("worker", False), ("created_at", True),
-    ("started_at", False), ("updated_at", True), ("finished_at", False)]
+    ("started_at", False), ("updated_at", True), ("finished_at", False),
+    ("waiting", False), ("expires", False), ("deadline", False),
+    ("origin", False), ("errors", False)]
 
 
 def _tamper_value(rng):
