@@ -949,6 +949,11 @@ _SQL_NEXT_DUE_AFTER = """
      WHERE deadline > :after AND finished_at IS NULL
 """
 
+_SQL_READY_JOBS = """
+    SELECT id, current, queue FROM liteq_jobs WHERE ready IS NOT NULL
+     ORDER BY priority DESC, ready
+"""
+
 _SQL_COUNT_WAITING = """
     SELECT queue, count(*) FROM liteq_jobs WHERE waiting IS NOT NULL
      GROUP BY queue
@@ -1011,7 +1016,8 @@ _SQL_CLAIM = f"""
 # then NULL.  A place in line or an ``attempts`` that is not an integer is
 # kept, like the token, and that last column is the place: for the worker
 # to see and report.  A job that expired is passed over: the expiry
-# sweep cancels it.  (_SQL_CLAIM_JOB claims one job by its id instead.)
+# sweep cancels it (an expiry that is not a number is returned, to be
+# reported).  (_SQL_CLAIM_JOB claims one job by its id instead.)
 _CLAIM_START = f"""
     UPDATE liteq_jobs
        SET {_NEXT_TOKEN},
@@ -1025,8 +1031,9 @@ _CLAIM_START = f"""
      WHERE {{}}
  RETURNING id, current, call, token,
            CASE WHEN typeof(attempts) = 'integer' THEN attempts - 1
-                ELSE attempts END, steps, failures, priority, NULL,
-           deadline, ready
+                ELSE attempts END, steps, failures, priority,
+           CASE WHEN typeof(expires) IN ('integer', 'real', 'null')
+                THEN NULL ELSE expires END, deadline, ready
 """
 
 _SQL_CLAIM_START = _CLAIM_START.format("""
@@ -1046,8 +1053,9 @@ _SQL_ADJUST_CLAIM = """
 _HELD = "id = :id AND token = :token AND ready IS NULL " \
         "AND finished_at IS NULL"
 
-# An outcome is written only before the job's deadline (see refusal()).
-_HELD_IN_TIME = f"{_HELD} AND (deadline IS NULL OR deadline > :now)"
+# An outcome counts only if its step ended before the job's deadline
+# (``ended``: store-clock time; see refusal()).
+_HELD_IN_TIME = f"{_HELD} AND (deadline IS NULL OR deadline > :ended)"
 
 _SQL_HIGHER_READY = """
     SELECT 1 FROM liteq_jobs
@@ -1153,7 +1161,9 @@ _SQL_FAIL_STEP = f"""
                          WHEN failures < :retries THEN 'running'
                          ELSE 'failed' END,
            failures = failures + 1, error = :error, errors = :errors,
-           attempts = :attempt, eta = :now + :delay, unknown_since = NULL,
+           attempts = :attempt, unknown_since = NULL,
+           eta = CASE WHEN failures < :retries THEN :now + :delay
+                      ELSE :now END,
            timer = CASE WHEN NOT cancel AND failures < :retries AND :delay > 0
                         THEN :now + :delay END,
            waiting = CASE WHEN NOT cancel AND failures < :retries
@@ -1281,24 +1291,20 @@ _SQL_SELECT_GONE = """
      WHERE id IN ({}) AND (cancel OR finished_at IS NOT NULL)
 """
 
-# A cancelled job whose eta is still ahead (a countdown, a wait, a
-# retry's backoff) resumes that wait, on its timer, out of line; any
-# other job goes in line at once (a failed job's eta is the retry it ran
-# out of).  An expiry or a deadline already past no longer applies.  SET
-# expressions read the row as it was before the UPDATE.
+# A job whose eta is still ahead (cancelled or failed at its deadline
+# during a countdown, a wait, a retry's backoff) resumes that wait, on its
+# timer, out of line; any other job goes in line at once.  An expiry or a
+# deadline already past no longer applies.  SET expressions read the row
+# as it was before the UPDATE.
 _SQL_RETRY = f"""
     UPDATE liteq_jobs
        SET status = CASE WHEN steps > 0 THEN 'running' ELSE 'pending' END,
            attempts = 0, failures = 0, lost = 0, cancel = 0, error = NULL,
            worker = NULL,
-           timer = CASE WHEN status = 'cancelled' AND eta > :now
-                        THEN eta END,
-           waiting = CASE WHEN status = 'cancelled' AND eta > :now
-                          THEN '{_WAIT_TIMER}' END,
-           ready = CASE WHEN status = 'cancelled' AND eta > :now
-                        THEN NULL ELSE :ready END,
-           eta = CASE WHEN status = 'cancelled' AND eta > :now
-                      THEN eta ELSE :now END,
+           timer = CASE WHEN eta > :now THEN eta END,
+           waiting = CASE WHEN eta > :now THEN '{_WAIT_TIMER}' END,
+           ready = CASE WHEN eta > :now THEN NULL ELSE :ready END,
+           eta = CASE WHEN eta > :now THEN eta ELSE :now END,
            expires = CASE WHEN expires > :now THEN expires END,
            unknown_since = NULL,
            deadline = CASE WHEN deadline > :now THEN deadline END,
@@ -3374,8 +3380,8 @@ class _Outcome:
     """
 
     __slots__ = ("step", "kind", "text", "current", "percent", "error",
-                 "retries", "delay", "wait", "exc", "ended", "follow", "ok",
-                 "refusal")
+                 "retries", "delay", "wait", "exc", "ended", "at", "follow",
+                 "ok", "refusal")
 
     def __init__(self, step: _Step, kind: str, text: str | None = None,
                  current: str | None = None, percent: float | None = None,
@@ -3386,6 +3392,7 @@ class _Outcome:
         self.retries, self.delay, self.ended = retries, delay, ended
         self.wait: tuple[str, float] | None = None
         self.exc: BaseException | None = None
+        self.at: float | None = None  # store-clock end (``ended``: pacing)
         self.follow: _Step | None = None  # see _Step.follow
         self.ok: bool | None = None
         self.refusal: str | None = None
@@ -3900,8 +3907,9 @@ class _Claims:
             if run[-1].kind != "continue_here":
                 run = run[:-1] or run  # its end is written on its own
             row = self._record_one(conn, run[-1], now, first.step, len(run))
+            ended = run[-1].at if run[-1].at is not None else now
             refusal = None if row is not None else self.refusal(
-                conn, first.step, now)
+                conn, first.step, now, ended)
             for outcome in run:
                 outcome.ok, outcome.refusal = row is not None, refusal
                 rows.append(row)
@@ -3912,7 +3920,8 @@ class _Claims:
         if step.refused():
             return None
         params = {"id": step.id, "token": step.token, "now": now,
-                  "attempt": step.attempt, "started": step.started, "n": n}
+                  "attempt": step.attempt, "started": step.started, "n": n,
+                  "ended": outcome.at if outcome.at is not None else now}
         if outcome.error is not None:
             outcome.error = _storable_text(outcome.error)
         write = getattr(self, _WRITERS[outcome.kind])
@@ -3987,11 +3996,11 @@ class _Claims:
                       wake=now + min(left, self.tuning.unknown_look))
         return _execute(conn, _SQL_PARK, params).fetchone()
 
-    def refusal(self, conn: sqlite3.Connection, step: _Step,
-                now: float) -> str:
-        """Why an outcome of ``step`` was refused.  Past the job's
-        deadline, the step's job fails here (no sweep touches a job while
-        a step of it executes)."""
+    def refusal(self, conn: sqlite3.Connection, step: _Step, now: float,
+                ended: float) -> str:
+        """Why an outcome of ``step`` (which ended at ``ended``) was
+        refused.  Past the job's deadline, the step's job fails here (no
+        sweep touches a job while a step of it executes)."""
         row = _execute(conn, _SQL_SELECT_REFUSAL, (step.id,)).fetchone()
         if row is None:
             return "finished"  # and purged since
@@ -3999,7 +4008,7 @@ class _Claims:
         if token != step.token or ready is not None:
             return "lease lost"
         if finished is None and _time_or_none(deadline) and (
-                deadline is not None and deadline <= now):
+                deadline is not None and deadline <= ended):
             _execute(conn, _SQL_EXPIRE_HELD, {
                 "id": step.id, "token": step.token, "now": now,
                 "status": _FAILED, "error": _overdue(deadline)})
@@ -4318,6 +4327,8 @@ class _WorkerThread:
         self.poke(self.tuning.rescue)
         outcome = late or _run_step(step, self.crew.queue)
         outcome.ended = self.tick()
+        if step.deadline is not None:
+            outcome.at = self.store.clock()
         follow = None
         if outcome.kind == "continue" and self._may_continue_here(
                 step, outcome):
@@ -5568,21 +5579,30 @@ class _Inline:
         first exception a task raises (its outcome written first)."""
         unit = self.unit
         while True:
+            if self.steps >= max_steps:
+                self._refuse_more(max_steps)
+                return
             started, _ = unit.write_and_claim()
             if started is None:
                 return
-            if self.steps >= max_steps:
-                unit.write_and_claim(None, claim=False)
-                raise RuntimeError(
-                    f"drain() ran {max_steps} steps and job {started.id} "
-                    f"({started.current}) is ready still: a job that "
-                    f"never ends?  Raise max_steps if it is only long")
             self.steps += 1
             unit.run_step(started)
             exc = unit.pending[-1].exc if unit.pending else None
             if raise_errors and exc is not None:
                 unit.write_and_claim(None, claim=False)
                 raise exc
+
+    def _refuse_more(self, max_steps: int) -> None:
+        """At ``max_steps``: write what is held, then raise RuntimeError if
+        a job is still ready (nothing stays claimed)."""
+        self.unit.write_and_claim(None, claim=False)
+        names = self.crew.claims.queues
+        for job_id, current, name in self.crew.store.read(_SQL_READY_JOBS):
+            if names is None or name in names:
+                raise RuntimeError(
+                    f"drain() ran {max_steps} steps and job {job_id} "
+                    f"({current}) is ready still: a job that never ends?  "
+                    f"Raise max_steps if it is only long")
 
     def run_job(self, job_id: int) -> None:
         """Run one job's steps while it is ready (eager())."""

@@ -6450,9 +6450,6 @@ def test_the_cli_and_http_show_why_a_job_waits(tq, tclock, capsys):
     assert json.loads(body)["waiting"] == "timer"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: `liteq show` (text) leaves out the waiting field, which SPEC 10 "
-    "puts in the CLI too (show --json has it)"))
 def test_liteq_show_says_why_a_job_waits(tq, tclock, capsys):
     job = T.nap_then.delay("a", 3600)
     tq.drain()
@@ -6661,10 +6658,6 @@ def test_a_worker_runs_no_step_of_a_job_past_its_deadline(
     assert (LOG, later.status) == (["a", "slow", "later", "later"], "done")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: an outcome whose write a worker deferred is judged by the time "
-    "it is written, not the time its step ended: a job done before its "
-    "deadline fails with 'deadline exceeded'"))
 def test_a_step_that_ended_before_the_deadline_counts_if_written_after(
         q, clock, hand):
     worker = hand(**DEFER)
@@ -6754,10 +6747,6 @@ def test_retry_of_an_expired_job_runs_it_as_its_expiry_is_past(tq, tclock):
     assert (job.result(), LOG) == ("late", ["late"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: retry() of a job failed at its deadline while it waited on a "
-    "timer puts it in line at once, before its wake time (only a cancelled "
-    "job keeps its wake time)"))
 def test_retry_of_a_job_failed_at_its_deadline_keeps_its_wake_time(
         tq, tclock):
     job = T.nap_then.apply_async(("a", 3600), deadline=T0 + 600)
@@ -7022,10 +7011,6 @@ def test_drain_raises_when_a_job_never_ends(q):
     assert (job.status, job.steps) == ("running", 10)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: drain() raising for max_steps leaves the job's next step "
-    "claimed and started (worker set, lease held), so drain() runs nothing "
-    "until the lease expires"))
 def test_drain_past_max_steps_leaves_the_job_for_the_next_drain(q):
     job = T.wait.delay(50)
     with pytest.raises(RuntimeError):
@@ -7955,21 +7940,12 @@ _BAD_COLUMNS = {
     "origin-blob": ("origin = x'00'", None),
     "errors-text": ("errors = 'not json'", None),
 }
-#: Cases the one-statement claim (a one-queue thread that runs its steps
-#: one at a time) gets wrong: see the xfail below.
-_EXPIRES_BUG = ("BUG: the one-statement claim (_SQL_CLAIM_START) runs a "
-                "job whose expires holds text or a BLOB (text > any number "
-                "in SQL); the batched claim quarantines it")
-_BAD_EXPIRES = ("expires-blob", "expires-text")
 
 
 @pytest.mark.parametrize("pace", [{}, DEFER], ids=["steady", "deferred"])
 @pytest.mark.parametrize("case", sorted(_BAD_COLUMNS))
 def test_a_bad_value_in_a_column_the_claim_reads_fails_only_its_job(
-        q, hand, caplog, case, pace, request):
-    if case in _BAD_EXPIRES and pace != DEFER:
-        request.applymarker(pytest.mark.xfail(strict=True,
-                                              reason=_EXPIRES_BUG))
+        q, hand, caplog, case, pace):
     caplog.set_level(logging.INFO, logger="liteq")
     assignments, problem = _BAD_COLUMNS[case]
     jobs = [T.add.delay(i, i) for i in range(5)]
@@ -8002,8 +7978,6 @@ def test_bad_rows_of_every_kind_at_once_never_hold_up_the_line(q, hand,
     good = [T.add.delay(i, i).id for i in range(3)]
     bad = {}
     for case, (assignments, problem) in sorted(_BAD_COLUMNS.items()):
-        if case in _BAD_EXPIRES:
-            continue  # _EXPIRES_BUG: in the test above, as an xfail
         bad[case] = T.add.delay(1, 1).id
         _bad_update(q.path, bad[case], assignments)
     good += [T.add.delay(i, i).id for i in range(3)]
@@ -8181,7 +8155,7 @@ _TAMPER_COLUMNS = [
     ("timer", False), ("worker", False), ("created_at", True),
     ("started_at", False), ("updated_at", True), ("finished_at", False),
     ("waiting", False), ("expires", False), ("deadline", False),
-    ("origin", False), ("errors", False)]
+    ("origin", False), ("errors", False), ("unknown_since", False)]
 
 
 def _tamper_value(rng):
