@@ -29,15 +29,16 @@ Sections (``grep -n '^# [0-9]*\\. ' liteq.py``):
  5. Storage: SQL, schema, connections, transactions
  6. Tasks: Task, task functions, registry, chain
  7. Jobs and queues: Job, Queue, the default queue
- 8. Worker: steps, outcomes, and the statements a worker sends
- 9. Worker threads: the loop of each thread, the housekeeper
-10. Worker helpers: faults, the lead, wake-ups
-11. Worker: the class, and what its threads share
-12. Testing helpers: the test clock, drain, eager, using
-13. HTTP: status resource and dashboard
-14. Command line
-15. Dashboard page: HTML, script and style
-16. python -m liteq
+ 8. Schedules: cron, slots, declarations and firing
+ 9. Worker: steps, outcomes, and the statements a worker sends
+10. Worker threads: the loop of each thread, the housekeeper
+11. Worker helpers: faults, the lead, wake-ups
+12. Worker: the class, and what its threads share
+13. Testing helpers: the test clock, drain, eager, using
+14. HTTP: status resource and dashboard
+15. Command line
+16. Dashboard page: HTML, script and style
+17. python -m liteq
 
 Licensed under the MIT licence (see LICENSE).
 """
@@ -116,6 +117,7 @@ __all__ = [
     "deserialize_task",
     "location_header",
     "main",
+    "periodic",
     "serialize_task",
     "snooze",
     "task",
@@ -251,6 +253,8 @@ class _Process:
         #: row never makes liteq import anything.
         self.tasks: dict[str, TaskFunction] = {}
         self.default_queue: Queue | None = None  # made on first use
+        #: Schedules declared in code (liteq.periodic), by name.
+        self.schedules: dict[str, _Declared] = {}
         self.warned: set[str] = set()  # keys _warn_once has logged
         self.current = threading.local()  # .job: see current_job()
         self._on_fork: dict[int, Callable[[], Any]] = {}
@@ -776,7 +780,11 @@ _SCHEMA = (
 # call, kept from the job's first continuation on (NULL: ``call`` is it);
 # ``errors`` the JSON list of the current step's last error lines;
 # ``unknown_since`` when a worker first met the current call's task name
-# unregistered (it then waits for one that knows it, see _SQL_PARK).
+# unregistered (it then waits for one that knows it, see _SQL_PARK);
+# ``scheduled_for`` the slot of a job a schedule fired.  One row of
+# liteq_schedules per schedule (see section 8): ``call`` fires at each
+# slot, ``spec`` (JSON) says when; ``origin`` is 'code' (liteq.periodic)
+# or 'api' (Queue.schedule).
 _SCHEMA_2 = (
     "ALTER TABLE liteq_jobs ADD COLUMN waiting TEXT",
     "ALTER TABLE liteq_jobs ADD COLUMN expires REAL",
@@ -784,6 +792,23 @@ _SCHEMA_2 = (
     "ALTER TABLE liteq_jobs ADD COLUMN origin TEXT",
     "ALTER TABLE liteq_jobs ADD COLUMN errors TEXT",
     "ALTER TABLE liteq_jobs ADD COLUMN unknown_since REAL",
+    "ALTER TABLE liteq_jobs ADD COLUMN scheduled_for REAL",
+    """
+    CREATE TABLE liteq_schedules (
+        name        TEXT PRIMARY KEY,
+        call        TEXT    NOT NULL,
+        spec        TEXT    NOT NULL,
+        origin      TEXT    NOT NULL,
+        next_slot   REAL    NOT NULL,
+        last_slot   REAL,
+        last_job    INTEGER,
+        skipped     INTEGER NOT NULL DEFAULT 0,
+        paused      INTEGER NOT NULL DEFAULT 0,
+        created_at  REAL    NOT NULL,
+        updated_at  REAL    NOT NULL
+    )
+    """,
+    "CREATE INDEX liteq_schedules_next ON liteq_schedules (next_slot)",
     """
     CREATE INDEX liteq_jobs_expires ON liteq_jobs (expires)
      WHERE expires IS NOT NULL AND started_at IS NULL
@@ -811,7 +836,7 @@ _JOB_COLUMNS = (
     "id, name, current, call, description, queue, priority, key, status, "
     "percent, steps, attempts, failures, lost, token, cancel, result, "
     "error, eta, worker, created_at, started_at, updated_at, finished_at, "
-    "waiting, expires, deadline, origin, errors")
+    "waiting, expires, deadline, origin, errors, scheduled_for")
 
 # The counter AUTOINCREMENT keeps for job ids also orders ready jobs: a job
 # entering the line takes the next value, so the database, not the wall
@@ -952,6 +977,78 @@ _SQL_NEXT_DUE_AFTER = """
 _SQL_READY_JOBS = """
     SELECT id, current, queue FROM liteq_jobs WHERE ready IS NOT NULL
      ORDER BY priority DESC, ready
+"""
+
+# Schedules (section 8).  Firing runs in a worker's claim transaction.
+_SQL_SELECT_DUE_SCHEDULES = """
+    SELECT name, call, spec, next_slot, last_job FROM liteq_schedules
+     WHERE next_slot <= ? AND NOT paused AND ({}) LIMIT 100
+"""
+
+_NEXT_SCHEDULE_SLOT = """
+     UNION ALL
+    SELECT min(next_slot) FROM liteq_schedules WHERE NOT paused AND ({})
+"""
+
+_NEXT_SCHEDULE_SLOT_AFTER = """
+     UNION ALL
+    SELECT min(next_slot) FROM liteq_schedules
+     WHERE next_slot > :after AND NOT paused AND ({})
+"""
+
+_SQL_ADVANCE_SCHEDULE = """
+    UPDATE liteq_schedules
+       SET next_slot = :next, last_slot = coalesce(:last_slot, last_slot),
+           last_job = :last_job, skipped = skipped + :skipped,
+           updated_at = :now
+     WHERE name = :name AND next_slot = :old
+"""
+
+_SQL_LAST_RUN = """
+    SELECT finished_at IS NULL, started_at IS NULL FROM liteq_jobs
+     WHERE id = ?
+"""
+
+_SQL_SET_FIRED = """
+    UPDATE liteq_jobs SET scheduled_for = ?, expires = ? WHERE id = ?
+"""
+
+_SQL_SELECT_SCHEDULE = """
+    SELECT call, spec, origin, next_slot, last_slot FROM liteq_schedules
+     WHERE name = ?
+"""
+
+_SQL_INSERT_SCHEDULE = """
+    INSERT INTO liteq_schedules (name, call, spec, origin, next_slot,
+                                 created_at, updated_at)
+    VALUES (:name, :call, :spec, :origin, :next, :now, :now)
+"""
+
+_SQL_UPDATE_SCHEDULE = """
+    UPDATE liteq_schedules
+       SET call = :call, spec = :spec, origin = :origin, next_slot = :next,
+           updated_at = :now
+     WHERE name = :name
+"""
+
+_SQL_PAUSE_SCHEDULE = """
+    UPDATE liteq_schedules SET paused = :paused, updated_at = :now
+     WHERE name = :name
+"""
+
+_SQL_DELETE_SCHEDULE = "DELETE FROM liteq_schedules WHERE name = ?"
+
+_SQL_SET_LAST_JOB = "UPDATE liteq_schedules SET last_job = ? WHERE name = ?"
+
+_SQL_SELECT_TRIGGER = """
+    SELECT call, spec, last_job FROM liteq_schedules WHERE name = ?
+"""
+
+_SQL_LIST_SCHEDULES = """
+    SELECT s.name, s.call, s.spec, s.origin, s.next_slot, s.last_slot,
+           s.last_job, j.status, s.skipped, s.paused
+      FROM liteq_schedules AS s LEFT JOIN liteq_jobs AS j ON j.id = s.last_job
+     ORDER BY s.name
 """
 
 _SQL_COUNT_WAITING = """
@@ -2536,6 +2633,9 @@ class Job:
                    "started, or None.", _utc)
     deadline = _job_field(
         "deadline", "When it fails if still unfinished, or None.", _utc)
+    scheduled_for = _job_field(
+        "scheduled_for", "The slot of the schedule that fired it, or "
+                         "None.", _utc)
     created_at = _job_field("created_at", "When it was stored.", _utc)
     started_at = _job_field(
         "started_at", "When its first step started, or None.", _utc)
@@ -2648,8 +2748,8 @@ class Job:
         return self
 
 
-_TIME_COLUMNS = ("eta", "expires", "deadline", "created_at", "started_at",
-                 "updated_at", "finished_at")
+_TIME_COLUMNS = ("eta", "expires", "deadline", "scheduled_for",
+                 "created_at", "started_at", "updated_at", "finished_at")
 
 
 def _error_list(text: Any) -> list[str]:
@@ -2968,7 +3068,80 @@ class Queue:
                 for job_id in ids:
                     _Inline(self, None).run_job(job_id)
 
-    # Testing (see section 12) ----------------------------------------------
+    # Schedules (see section 8) ---------------------------------------------
+
+    def schedule(self, name: str, call: Task, cron: str | None = None,
+                 every: float | None = None, **options: Any) -> None:
+        """Store a schedule that fires ``call`` (a Task) at each slot of
+        ``cron`` or ``every``; the same name again updates it.  Options
+        as for liteq.periodic."""
+        _check_name("schedule name", name)
+        if not isinstance(call, Task):
+            raise TypeError(f"schedule() takes a Task call, e.g. "
+                            f"cleanup(days=30), got {call!r}")
+        spec = _schedule_spec(cron, every, options)
+        with _PROCESS.lock:
+            if name in _PROCESS.schedules:
+                raise ValueError(f"schedule name {name!r} is declared in "
+                                 f"code (liteq.periodic): give q.schedule()"
+                                 f" another name")
+        text = _encode(call, "the scheduled call", self.max_payload)
+        self._store.write(lambda conn: _upsert_schedule(
+            conn, self._store.clock(), name, text, spec, "api"))
+        _Signal.of(self.path).notify()  # an idle worker reads its slot
+
+    def unschedule(self, name: str) -> bool:
+        """Delete a stored schedule; False if there was none."""
+        return bool(self._store.write(lambda conn: _execute(
+            conn, _SQL_DELETE_SCHEDULE, (name,)).rowcount))
+
+    def pause_schedule(self, name: str) -> None:
+        """Fire nothing until resume_schedule(); missed slots then follow
+        the schedule's catchup rule."""
+        self._pause(name, True)
+
+    def resume_schedule(self, name: str) -> None:
+        """Fire again (see pause_schedule)."""
+        self._pause(name, False)
+
+    def _pause(self, name: str, paused: bool) -> None:
+        done = self._store.write(lambda conn: _execute(
+            conn, _SQL_PAUSE_SCHEDULE, {"name": name, "paused": int(paused),
+                                        "now": self._store.clock()}
+        ).rowcount)
+        if not done:
+            raise LookupError(f"no schedule named {name!r} in {self.path}")
+        _Signal.of(self.path).notify()
+
+    def trigger(self, name: str) -> Job | None:
+        """Fire one extra run now, outside the slots; None if the
+        schedule's overlap rule refuses it."""
+        def body(conn: sqlite3.Connection) -> int | None:
+            row = _execute(conn, _SQL_SELECT_TRIGGER, (name,)).fetchone()
+            if row is None:
+                raise LookupError(f"no schedule named {name!r} in "
+                                  f"{self.path}")
+            call, spec, last_job = row
+            spec = json.loads(spec)
+            if not _may_fire(conn, spec["overlap"], last_job):
+                return None
+            now = self._store.clock()
+            job_id = _insert_fired(conn, call, spec, now, now)
+            _execute(conn, _SQL_SET_LAST_JOB, (job_id, name))
+            return job_id
+
+        job_id = self._store.write(body)
+        if job_id is None:
+            return None
+        _Signal.of(self.path).notify()
+        return Job(self, job_id)
+
+    def schedules(self) -> list[dict]:
+        """Every stored schedule, by name, as JSON-ready dicts."""
+        return [_schedule_dict(row) for row in
+                self._store.read(_SQL_LIST_SCHEDULES)]
+
+    # Testing (see section 13) ----------------------------------------------
 
     @contextlib.contextmanager
     def clock(self, start: Any = None) -> Iterator[TestClock]:
@@ -3255,7 +3428,364 @@ def configure(path: str | os.PathLike, **options: Any) -> Queue:
 
 
 # ---------------------------------------------------------------------------
-# 8. Worker: steps, outcomes, and the statements a worker sends
+# 8. Schedules: cron, slots, declarations and firing
+# ---------------------------------------------------------------------------
+
+# A schedule is one row of liteq_schedules: the call it fires, its spec
+# (JSON: see _schedule_spec) and its next slot.  A worker fires what came
+# due in its claim transaction (see _Claims.fire): it inserts the jobs and
+# moves ``next_slot`` past ``now`` in that one transaction, so a slot fires
+# at most once, whoever fires it, and a crash never leaves a slot fired but
+# unrecorded.
+
+# (cron: stub until the parser lands)
+class _Cron:
+    def __init__(self, expr: str) -> None:
+        self.text = expr.strip()
+        self.fixed_hour = False
+
+
+def _zone(name: str) -> _dt.tzinfo:
+    import zoneinfo
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except Exception:
+        raise ValueError(f"unknown time zone {name!r}") from None
+
+
+def _next_cron_slot(cron: _Cron, zone: _dt.tzinfo, after: float) -> float:
+    return (math.floor(after / 60) + 1) * 60.0
+
+
+def _next_every_slot(every: float, after: float) -> float:
+    slot = (math.floor(after / every) + 1) * every
+    while slot <= after:
+        slot += every
+    return slot
+
+
+_CATCHUPS = ("latest", "skip", "all")
+_OVERLAPS = ("skip", "queue_one", "allow")
+_SCHEDULE_DEFAULTS = {
+    "tz": "UTC", "catchup": "latest", "window": None, "max_catchup": 100,
+    "overlap": "skip", "queue": None, "priority": None, "grace": 60.0,
+    "expires": None}
+
+
+def _schedule_spec(cron: Any, every: Any, options: dict) -> dict:
+    """Check a schedule's options; its spec as stored (JSON-ready)."""
+    unknown = set(options) - set(_SCHEDULE_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown schedule options {sorted(unknown)}; "
+                        f"known: {sorted(_SCHEDULE_DEFAULTS)}")
+    spec = {**_SCHEDULE_DEFAULTS, **options}
+    if (cron is None) == (every is None):
+        raise TypeError("give a schedule exactly one of cron= (a cron "
+                        "expression) or every= (seconds)")
+    spec["cron"], spec["every"] = cron, every
+    if cron is not None:
+        _Cron(cron)  # ValueError naming the bad field
+    else:
+        spec["every"] = _check_seconds("every", every, strict=True)
+    _zone(spec["tz"])
+    for name, allowed in (("catchup", _CATCHUPS), ("overlap", _OVERLAPS)):
+        if spec[name] not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}, "
+                             f"got {spec[name]!r}")
+    spec["grace"] = _check_seconds("grace", spec["grace"])
+    for name in ("window", "expires"):
+        if spec[name] is not None:
+            spec[name] = _check_seconds(name, spec[name], strict=True)
+    _check_int("max_catchup", spec["max_catchup"], 0, 1_000_000)
+    if spec["queue"] is not None:
+        _check_name("queue", spec["queue"])
+    if spec["priority"] is not None:
+        _check_int("priority", spec["priority"], *_INT64)
+    return spec
+
+
+def _spec_text(spec: dict) -> str:
+    """A spec in words: the cron expression, or ``every 900s``."""
+    return spec["cron"] if spec["cron"] is not None else \
+        f"every {spec['every']:g}s"
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed_cron(text: str) -> _Cron:
+    return _Cron(text)
+
+
+def _next_slot(spec: dict, after: float) -> float:
+    """The schedule's first slot strictly after ``after``."""
+    if spec["every"] is not None:
+        return _next_every_slot(spec["every"], after)
+    return _next_cron_slot(_parsed_cron(spec["cron"]), _zone(spec["tz"]),
+                           after)
+
+
+def _slots_from(spec: dict, first: float, end: float,
+                keep: int) -> tuple[list[float], int]:
+    """Of the slots from ``first`` (a slot) to before ``end``: the last
+    ``keep``, oldest first, and how many others there are."""
+    if end <= first:
+        return [], 0
+    every = spec["every"]
+    if every is not None:  # aligned slots: counted, not walked
+        count = max(1, math.ceil((end - first) / every))
+        while count > 1 and first + (count - 1) * every >= end:
+            count -= 1
+        while first + count * every < end:
+            count += 1
+        kept = [first + i * every for i in range(max(0, count - keep),
+                                                 count)]
+        return kept, count - len(kept)
+    window: collections.deque = collections.deque(maxlen=max(keep, 1))
+    count, slot = 0, first
+    while slot < end:
+        count += 1
+        window.append(slot)
+        slot = _next_slot(spec, slot)
+    kept = list(window)[-keep:] if keep else []
+    return kept, count - len(kept)
+
+
+def _first_at(spec: dict, when: float) -> float:
+    """The schedule's first slot at or after ``when``."""
+    return _next_slot(spec, when - 1e-6)
+
+
+def _plan_slots(spec: dict, first: float, now: float
+                ) -> tuple[list[float], int, float]:
+    """The due slots from ``first`` to ``now``: those that fire, oldest
+    first; how many are skipped (before the overlap rule); and the next
+    slot.  A slot more than ``grace`` past is late: ``catchup`` decides
+    which late slots fire, and ``window`` drops those older than it; the
+    slots on time fire (at most ``max_catchup`` of them: never a flood)."""
+    after = _next_slot(spec, now)
+    cap = max(spec["max_catchup"], 1)
+    on_start = max(first, _first_at(spec, now - spec["grace"]))
+    kept = first if spec["window"] is None else max(
+        first, _first_at(spec, now - spec["window"]))
+    on_time, skipped = _slots_from(spec, on_start, after, cap)
+    keep = {"latest": 0 if on_time else 1, "skip": 0,
+            "all": spec["max_catchup"]}[spec["catchup"]]
+    late, passed = _slots_from(spec, kept, on_start, keep)
+    dropped = _slots_from(spec, first, min(kept, on_start), 0)[1]
+    return late + on_time, skipped + passed + dropped, after
+
+
+# Declarations in code ------------------------------------------------------
+
+class _Declared:
+    """A schedule declared in code (liteq.periodic): fired by the workers
+    of the processes that declare it."""
+
+    def __init__(self, name: str, fn: TaskFunction, call: Task,
+                 spec: dict) -> None:
+        self.name, self.fn, self.call, self.spec = name, fn, call, spec
+
+    def text(self) -> str:
+        return _encode(self.call, "the scheduled call", 2**20)
+
+
+def periodic(cron: str | None = None, *, every: float | None = None,
+             name: str | None = None, args: Sequence = (),
+             kwargs: dict | None = None, **options: Any) -> Callable:
+    """Declare a schedule for a task: ``@periodic("0 3 * * *")`` above
+    ``@task``, or ``periodic(every=900, name=...)(task_function)``.
+
+    Options: tz, catchup ("latest", "skip", "all"), window, max_catchup,
+    overlap ("skip", "queue_one", "allow"), queue, priority, grace,
+    expires.  Workers of this process fire it (see Worker(schedules=)).
+    """
+    spec = _schedule_spec(cron, every, options)
+    if name is not None:
+        _check_name("schedule name", name)
+    if not isinstance(args, (list, tuple)) or not isinstance(
+            kwargs or {}, dict):
+        raise TypeError("periodic() takes args as a list or tuple and "
+                        "kwargs as a dict")
+
+    def declare(fn: Any) -> Any:
+        if not isinstance(fn, TaskFunction):
+            raise TypeError(f"periodic() declares a schedule for a task: "
+                            f"put @periodic above @task, got {fn!r}")
+        call = fn(*args, **(kwargs or {}))  # TypeError if they do not fit
+        found = _Declared(name or fn._stored_name(), fn, call, spec)
+        found.text()  # JSON, within max_payload
+        with _PROCESS.lock:
+            _PROCESS.schedules[found.name] = found
+        return fn
+
+    return declare
+
+
+def _declare_all(queue: Queue) -> _Firing:
+    """Store the schedules this process declares for ``queue`` (as a
+    worker does when it starts); what it may fire."""
+    declared = _declarations(queue)
+
+    def body(conn: sqlite3.Connection) -> None:
+        now = queue._store.clock()
+        for found in declared:
+            _upsert_schedule(conn, now, found.name, found.text(),
+                             found.spec, "code")
+
+    if declared:
+        queue._store.write(body)
+    return _Firing([found.name for found in declared])
+
+
+def _declarations(queue: Queue) -> list[_Declared]:
+    """The schedules this process declares whose jobs go to ``queue``."""
+    with _PROCESS.lock:
+        found = list(_PROCESS.schedules.values())
+    return [d for d in found if (d.call._home() or queue).path == queue.path]
+
+
+# Storing and firing ---------------------------------------------------------
+
+def _upsert_schedule(conn: sqlite3.Connection, now: float, name: str,
+                     call: str, spec: dict, origin: str) -> None:
+    """Store a schedule, or update it.  A changed spec starts after now
+    and after its last slot: no slot fires twice, none is replayed."""
+    text = json.dumps(spec, sort_keys=True)
+    row = _execute(conn, _SQL_SELECT_SCHEDULE, (name,)).fetchone()
+    if row is None:
+        _execute(conn, _SQL_INSERT_SCHEDULE, {
+            "name": name, "call": call, "spec": text, "origin": origin,
+            "next": _next_slot(spec, now), "now": now})
+        return
+    old_call, old_spec, old_origin, next_slot, last_slot = row
+    if origin == "api" and old_origin == "code":
+        raise ValueError(f"schedule name {name!r} is declared in code "
+                         f"(liteq.periodic): give q.schedule() another name")
+    if (old_call, old_spec, old_origin) == (call, text, origin):
+        return
+    if old_spec != text:
+        if old_origin == origin == "code":
+            _warn_once(f"schedule {name} {text}", (
+                f"schedule {name!r} changes from {old_spec} to {text}: "
+                f"workers declare it differently; the last to start wins"))
+        since = max(now, last_slot if _time_or_none(last_slot)
+                    and last_slot is not None else now)
+        next_slot = _next_slot(spec, since)
+    _execute(conn, _SQL_UPDATE_SCHEDULE, {
+        "name": name, "call": call, "spec": text, "origin": origin,
+        "next": next_slot, "now": now})
+
+
+def _schedule_dict(row: tuple) -> dict:
+    """A schedule row as Queue.schedules() gives it."""
+    (name, call, spec, origin, next_slot, last_slot, last_job, status,
+     skipped, paused) = row
+    out = {"name": name, "origin": origin, "task": None, "spec": None,
+           "cron": None, "every": None, "tz": None, "next": _iso(next_slot),
+           "next_local": None, "last": _iso(last_slot), "last_job": last_job,
+           "last_status": status, "skipped": skipped, "paused": bool(paused)}
+    try:
+        out["task"] = _decode_call(call).name
+        spec = json.loads(spec)
+        out.update({key: spec[key] for key in (
+            "cron", "every", "tz", "catchup", "overlap", "grace", "window",
+            "max_catchup", "expires", "queue", "priority")})
+        out["spec"] = _spec_text(spec)
+        out["next_local"] = _dt.datetime.fromtimestamp(
+            next_slot, _zone(spec["tz"])).isoformat()
+    except (ValueError, TypeError, KeyError, OverflowError) as exc:
+        out["unreadable"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def _fired_row(call_text: str, spec: dict, now: float) -> _NewJob:
+    """The job a schedule fires, as delay() would store it now."""
+    call = _decode_call(call_text)
+    fn = _PROCESS.tasks.get(call.name)
+    options = call._options(fn) if fn is not None else None
+    return _NewJob(
+        call.name, call_text,
+        _storable_text(call._description(fn) if fn else call.name),
+        spec["queue"] or (options.queue if options else _DEFAULT_NAME),
+        spec["priority"] if spec["priority"] is not None else (
+            options.priority if options else 0),
+        None, call.percent(), now, True, now)
+
+
+class _Firing:
+    """What a worker may fire, and the statements that fire it: the
+    schedules stored by q.schedule(), and those its process declares."""
+
+    def __init__(self, declared: list[str]) -> None:
+        names = ", ".join("'" + n.replace("'", "''") + "'" for n in declared)
+        mine = f"origin = 'api' OR name IN ({names})" if declared \
+            else "origin = 'api'"
+        self.select_due = _SQL_SELECT_DUE_SCHEDULES.format(mine)
+        #: Added to _NEXT_DUE: when the next slot of ours is (and, for
+        #: drain(), the next one after a time).
+        self.next_due = _NEXT_SCHEDULE_SLOT.format(mine)
+        self.next_due_after = _NEXT_SCHEDULE_SLOT_AFTER.format(mine)
+        self._reported: set[str] = set()
+
+    def fire(self, conn: sqlite3.Connection, now: float) -> None:
+        """Fire every due slot of ours; a schedule liteq cannot read is
+        paused, and logged once."""
+        for name, call, spec_text, first, last_job in _execute(
+                conn, self.select_due, (now,)).fetchall():
+            try:
+                spec = json.loads(spec_text)
+                slots, skipped, after = _plan_slots(spec, first, now)
+                self._fire_slots(conn, now, name, call, spec, first, slots,
+                                 skipped, after, last_job)
+            except (ValueError, TypeError, KeyError, LookupError) as exc:
+                self._pause_broken(conn, now, name, exc)
+
+    def _fire_slots(self, conn: sqlite3.Connection, now: float, name: str,
+                    call: str, spec: dict, first: float, slots: list,
+                    skipped: int, after: float, last_job: Any) -> None:
+        fired = None
+        for slot in slots:
+            if not _may_fire(conn, spec["overlap"], last_job):
+                skipped += 1
+                continue
+            last_job = _insert_fired(conn, call, spec, now, slot)
+            fired = slot
+        _execute(conn, _SQL_ADVANCE_SCHEDULE, {
+            "name": name, "old": first, "next": after, "now": now,
+            "last_slot": fired, "last_job": last_job, "skipped": skipped})
+
+    def _pause_broken(self, conn: sqlite3.Connection, now: float, name: str,
+                      exc: Exception) -> None:
+        if name not in self._reported:
+            self._reported.add(name)
+            logger.error("schedule %r cannot fire (%s: %s): paused; fix it "
+                         "with q.schedule() or unschedule it", name,
+                         type(exc).__name__, exc)
+        _execute(conn, _SQL_PAUSE_SCHEDULE, {"name": name, "paused": 1,
+                                             "now": now})
+
+
+def _may_fire(conn: sqlite3.Connection, overlap: str, last_job: Any) -> bool:
+    """Whether the overlap rule lets the next run fire: "skip" while the
+    last run is unfinished, "queue_one" while it has not started."""
+    if overlap == "allow" or last_job is None:
+        return True
+    row = _execute(conn, _SQL_LAST_RUN, (last_job,)).fetchone()
+    if row is None:
+        return True  # purged: finished
+    unfinished, unstarted = row
+    return not (unstarted if overlap == "queue_one" else unfinished)
+
+
+def _insert_fired(conn: sqlite3.Connection, call: str, spec: dict,
+                  now: float, slot: float) -> int:
+    job_id = _insert(conn, _fired_row(call, spec, now))
+    expires = None if spec["expires"] is None else now + spec["expires"]
+    _execute(conn, _SQL_SET_FIRED, (slot, expires, job_id))
+    return job_id
+
+
+# ---------------------------------------------------------------------------
+# 9. Worker: steps, outcomes, and the statements a worker sends
 # ---------------------------------------------------------------------------
 #
 # How the parts fit:
@@ -3675,6 +4205,8 @@ class _Claims:
         self.only: int | None = None
         #: How long a job of a task unknown here waits for another worker.
         self.unknown_grace = _UNKNOWN_GRACE
+        #: The schedules this worker fires (None: none; see fire()).
+        self.firing: _Firing | None = None
         self._in_queues = ",".join("?" * len(queues or ()))
         #: How many rows this worker quarantined (see quarantine()).
         self.quarantined = 0
@@ -3780,15 +4312,26 @@ class _Claims:
             finished.append(status)
         return finished
 
+    def fire(self, conn: sqlite3.Connection, now: float) -> list[str]:
+        """Fire the slots of our schedules that came due (section 8)."""
+        if self.firing is not None:
+            self.firing.fire(conn, now)
+        return []
+
     def next_due(self, conn: sqlite3.Connection) -> float | None:
         """The store-clock time the next sweep has work, if any: a timer,
-        an expiry or a deadline (a value that is not a number is left to
-        the sweeps and the claim, which quarantine its job)."""
-        return _earliest(_execute(conn, _SQL_NEXT_TIMER).fetchall())
+        an expiry, a deadline or a slot of ours (a value that is not a
+        number is left to the sweeps and the claim, which quarantine its
+        job)."""
+        return _earliest(_execute(conn, self._due_sql(_SQL_NEXT_TIMER))
+                         .fetchall())
+
+    def _due_sql(self, sql: str) -> str:
+        return sql if self.firing is None else sql + self.firing.next_due
 
     # Unbound, so that claims are freed as soon as dropped (no cycle).
     sweeps: tuple[Callable[[Any, Any, float], list], ...] = (
-        bad_timers, wake_timers, expire, overdue)
+        bad_timers, wake_timers, expire, overdue, fire)
 
     # Claims -----------------------------------------------------------------
 
@@ -4052,7 +4595,7 @@ class _Claims:
                  now: float) -> tuple[bool, float | None]:
         """Whether a claim could find work (or a schema to report), and
         when the next thing comes due (see next_due)."""
-        sql = _SQL_WORK_IN_SIGHT.format(self._in_queues)
+        sql = self._due_sql(_SQL_WORK_IN_SIGHT.format(self._in_queues))
         rows = _execute(conn, sql, self.queues).fetchall()
         due = _earliest(rows[1:])
         return bool(rows[0][0]) or (due is not None and due <= now), due
@@ -4069,7 +4612,7 @@ class _Claims:
 
 
 # ---------------------------------------------------------------------------
-# 9. Worker threads: the loop of each thread, the housekeeper
+# 10. Worker threads: the loop of each thread, the housekeeper
 # ---------------------------------------------------------------------------
 
 #
@@ -4939,7 +5482,7 @@ class _Housekeeper:
 
 
 # ---------------------------------------------------------------------------
-# 10. Worker helpers: faults, the lead, wake-ups
+# 11. Worker helpers: faults, the lead, wake-ups
 # ---------------------------------------------------------------------------
 
 
@@ -5250,7 +5793,7 @@ class _WalWatch:
 
 
 # ---------------------------------------------------------------------------
-# 11. Worker: the class, and what its threads share
+# 12. Worker: the class, and what its threads share
 # ---------------------------------------------------------------------------
 
 
@@ -5324,19 +5867,21 @@ class Worker:
     """Run stored jobs in background threads of this process.
 
     ``Worker(queue=None, threads=1, queues=None, keep=None,
-    unknown_grace=300)``: ``queue`` is the Queue (default: the default
+    unknown_grace=300, schedules=True)``: ``queue`` is the Queue (default: the default
     queue), ``queues`` the queue names to serve (default:
     ``["default"]``), ``keep`` a duration (``"7d"`` or seconds) after which
     finished jobs are purged, ``unknown_grace`` how long (seconds or a
     duration) a job of a task this worker does not know waits for one
-    that knows it before it fails.  ``start()`` returns at once; ``stop()``
+    that knows it before it fails, ``schedules`` whether it fires
+    periodic schedules.  ``start()`` returns at once; ``stop()``
     lets running steps finish.  No signal handlers.
     """
 
     def __init__(self, queue: Queue | None = None, threads: int = 1,
                  queues: Sequence[str] | None = None,
                  keep: str | float | None = None,
-                 unknown_grace: str | float = _UNKNOWN_GRACE) -> None:
+                 unknown_grace: str | float = _UNKNOWN_GRACE,
+                 schedules: bool = True) -> None:
         self.queue = queue if queue is not None else default_queue()
         self.threads = _check_int("threads", threads, 1, 1024)
         if isinstance(queues, str):
@@ -5349,6 +5894,9 @@ class Worker:
         if isinstance(unknown_grace, str):
             unknown_grace = _parse_duration(unknown_grace)
         self.unknown_grace = _check_number("unknown_grace", unknown_grace)
+        #: Whether it fires schedules (those of q.schedule(), and those
+        #: this process declares with liteq.periodic).
+        self.schedules = bool(schedules)
         #: Why the worker stopped by itself (e.g. its file was deleted).
         self.fatal: str | None = None
         #: Steps that a stop left to their leases, as writes failed.
@@ -5394,6 +5942,8 @@ class Worker:
         self._warn_unserved()
         self.left_to_leases = 0
         crew = self._running = self._crew()
+        if self.schedules:
+            crew.claims.firing = _declare_all(self.queue)
         # The watch first, so a thread's first idle wait listens to it.
         crew.open_watch()
         crew.housekeeper = _Housekeeper(crew, [])  # before its threads
@@ -5497,7 +6047,7 @@ class Worker:
 
 
 # ---------------------------------------------------------------------------
-# 12. Testing helpers: the test clock, drain, eager, using
+# 13. Testing helpers: the test clock, drain, eager, using
 # ---------------------------------------------------------------------------
 
 
@@ -5566,6 +6116,7 @@ class _Inline:
         self.crew.claims = _Claims(names, self.crew.claims.identity,
                                    worker.tuning)
         self.crew.claims.unknown_grace = worker.unknown_grace
+        self.crew.claims.firing = _declare_all(queue)
         self.unit = _WorkerThread(self.crew, "drain", solo=True)
         self.unit.tally = collections.Counter()
         self.steps = 0
@@ -5611,7 +6162,9 @@ class _Inline:
 
     def next_due(self, after: float) -> float | None:
         """When the next timer, expiry or deadline after ``after`` is."""
-        rows = self.crew.store.read(_SQL_NEXT_DUE_AFTER, {"after": after})
+        firing = self.crew.claims.firing
+        sql = _SQL_NEXT_DUE_AFTER + (firing.next_due_after if firing else "")
+        rows = self.crew.store.read(sql, {"after": after})
         return _earliest(rows)
 
     def waiting(self, names: list[str] | None) -> int:
@@ -5667,7 +6220,7 @@ def using(queue: Queue) -> Iterator[Queue]:
 
 
 # ---------------------------------------------------------------------------
-# 13. HTTP: status resource and dashboard
+# 14. HTTP: status resource and dashboard
 # ---------------------------------------------------------------------------
 
 _JSON_TYPE = "application/json"
@@ -5857,7 +6410,7 @@ def _dashboard_page(environ: dict) -> bytes:
 
 
 # ---------------------------------------------------------------------------
-# 14. Command line
+# 15. Command line
 # ---------------------------------------------------------------------------
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -6668,7 +7221,7 @@ def _loopback_only(app: Callable, bound: str) -> Callable:
 
 
 # ---------------------------------------------------------------------------
-# 15. Dashboard page: HTML, script and style
+# 16. Dashboard page: HTML, script and style
 # ---------------------------------------------------------------------------
 
 # The dashboard: one page, no external assets.  It polls /counts and
@@ -7184,7 +7737,7 @@ _DASHBOARD_CSP = (
 
 
 # ---------------------------------------------------------------------------
-# 16. python -m liteq
+# 17. python -m liteq
 # ---------------------------------------------------------------------------
 
 if __name__ == "__main__":
