@@ -3676,14 +3676,20 @@ def _upsert_schedule(conn: sqlite3.Connection, now: float, name: str,
 
 
 def _schedule_dict(row: tuple) -> dict:
-    """A schedule row as Queue.schedules() gives it."""
+    """A schedule row as Queue.schedules() gives it.  What a row changed
+    outside liteq holds that liteq cannot read is None, and
+    ``unreadable`` says why."""
     (name, call, spec, origin, next_slot, last_slot, last_job, status,
      skipped, paused) = row
-    out = {"name": name, "origin": origin, "task": None, "spec": None,
-           "cron": None, "every": None, "tz": None, "next": _iso(next_slot),
-           "next_local": None, "last": _iso(last_slot), "last_job": last_job,
-           "last_status": status, "skipped": skipped, "paused": bool(paused)}
+    out = {"name": _text_or_shown(name), "origin": _text_or_shown(origin),
+           "task": None, "spec": None, "cron": None, "every": None,
+           "tz": None, "next": None, "next_local": None, "last": None,
+           "last_job": last_job if type(last_job) is int else None,
+           "last_status": status if status in _STATUSES else None,
+           "skipped": skipped if type(skipped) is int else None,
+           "paused": bool(paused)}
     try:
+        out["next"], out["last"] = _iso(next_slot), _iso(last_slot)
         out["task"] = _decode_call(call).name
         spec = json.loads(spec)
         out.update({key: spec[key] for key in (
@@ -3692,9 +3698,21 @@ def _schedule_dict(row: tuple) -> dict:
         out["spec"] = _spec_text(spec)
         out["next_local"] = _dt.datetime.fromtimestamp(
             next_slot, _zone(spec["tz"])).isoformat()
-    except (ValueError, TypeError, KeyError, OverflowError) as exc:
-        out["unreadable"] = f"{type(exc).__name__}: {exc}"
+    except (ValueError, TypeError, LookupError, ArithmeticError,
+            RecursionError) as exc:
+        out["unreadable"] = f"{type(exc).__name__}: {exc}"[:300]
+    if not isinstance(name, str) or isinstance(name, _BadText):
+        out.setdefault("unreadable", "name is not text")
     return out
+
+
+def _text_or_shown(value: Any) -> str:
+    """Text for JSON: a value that is not (a BLOB, a number) as shown."""
+    if type(value) is str:
+        return value
+    if isinstance(value, bytes):
+        return f"x'{value.hex()}'"
+    return str(value)
 
 
 def _fired_row(call_text: str, spec: dict, now: float) -> _NewJob:
@@ -3736,7 +3754,8 @@ class _Firing:
                 slots, skipped, after = _plan_slots(spec, first, now)
                 self._fire_slots(conn, now, name, call, spec, first, slots,
                                  skipped, after, last_job)
-            except (ValueError, TypeError, KeyError, LookupError) as exc:
+            except (ValueError, TypeError, LookupError, ArithmeticError,
+                    RecursionError) as exc:  # a row changed outside liteq
                 self._pause_broken(conn, now, name, exc)
 
     def _fire_slots(self, conn: sqlite3.Connection, now: float, name: str,

@@ -8290,3 +8290,53 @@ def test_rows_tampered_at_random_never_stop_a_thread_or_the_others(
     bugs = [r.getMessage() for r in caplog.records
             if "unexpected error" in r.getMessage()]
     assert bugs == []
+
+
+#: Every column of liteq_schedules but name, and whether it is NOT NULL.
+_TAMPER_SCHEDULE_COLUMNS = [
+    ("call", True), ("spec", True), ("origin", True), ("next_slot", True),
+    ("last_slot", False), ("last_job", False), ("skipped", True),
+    ("paused", True), ("created_at", True), ("updated_at", True)]
+
+
+def test_schedules_tampered_at_random_never_stop_firing_the_others(
+        make_queue, caplog):
+    caplog.set_level(logging.WARNING, logger="liteq")
+    rng = random.Random(20261207)
+    for round_no in range(6):
+        queue = make_queue(f"tampered-schedules-{round_no}.db")
+        register(queue, add)
+        names = [f"s{i}" for i in range(30)]
+        with queue.clock(start=T0) as clock:
+            for i, name in enumerate(names):
+                queue.schedule(name, T.add(i, i), every=60 * (1 + i % 3),
+                               overlap="allow")
+            tampered = set(rng.sample(names, 15))
+            conn = sqlite3.connect(queue.path, isolation_level=None)
+            try:
+                for name in tampered:
+                    column, not_null = rng.choice(_TAMPER_SCHEDULE_COLUMNS)
+                    value = _tamper_value(rng)
+                    if value is None and not_null:
+                        value = "x"
+                    sql = "CAST(? AS TEXT)" if isinstance(
+                        value, _NotUtf8) else "?"
+                    conn.execute(f"UPDATE liteq_schedules SET {column} = "
+                                 f"{sql} WHERE name = ?", (value, name))
+            finally:
+                conn.close()
+            counts = queue.drain(until=T0 + 3600)
+            assert counts["failed"] == 0
+        fired = {job.scheduled_for for job in queue.jobs(limit=100_000)
+                 if job.status == "done"}
+        assert fired, "the schedules no one changed fire"
+        listed = queue.schedules()
+        assert sorted(s["name"] for s in listed) == sorted(names)
+        json.dumps(listed, allow_nan=False)
+        untouched = [s for s in listed if s["name"] not in tampered]
+        assert all(s["last_status"] == "done" and not s["paused"]
+                   for s in untouched), untouched
+        queue.close()
+    bugs = [r.getMessage() for r in caplog.records
+            if "unexpected error" in r.getMessage()]
+    assert bugs == []
