@@ -1901,7 +1901,7 @@ def test_to_dict_is_a_json_snapshot_of_every_field(q, clock):
         "status", "percent", "steps", "attempts", "error", "eta",
         "created_at", "started_at", "updated_at", "finished_at", "worker",
         "result", "args", "kwargs", "waiting", "expires", "deadline",
-        "errors"}
+        "errors", "scheduled_for"}
     assert pending["result"] is None
     assert pending["args"] == [{"__tuple__": [1, 2]}]  # docs/choices.md
     assert pending["kwargs"] == {}
