@@ -3163,19 +3163,21 @@ class Queue:
             _Signal.of(self.path).notify()  # workers see the real time
 
     def drain(self, queues: Sequence[str] | None = None, *, until: Any = None,
-              max_steps: int = 100_000,
-              raise_errors: bool = False) -> dict[str, int]:
+              max_steps: int = 100_000, raise_errors: bool = False,
+              schedules: bool = True) -> dict[str, int]:
         """Run every ready job of these queue names (None: all) here, one
         step at a time, until none is ready; with ``until`` (inside
         ``clock()``), move the clock there, running what comes due on the
-        way in time order.  Returns this call's counts: done, failed,
-        cancelled, steps, and waiting (at the end)."""
+        way in time order (with ``schedules``, their slots too, as a
+        worker of this process fires them).  Returns this call's counts:
+        done, failed, cancelled, steps, and waiting (at the end)."""
         if isinstance(queues, str):
             queues = [queues]
         names = None if queues is None else [
             _check_name("queue name", name) for name in queues]
         _check_int("max_steps", max_steps, 1)
-        return _drain_queue(self, names, until, max_steps, bool(raise_errors))
+        return _drain_queue(self, names, until, max_steps, bool(raise_errors),
+                            bool(schedules))
 
     @contextlib.contextmanager
     def eager(self) -> Iterator[Queue]:
@@ -3761,11 +3763,15 @@ class _Firing:
     def _fire_slots(self, conn: sqlite3.Connection, now: float, name: str,
                     call: str, spec: dict, first: float, slots: list,
                     skipped: int, after: float, last_job: Any) -> None:
+        # The slots of one round (catch-up included) pass the overlap rule
+        # together, against the run before them; "queue_one" lets the
+        # newest of them wait, alone.
         fired = None
+        if slots and not _may_fire(conn, spec["overlap"], last_job):
+            slots, skipped = [], skipped + len(slots)
+        elif len(slots) > 1 and spec["overlap"] == "queue_one":
+            slots, skipped = slots[-1:], skipped + len(slots) - 1
         for slot in slots:
-            if not _may_fire(conn, spec["overlap"], last_job):
-                skipped += 1
-                continue
             last_job = _insert_fired(conn, call, spec, now, slot)
             fired = slot
         _execute(conn, _SQL_ADVANCE_SCHEDULE, {
@@ -3776,8 +3782,10 @@ class _Firing:
                       exc: Exception) -> None:
         if name not in self._reported:
             self._reported.add(name)
-            logger.error("schedule %r cannot fire (%s: %s): paused; fix it "
-                         "with q.schedule() or unschedule it", name,
+            logger.error("schedule %r cannot fire (%s: %s): paused; correct"
+                         " it (q.schedule(), or restart the workers that "
+                         "declare it), then resume it (liteq resume-schedule"
+                         " NAME), or unschedule it", name,
                          type(exc).__name__, exc)
         _execute(conn, _SQL_PAUSE_SCHEDULE, {"name": name, "paused": 1,
                                              "now": now})
@@ -6128,14 +6136,16 @@ class _Inline:
     """Runs steps of a Queue in the calling thread, as a worker of this
     process: Queue.drain() and Queue.eager()."""
 
-    def __init__(self, queue: Queue, names: list[str] | None) -> None:
+    def __init__(self, queue: Queue, names: list[str] | None,
+                 schedules: bool = False) -> None:
         worker = Worker(queue, queues=names)
         worker.tuning = _Tuning(inotify=False)
         self.crew = worker._crew()
         self.crew.claims = _Claims(names, self.crew.claims.identity,
                                    worker.tuning)
         self.crew.claims.unknown_grace = worker.unknown_grace
-        self.crew.claims.firing = _declare_all(queue)
+        if schedules:
+            self.crew.claims.firing = _declare_all(queue)
         self.unit = _WorkerThread(self.crew, "drain", solo=True)
         self.unit.tally = collections.Counter()
         self.steps = 0
@@ -6192,7 +6202,8 @@ class _Inline:
 
 
 def _drain_queue(queue: Queue, names: list[str] | None, until: Any,
-           max_steps: int, raise_errors: bool) -> dict[str, int]:
+                 max_steps: int, raise_errors: bool,
+                 schedules: bool = True) -> dict[str, int]:
     clock, target = queue._clock, None
     if until is not None:
         if clock is None:
@@ -6202,7 +6213,7 @@ def _drain_queue(queue: Queue, names: list[str] | None, until: Any,
         if target < clock.time():
             raise ValueError(f"until ({_shown_time(target)}) is before the"
                              f" clock's time ({_iso(clock.time())})")
-    inline = _Inline(queue, names)
+    inline = _Inline(queue, names, schedules)
     while True:
         inline.run_ready(max_steps, raise_errors)
         if target is None:
