@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import calendar
 import collections
 import contextlib
 import ctypes
@@ -86,6 +87,7 @@ import traceback
 import urllib.parse
 import weakref
 import wsgiref.simple_server
+import zoneinfo
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 try:
@@ -3440,31 +3442,553 @@ def configure(path: str | os.PathLike, **options: Any) -> Queue:
 # at most once, whoever fires it, and a crash never leaves a slot fired but
 # unrecorded.
 
-# (cron: stub until the parser lands)
+# Cron follows Vixie cron: five fields, names for months and weekdays,
+# 7 also Sunday, "a/s" meaning "a-max/s", and the day rule: when both day
+# fields are restricted a day matches if either does, where a field that
+# begins with "*" (even "*/2") counts as unrestricted.  Slots are computed
+# in local wall time and then placed on the timeline.  A fixed hour field
+# (no "*", no "/") names wall times: one in a spring-forward gap fires at
+# the end of the gap, one in a repeated hour fires at its first
+# occurrence.  Otherwise the slots are the real instants whose wall time
+# matches: none in a gap, both occurrences in a repeated hour.
+
+_CRON_MONTHS = ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG",
+                "SEP", "OCT", "NOV", "DEC")
+_CRON_DAYS = ("SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT")
+# (name, low, high, names whose index + low is their value)
+_CRON_FIELDS = (
+    ("minute", 0, 59, ()),
+    ("hour", 0, 23, ()),
+    ("day of month", 1, 31, ()),
+    ("month", 1, 12, _CRON_MONTHS),
+    ("day of week", 0, 7, _CRON_DAYS),
+)
+_CRON_ALIASES = {
+    "@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *", "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+_CRON_PART = re.compile(r"(\*|\w+)(?:-(\w+))?(?:/(\w+))?\Z", re.ASCII)
+_CRON_LONGEST_MONTH = (0, 31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+_CRON_EPOCH = _dt.datetime(1970, 1, 1)
+_CRON_DAY = _dt.timedelta(days=1)
+_CRON_MINUTE = _dt.timedelta(minutes=1)
+_CRON_YEARS = 500  # a valid expression fires within ~40 years; a guard
+_EVERY_RATIO = 2.0 ** 50  # after / every beyond this: slots lose precision
+# Callable (in hints only) is liteq's ``from typing import Callable``.
+
+
 class _Cron:
+    """A parsed five-field cron expression."""
+
     def __init__(self, expr: str) -> None:
+        if not isinstance(expr, str):
+            raise TypeError(f"a cron expression must be a str, not "
+                            f"{type(expr).__name__}")
         self.text = expr.strip()
-        self.fixed_hour = False
+        fields = _cron_fields(self.text)
+        sets = [_cron_field(self.text, i, f) for i, f in enumerate(fields)]
+        (self._minutes, self._hours, self._doms, self._months,
+         dows) = (tuple(sorted(s)) for s in sets)
+        self._dows = frozenset(d % 7 for d in dows)
+        self._dom_star = fields[2].startswith("*")
+        self._dow_star = fields[4].startswith("*")
+        self.fixed_hour = "*" not in fields[1] and "/" not in fields[1]
+        _cron_check_days(self.text, fields, self._doms, self._months,
+                         self._dom_star or self._dow_star)
+        self._dom_set = frozenset(self._doms)
+        self._per_day = len(self._hours) * len(self._minutes)
+
+    def __repr__(self) -> str:
+        return f"_Cron({self.text!r})"
+
+    def matches(self, local: _dt.datetime) -> bool:
+        """Whether a local wall time matches (seconds ignored)."""
+        return (local.minute in self._minutes and local.hour in self._hours
+                and local.month in self._months
+                and self._day_ok(local.year, local.month, local.day))
+
+    def _date_ok(self, date: _dt.date) -> bool:
+        """Whether the month and the day rule match."""
+        return date.month in self._months and \
+            self._day_ok(date.year, date.month, date.day)
+
+    def _day_ok(self, year: int, month: int, day: int) -> bool:
+        """The day rule (Vixie): OR when both day fields restrict."""
+        dom = day in self._dom_set
+        dow = (calendar.weekday(year, month, day) + 1) % 7 in self._dows
+        if self._dom_star or self._dow_star:
+            return dom and dow
+        return dom or dow
+
+
+def _cron_fields(text: str) -> list[str]:
+    """The five fields of an expression, aliases expanded."""
+    if text.startswith("@"):
+        alias = _CRON_ALIASES.get(text.lower())
+        if alias is None:
+            why = ("@reboot is not a periodic schedule"
+                   if text.lower() == "@reboot" else
+                   f"unknown alias {text!r} (known: "
+                   f"{', '.join(_CRON_ALIASES)})")
+            raise ValueError(f"cron {text!r}: {why}")
+        text = alias
+    fields = text.split()
+    if len(fields) != 5:
+        raise ValueError(
+            f"cron {text!r}: five fields are needed (minute, hour, day of "
+            f"month, month, day of week), not {len(fields)}")
+    return fields
+
+
+def _cron_field(text: str, index: int, field: str) -> set[int]:
+    """The values of one field, checked against its range."""
+    name = _CRON_FIELDS[index][0]
+    where = f"cron {text!r}: {name} field {field!r}"
+    values: set[int] = set()
+    for part in field.split(","):
+        at = where if part == field else f"{where}, part {part!r}"
+        values.update(_cron_part(at, part, index))
+    return values
+
+
+def _cron_part(at: str, part: str, index: int) -> range:
+    """The values of one comma-separated part: *, a, a-b, with /step."""
+    _, low, high, names = _CRON_FIELDS[index]
+    m = _CRON_PART.match(part)
+    if m is None:
+        raise ValueError(f"{at} is not a number, a range or '*'")
+    first, last, step = m.groups()
+    if first == "*":
+        if last is not None:
+            raise ValueError(f"{at}: '*' cannot start a range")
+        return range(low, high + 1, _cron_step(at, step))
+    start = _cron_value(at, part, first, index)
+    if last is not None:
+        stop = _cron_value(at, part, last, index)
+    else:
+        stop = high if step is not None else start  # Vixie: a/s is a-max/s
+    if start > stop:
+        raise ValueError(f"{at}: the range {start}-{stop} runs backwards")
+    return range(start, stop + 1, _cron_step(at, step))
+
+
+def _cron_value(at: str, part: str, token: str, index: int) -> int:
+    """One number or name of a field."""
+    _, low, high, names = _CRON_FIELDS[index]
+    if token.upper() in names:
+        return names.index(token.upper()) + low
+    if not token.isdigit():
+        kind = f"a number or a name ({names[0]}-{names[-1]})" if names \
+            else "a number"
+        raise ValueError(f"{at}: {token!r} is not {kind}")
+    digits = token.lstrip("0") or "0"
+    value = int(digits) if len(digits) <= 6 else high + 1
+    if not low <= value <= high:
+        said = at if token == part else f"{at}: {token}"
+        raise ValueError(f"{said} is out of range {low}-{high}")
+    return value
+
+
+def _cron_step(at: str, step: str | None) -> int:
+    """The step after '/', 1 without one."""
+    if step is None:
+        return 1
+    if not step.isdigit():
+        raise ValueError(f"{at}: the step {step!r} is not a number")
+    digits = step.lstrip("0")
+    if not digits:
+        raise ValueError(f"{at}: the step must be at least 1")
+    return int(digits) if len(digits) <= 9 else 10 ** 9
+
+
+def _cron_check_days(text: str, fields: list[str], doms: tuple[int, ...],
+                     months: tuple[int, ...], and_rule: bool) -> None:
+    """Refuse day-of-month and month fields that never meet.
+
+    Under the OR rule the weekdays occur in every month; under the AND
+    rule each valid (month, day) falls on every weekday in some year, so
+    only the days of month against the months matter."""
+    if not and_rule:
+        return
+    if any(d <= _CRON_LONGEST_MONTH[m] for m in months for d in doms):
+        return
+    names = [calendar.month_name[m] for m in months]
+    said = names[0] if len(names) == 1 else \
+        f"{', '.join(names[:-1])} or {names[-1]}"
+    raise ValueError(f"cron {text!r}: day of month field {fields[2]!r} "
+                     f"never occurs in {said} (month field {fields[3]!r})")
 
 
 def _zone(name: str) -> _dt.tzinfo:
-    import zoneinfo
+    """The time zone of an IANA name ("UTC", "Europe/London", ...)."""
+    if not isinstance(name, str):
+        raise TypeError(f"a time zone name must be a str, not "
+                        f"{type(name).__name__}")
     try:
         return zoneinfo.ZoneInfo(name)
-    except Exception:
-        raise ValueError(f"unknown time zone {name!r}") from None
+    except (KeyError, ValueError, OSError) as exc:  # NotFound is a KeyError
+        if name == "UTC":  # no tz database (Windows without tzdata)
+            return _dt.timezone.utc
+        reason = str(exc).strip("'\"") or type(exc).__name__
+        raise ValueError(f"unknown time zone {name!r}: {reason}") from None
+
+
+# Cron slots.  Every matching wall time w gives the instants S(w): one
+# for an ordinary time, the transition for a gap time under a fixed hour
+# (none otherwise), the first or both occurrences of a repeated time.
+# min S(w) never decreases as w grows, so the first slot after `after`
+# is found by walking the matching wall times from a little before the
+# wall time of `after` (a repeated hour ahead starts it earlier) until
+# one's first instant is past `after`, keeping any second occurrence
+# that comes first.
 
 
 def _next_cron_slot(cron: _Cron, zone: _dt.tzinfo, after: float) -> float:
-    return (math.floor(after / 60) + 1) * 60.0
+    """The first slot of `cron` in `zone` strictly after unix `after`."""
+    best = math.inf
+    wall = _cron_wall_start(zone, after)
+    limit = wall.year + _CRON_YEARS
+    while True:
+        wall = _cron_next_wall(cron, wall, limit)
+        slots = _cron_instants(zone, wall, cron.fixed_hour)
+        if slots and slots[0] >= best:
+            return best
+        if slots and slots[0] > after:
+            return slots[0]
+        if len(slots) == 2 and slots[1] > after:
+            best = min(best, slots[1])
+        wall += _CRON_MINUTE
+
+
+def _cron_offset(zone: _dt.tzinfo, t: float) -> _dt.timedelta:
+    """The UTC offset of `zone` at unix time t."""
+    offset = _dt.datetime.fromtimestamp(t, zone).utcoffset()
+    return offset if offset is not None else _dt.timedelta(0)
+
+
+def _cron_wall_start(zone: _dt.tzinfo, after: float) -> _dt.datetime:
+    """A whole-minute wall time no later than any slot past `after`.
+
+    Within a fall-back's size before it, the repeated wall times, passed
+    once already, come round again: start from the offset after it.  With
+    no smaller offset ahead, the wall time of `after` itself is past."""
+    now = _cron_offset(zone, after)
+    back = now - _cron_offset(zone, after + 86400.0)
+    offset = now
+    if back > _dt.timedelta(0):
+        offset = min(now, _cron_offset(zone, after + back.total_seconds()))
+    minutes = math.floor((after + offset.total_seconds()) / 60.0)
+    return _CRON_EPOCH + _dt.timedelta(minutes=minutes + (offset == now))
+
+
+def _cron_next_wall(cron: _Cron, wall: _dt.datetime,
+                    limit: int) -> _dt.datetime:
+    """The first matching whole-minute wall time at or after `wall`."""
+    while True:
+        if wall.year > limit:
+            raise ValueError(f"cron {cron.text!r} has no slot within "
+                             f"{_CRON_YEARS} years")
+        ahead = _cron_skip(cron, wall)
+        if ahead is None:
+            return wall
+        wall = ahead
+
+
+def _cron_skip(cron: _Cron, wall: _dt.datetime) -> _dt.datetime | None:
+    """None if `wall` matches, else a later wall time that may."""
+    year, month, day = wall.year, wall.month, wall.day
+    if month not in cron._months:
+        later = [m for m in cron._months if m > month]
+        if later:
+            return _dt.datetime(year, later[0], 1)
+        return _dt.datetime(year + 1, cron._months[0], 1)
+    if not cron._day_ok(year, month, day):
+        return _cron_next_day(cron, year, month, day)
+    return _cron_skip_time(cron, wall)
+
+
+def _cron_skip_time(cron: _Cron,
+                    wall: _dt.datetime) -> _dt.datetime | None:
+    """_cron_skip within a matching day: the hour and the minute."""
+    hours = [h for h in cron._hours if h >= wall.hour]
+    if hours and hours[0] == wall.hour:
+        minutes = [m for m in cron._minutes if m >= wall.minute]
+        if minutes:
+            return None if minutes[0] == wall.minute else \
+                wall.replace(minute=minutes[0])
+        hours = hours[1:]
+    if hours:
+        return wall.replace(hour=hours[0], minute=cron._minutes[0])
+    return _cron_next_day(cron, wall.year, wall.month, wall.day)
+
+
+def _cron_next_day(cron: _Cron, year: int, month: int,
+                   day: int) -> _dt.datetime:
+    """00:00 of the next matching day of the month after `day`, else the
+    first of the next month."""
+    for later in range(day + 1, calendar.monthrange(year, month)[1] + 1):
+        if cron._day_ok(year, month, later):
+            return _dt.datetime(year, month, later)
+    if month == 12:
+        return _dt.datetime(year + 1, 1, 1)
+    return _dt.datetime(year, month + 1, 1)
+
+
+def _cron_instants(zone: _dt.tzinfo, wall: _dt.datetime,
+                   fixed: bool) -> tuple[float, ...]:
+    """The slot instants of one matching wall time, in time order.
+
+    PEP 495: fold=0 and fold=1 agree for an ordinary time; for a
+    repeated time fold=0 is the earlier instant; for a time in a gap
+    fold=0 comes out later (the offset before the change)."""
+    first = wall.replace(tzinfo=zone).timestamp()
+    second = wall.replace(tzinfo=zone, fold=1).timestamp()
+    if first == second:
+        return (first,)
+    if first < second:  # a repeated wall time
+        return (first,) if fixed else (first, second)
+    return (_cron_gap_end(zone, second, first),) if fixed else ()
+
+
+def _cron_gap_end(zone: _dt.tzinfo, before: float, after: float) -> float:
+    """The transition between `before` (old offset) and `after` (new):
+    the first instant after the gap (tz transitions are whole seconds)."""
+    old = _cron_offset(zone, before)
+    low, high = math.floor(before), math.ceil(after)
+    while high - low > 1:
+        mid = (low + high) // 2
+        if _cron_offset(zone, mid) == old:
+            low = mid
+        else:
+            high = mid
+    return float(high)
+
+
+# Every-N-seconds slots: the multiples of `every` since the epoch.
+
+
+def _every_index(every: float, after: float) -> int:
+    """The least k with k * every > after."""
+    if not (every > 0 and math.isfinite(every)):
+        raise ValueError(f"every must be a positive number of seconds, "
+                         f"not {every!r}")
+    if not math.isfinite(after) or abs(after) / every > _EVERY_RATIO:
+        raise ValueError(f"every={every!r} is too fine for the time "
+                         f"{after!r}")
+    k = math.floor(after / every) + 1
+    while k * every <= after:
+        k += 1
+    while (k - 1) * every > after:
+        k -= 1
+    return k
 
 
 def _next_every_slot(every: float, after: float) -> float:
-    slot = (math.floor(after / every) + 1) * every
-    while slot <= after:
-        slot += every
-    return slot
+    """The least multiple of `every` strictly after `after`."""
+    return _every_index(every, after) * every
 
+
+# Catch-up: the slots of a range, at most the last `limit` of them, with
+# the count of the rest, without stepping through millions of slots.
+
+
+def _slots_between(next_slot: Callable[[float], float], start: float,
+                   end: float, limit: int, every: float | None = None,
+                   count: Callable[[float, float], int] | None = None,
+                   ) -> tuple[list[float], int]:
+    """(slots, skipped): the last `limit` slots s with start < s <= end,
+    oldest first, and how many earlier ones were left out.
+
+    next_slot(after) -> slot.  every=: slots are multiples of it (counted
+    arithmetically); count(start, end) -> the number of slots in the range
+    (a bound on the work for long ranges).  A functools.partial of
+    _next_every_slot or _next_cron_slot supplies them itself."""
+    if limit < 0:
+        raise ValueError(f"limit must be at least 0, not {limit!r}")
+    every, count = _slot_helpers(next_slot, every, count)
+    if every is not None:
+        return _every_between(every, start, end, limit)
+    if not end > start:
+        return [], 0
+    if count is None:
+        slots = _slots_collect(next_slot, start, end)
+        kept = slots[max(0, len(slots) - limit):] if limit else []
+        return kept, len(slots) - len(kept)
+    total = count(start, end)
+    kept = _slots_tail(next_slot, start, end, min(limit, total), total)
+    return kept, max(0, total - len(kept))
+
+
+def _slot_helpers(next_slot: Callable[[float], float],
+                  every: float | None,
+                  count: Callable[[float, float], int] | None) -> tuple[
+                      float | None, Callable[[float, float], int] | None]:
+    """The every= and count= to use, from a partial when not given."""
+    if not isinstance(next_slot, functools.partial) or next_slot.keywords:
+        return every, count
+    args = next_slot.args
+    if every is None and next_slot.func is _next_every_slot \
+            and len(args) == 1:
+        every = args[0]
+    if count is None and next_slot.func is _next_cron_slot \
+            and len(args) == 2:
+        count = functools.partial(_count_cron_slots, *args)
+    return every, count
+
+
+def _every_between(every: float, start: float, end: float,
+                   limit: int) -> tuple[list[float], int]:
+    """_slots_between for multiples of `every`, by arithmetic."""
+    first = _every_index(every, start)
+    last = _every_index(every, end) - 1
+    total = max(0, last - first + 1)
+    kept = min(total, limit)
+    return [k * every for k in range(last - kept + 1, last + 1)], \
+        total - kept
+
+
+def _slots_collect(next_slot: Callable[[float], float], start: float,
+                   end: float) -> list[float]:
+    """Every slot s with start < s <= end, by stepping."""
+    slots: list[float] = []
+    s = next_slot(start)
+    while s <= end:
+        slots.append(s)
+        s = next_slot(s)
+    return slots
+
+
+def _slots_tail(next_slot: Callable[[float], float], start: float,
+                end: float, want: int, total: int = 0) -> list[float]:
+    """The last `want` of the `total` slots in (start, end]: step through
+    windows that end at `end`, from the width that holds `want` slots on
+    average (and at least `want` minutes), growing fourfold until one
+    holds enough."""
+    if want <= 0:
+        return []
+    span = 60.0 * want
+    if total:
+        span = max(span, (end - start) * want / total)
+    while True:
+        low = max(start, end - span)
+        slots = _slots_collect(next_slot, low, end)
+        if len(slots) >= want or low == start:
+            return slots[max(0, len(slots) - want):]
+        span *= 4.0
+
+
+# Counting cron slots day by day: a day with one offset at both its
+# midnights holds its matching wall times minus the offset, counted by
+# arithmetic; a day with a change hour by hour, and an hour with the
+# change in it wall time by wall time.  A gap's wall
+# times (fixed hour) fire at its end, which is the first occurrence of
+# the wall time G there: count that instant once, and only when G does
+# not match (if it does, G counts it).
+
+
+def _count_cron_slots(cron: _Cron, zone: _dt.tzinfo, start: float,
+                      end: float) -> int:
+    """The number of slots of `cron` in `zone` with start < s <= end."""
+    if not end > start:
+        return 0
+    day = _cron_wall_start(zone, start).date() - _CRON_DAY
+    last = (_CRON_EPOCH + _dt.timedelta(seconds=end)).date() + 2 * _CRON_DAY
+    gap_ends: set[float] = set()
+    total = 0
+    midnight = _cron_midnight(zone, day)
+    while day <= last:
+        following = _cron_midnight(zone, day + _CRON_DAY)
+        if None in (midnight, following) or midnight != following:
+            if cron._date_ok(day):
+                total += _cron_count_walls(cron, zone, day, start, end,
+                                           gap_ends)
+        else:
+            total += _cron_count_day(cron, day, midnight, start, end)
+        day, midnight = day + _CRON_DAY, following
+    return total + len(gap_ends)
+
+
+def _cron_midnight(zone: _dt.tzinfo,
+                   day: _dt.date) -> _dt.timedelta | None:
+    """The offset at the day's 00:00, None if it is repeated or missing."""
+    return _cron_ordinary(zone, _dt.datetime(day.year, day.month, day.day))
+
+
+def _cron_ordinary(zone: _dt.tzinfo,
+                   wall: _dt.datetime) -> _dt.timedelta | None:
+    """The offset at a wall time, None if it is repeated or missing."""
+    offset = wall.replace(tzinfo=zone).utcoffset()
+    return offset if offset == wall.replace(tzinfo=zone, fold=1) \
+        .utcoffset() else None
+
+
+def _cron_count_day(cron: _Cron, day: _dt.date, offset: _dt.timedelta,
+                    start: float, end: float) -> int:
+    """Slots of a day with one offset throughout, by arithmetic."""
+    if not cron._date_ok(day):
+        return 0
+    zero = (_dt.datetime(day.year, day.month, day.day) - offset
+            - _CRON_EPOCH).total_seconds()
+    if zero > start and zero + 86340.0 <= end:
+        return cron._per_day
+    low = math.floor((start - zero) / 60.0) + 1  # first minute past start
+    high = math.floor((end - zero) / 60.0)  # last minute up to end
+    if high < 0 or low > 1439:
+        return 0
+    return sum(1 for h in cron._hours for m in cron._minutes
+               if low <= h * 60 + m <= high)
+
+
+def _cron_count_walls(cron: _Cron, zone: _dt.tzinfo, day: _dt.date,
+                      start: float, end: float,
+                      gap_ends: set[float]) -> int:
+    """Slots of a day with a change: an hour with one offset at both ends
+    by arithmetic, the others minute by minute."""
+    count = 0
+    for h in cron._hours:
+        top = _dt.datetime(day.year, day.month, day.day, h)
+        offset = _cron_ordinary(zone, top)
+        if offset is not None and offset == _cron_ordinary(
+                zone, top + _dt.timedelta(hours=1)):
+            base = (top - offset - _CRON_EPOCH).total_seconds()
+            count += sum(1 for m in cron._minutes
+                         if start < base + 60 * m <= end)
+        else:
+            count += _cron_count_hour(cron, zone, top, start, end, gap_ends)
+    return count
+
+
+def _cron_count_hour(cron: _Cron, zone: _dt.tzinfo, top: _dt.datetime,
+                     start: float, end: float, gap_ends: set[float]) -> int:
+    """Slots of one hour's matching wall times, one by one; the ends of
+    gaps whose own wall time does not match go to `gap_ends` instead."""
+    count = 0
+    for m in cron._minutes:
+        wall = top.replace(minute=m)
+        for s in _cron_instants(zone, wall, cron.fixed_hour):
+            if not start < s <= end:
+                continue
+            if not _cron_in_gap(zone, wall):
+                count += 1
+            elif not cron.matches(_cron_wall(zone, s)):
+                gap_ends.add(s)
+    return count
+
+
+def _cron_in_gap(zone: _dt.tzinfo, wall: _dt.datetime) -> bool:
+    """Whether a wall time is skipped by a spring-forward (PEP 495)."""
+    return wall.replace(tzinfo=zone).timestamp() > \
+        wall.replace(tzinfo=zone, fold=1).timestamp()
+
+
+def _cron_wall(zone: _dt.tzinfo, t: float) -> _dt.datetime:
+    """The naive wall time of unix time t."""
+    return _dt.datetime.fromtimestamp(t, zone).replace(tzinfo=None)
+
+
+# Schedules ------------------------------------------------------------------
 
 _CATCHUPS = ("latest", "skip", "all")
 _OVERLAPS = ("skip", "queue_one", "allow")
@@ -3519,36 +4043,30 @@ def _parsed_cron(text: str) -> _Cron:
 
 def _next_slot(spec: dict, after: float) -> float:
     """The schedule's first slot strictly after ``after``."""
-    if spec["every"] is not None:
-        return _next_every_slot(spec["every"], after)
-    return _next_cron_slot(_parsed_cron(spec["cron"]), _zone(spec["tz"]),
-                           after)
+    return _slot_function(spec)(after)
 
 
 def _slots_from(spec: dict, first: float, end: float,
                 keep: int) -> tuple[list[float], int]:
     """Of the slots from ``first`` (a slot) to before ``end``: the last
-    ``keep``, oldest first, and how many others there are."""
+    ``keep``, oldest first, and how many others there are (counted, not
+    walked: a month of minutes costs no more than a day)."""
     if end <= first:
         return [], 0
-    every = spec["every"]
-    if every is not None:  # aligned slots: counted, not walked
-        count = max(1, math.ceil((end - first) / every))
-        while count > 1 and first + (count - 1) * every >= end:
-            count -= 1
-        while first + count * every < end:
-            count += 1
-        kept = [first + i * every for i in range(max(0, count - keep),
-                                                 count)]
-        return kept, count - len(kept)
-    window: collections.deque = collections.deque(maxlen=max(keep, 1))
-    count, slot = 0, first
-    while slot < end:
-        count += 1
-        window.append(slot)
-        slot = _next_slot(spec, slot)
-    kept = list(window)[-keep:] if keep else []
-    return kept, count - len(kept)
+    # _slots_between takes (start, end]: move both ends back by less than
+    # the gap between two slots (cron slots are a minute apart at least).
+    shift = 1e-3 if spec["every"] is None else min(1e-3, spec["every"] / 4)
+    return _slots_between(_slot_function(spec), first - shift, end - shift,
+                          keep)
+
+
+def _slot_function(spec: dict) -> Callable[[float], float]:
+    """The schedule's next-slot function, in the form _slots_between
+    counts without walking."""
+    if spec["every"] is not None:
+        return functools.partial(_next_every_slot, spec["every"])
+    return functools.partial(_next_cron_slot, _parsed_cron(spec["cron"]),
+                             _zone(spec["tz"]))
 
 
 def _first_at(spec: dict, when: float) -> float:

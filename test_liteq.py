@@ -47,6 +47,7 @@ import sys
 import tempfile
 import textwrap
 import threading
+import zoneinfo
 import time
 import tracemalloc
 import types
@@ -8307,7 +8308,7 @@ def test_schedules_tampered_at_random_never_stop_firing_the_others(
         queue = make_queue(f"tampered-schedules-{round_no}.db")
         register(queue, add)
         names = [f"s{i}" for i in range(30)]
-        with queue.clock(start=T0) as clock:
+        with queue.clock(start=T0):
             for i, name in enumerate(names):
                 queue.schedule(name, T.add(i, i), every=60 * (1 + i % 3),
                                overlap="allow")
@@ -8340,3 +8341,704 @@ def test_schedules_tampered_at_random_never_stop_firing_the_others(
     bugs = [r.getMessage() for r in caplog.records
             if "unexpected error" in r.getMessage()]
     assert bugs == []
+
+
+# ---------------------------------------------------------------------------
+# Schedules: cron expressions and DST
+# ---------------------------------------------------------------------------
+# The parser and the slot calculator are pure functions of liteq's section
+# 8; these tests call them through one seam, ``C`` (liteq itself), to check
+# thousands of slots without a database.  test_cron_* through Queue.schedule
+# and the test clock below show the same through the public API.
+
+C = liteq
+UTC = dt.timezone.utc
+NY, LONDON = "America/New_York", "Europe/London"
+LORD_HOWE, SANTIAGO = "Australia/Lord_Howe", "America/Santiago"
+HAVANA = "America/Havana"
+
+
+def cron_utc(text: str) -> float:
+    """Unix time of 'YYYY-MM-DD HH:MM' read as UTC."""
+    return dt.datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
+
+
+def cron_iso(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M")
+
+
+def cron_slots(expr: str, zone: str, start: str, end: str) -> list[str]:
+    """Our slots in (start, end], stepping _next_cron_slot."""
+    cron, tz = C._Cron(expr), C._zone(zone)
+    out, t, stop = [], cron_utc(start), cron_utc(end)
+    while True:
+        t = C._next_cron_slot(cron, tz, t)
+        if t > stop:
+            return out
+        out.append(cron_iso(t))
+
+
+def cron_minutes_of(expr: str) -> set[int]:
+    cron = C._Cron(expr)
+    return {m for m in range(60)
+            if cron.matches(dt.datetime(2026, 1, 5, 0, m))}
+
+
+def cron_hours_of(expr: str) -> set[int]:
+    cron = C._Cron(expr)
+    return {h for h in range(24)
+            if cron.matches(dt.datetime(2026, 1, 5, h, 0))}
+
+
+def cron_months_of(expr: str) -> set[int]:
+    cron = C._Cron(expr)
+    return {m for m in range(1, 13)
+            if cron.matches(dt.datetime(2026, m, 1, 0, 0))}
+
+
+def cron_days_of(expr: str, year: int = 2026, month: int = 3) -> set[int]:
+    """Matching days of a month (March 2026 starts on a Sunday)."""
+    cron = C._Cron(expr)
+    last = (dt.date(year + month // 12, month % 12 + 1, 1)
+            - dt.timedelta(days=1)).day
+    return {d for d in range(1, last + 1)
+            if cron.matches(dt.datetime(year, month, d, 0, 0))}
+
+
+# ---------------------------------------------------------------------------
+# Parsing
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field, expected", [
+    ("*", set(range(60))),
+    ("7", {7}),
+    ("07", {7}),
+    ("10-13", {10, 11, 12, 13}),
+    ("*/15", {0, 15, 30, 45}),
+    ("10-30/10", {10, 20, 30}),
+    ("10-31/10", {10, 20, 30}),
+    ("50/3", {50, 53, 56, 59}),  # Vixie: a/s is a-max/s
+    ("1,2,5-6,*/20", {0, 1, 2, 5, 6, 20, 40}),
+    ("59", {59}),
+    ("*/100", {0}),
+    ("0-59/59", {0, 59}),
+])
+def test_minute_field_forms(field, expected):
+    assert cron_minutes_of(f"{field} * * * *") == expected
+
+
+def test_hour_field_forms():
+    assert cron_hours_of("0 */6 * * *") == {0, 6, 12, 18}
+    assert cron_hours_of("0 1-10/3 * * *") == {1, 4, 7, 10}
+    assert cron_hours_of("0 22/1 * * *") == {22, 23}
+    assert cron_hours_of("0 0,23 * * *") == {0, 23}
+
+
+def test_month_names_any_case_and_in_ranges():
+    assert cron_months_of("0 0 1 JAN *") == {1}
+    assert cron_months_of("0 0 1 jan-Mar *") == {1, 2, 3}
+    assert cron_months_of("0 0 1 feb,AUG,dec *") == {2, 8, 12}
+    assert cron_months_of("0 0 1 */4 *") == {1, 5, 9}
+    assert cron_months_of("0 0 1 Jun/2 *") == {6, 8, 10, 12}
+    assert cron_months_of("0 0 1 1-12 *") == set(range(1, 13))
+
+
+def test_weekday_names_and_seven_is_sunday():
+    # March 2026: the 1st, 8th, 15th, 22nd, 29th are Sundays.
+    sundays = {1, 8, 15, 22, 29}
+    assert cron_days_of("0 0 * * 0") == sundays
+    assert cron_days_of("0 0 * * 7") == sundays
+    assert cron_days_of("0 0 * * sun") == sundays
+    mon_fri = {d for d in range(1, 32) if (d - 1) % 7 not in (0, 6)}
+    assert cron_days_of("0 0 * * MON-FRI") == mon_fri
+    assert cron_days_of("0 0 * * 1-5") == mon_fri
+    weekend = {d for d in range(1, 32) if (d - 1) % 7 in (0, 6)}
+    assert cron_days_of("0 0 * * 6-7") == weekend
+    assert cron_days_of("0 0 * * Sat,SUN") == weekend
+    assert cron_days_of("0 0 * * 5-7") == weekend | {6, 13, 20, 27}
+    assert cron_days_of("0 0 * * 0-7") == set(range(1, 32))
+    assert cron_days_of("0 0 * * */2") == {d for d in range(1, 32)
+                                      if (d - 1) % 7 in (0, 2, 4, 6)}
+
+
+@pytest.mark.parametrize("alias, same", [
+    ("@hourly", "0 * * * *"),
+    ("@daily", "0 0 * * *"),
+    ("@midnight", "0 0 * * *"),
+    ("@weekly", "0 0 * * 0"),
+    ("@monthly", "0 0 1 * *"),
+    ("@yearly", "0 0 1 1 *"),
+    ("@annually", "0 0 1 1 *"),
+    ("@Daily", "0 0 * * *"),
+])
+def test_aliases(alias, same):
+    cron, plain = C._Cron(f"  {alias} "), C._Cron(same)
+    assert cron.text == alias  # kept as written, stripped
+    assert cron.fixed_hour == plain.fixed_hour
+    t = cron_utc("2026-01-01 00:00")
+    for _ in range(5):
+        a = C._next_cron_slot(cron, UTC, t)
+        assert a == C._next_cron_slot(plain, UTC, t)
+        t = a
+
+
+def test_text_is_the_stripped_expression():
+    assert C._Cron("\t*/5  *  * * *\n").text == "*/5  *  * * *"
+
+
+@pytest.mark.parametrize("expr, fixed", [
+    ("0 3 * * *", True),
+    ("0 1,13 * * *", True),
+    ("0 2-4 * * *", True),
+    ("*/10 2 * * *", True),
+    ("@daily", True),
+    ("0 * * * *", False),
+    ("0 */2 * * *", False),
+    ("0 1-10/3 * * *", False),
+    ("0 3/1 * * *", False),
+    ("@hourly", False),
+])
+def test_fixed_hour(expr, fixed):
+    assert C._Cron(expr).fixed_hour is fixed
+
+
+def test_matches_ignores_seconds():
+    cron = C._Cron("30 2 * * *")
+    assert cron.matches(dt.datetime(2026, 5, 5, 2, 30, 59, 999999))
+    assert not cron.matches(dt.datetime(2026, 5, 5, 2, 31))
+    assert not cron.matches(dt.datetime(2026, 5, 5, 3, 30))
+
+
+# ---------------------------------------------------------------------------
+# The day rule
+# ---------------------------------------------------------------------------
+# March 2026: Fridays are the 6th, 13th, 20th and 27th.
+FRIDAYS = {6, 13, 20, 27}
+
+
+def test_both_day_fields_restricted_is_or():
+    assert cron_days_of("0 0 13 * 5") == FRIDAYS | {13}
+    assert cron_days_of("0 0 1,2 * FRI") == FRIDAYS | {1, 2}
+    assert cron_days_of("0 0 31 * 0") == {1, 8, 15, 22, 29, 31}
+
+
+def test_one_day_field_star_only_the_other_restricts():
+    assert cron_days_of("0 0 13 * *") == {13}
+    assert cron_days_of("0 0 * * 5") == FRIDAYS
+
+
+def test_vixie_field_beginning_with_star_is_unrestricted():
+    # dom '*/2' begins with '*': the AND rule applies, so only odd days
+    # that are Fridays match (not odd days or Fridays).
+    assert cron_days_of("0 0 */2 * 5") == {13, 27}
+    # dow '*/2' (Sun, Tue, Thu, Sat) begins with '*': the 13th only when
+    # it is one of those; March 13, 2026 is a Friday.
+    assert cron_days_of("0 0 13 * */2") == set()
+    assert cron_days_of("0 0 12 * */2") == {12}  # a Thursday
+    # the same sets written without '*' are restricted: OR again
+    assert cron_days_of("0 0 1-31/2 * 0-6/2") == ({d for d in range(1, 32, 2)}
+                                             | cron_days_of("0 0 * * */2"))
+
+
+def test_or_rule_slots_over_time():
+    # Friday the 13th or any 13th or any Friday, in UTC.
+    got = cron_slots("0 12 13 * 5", "UTC", "2026-03-01 00:00", "2026-03-31 00:00")
+    assert got == ["2026-03-06 12:00", "2026-03-13 12:00",
+                   "2026-03-20 12:00", "2026-03-27 12:00"]
+    got = cron_slots("0 12 14 * 5", "UTC", "2026-03-01 00:00", "2026-03-16 00:00")
+    assert got == ["2026-03-06 12:00", "2026-03-13 12:00",
+                   "2026-03-14 12:00"]
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("expr, fragments", [
+    ("61 * * * *", ["'61 * * * *'", "minute field '61'",
+                    "out of range 0-59"]),
+    ("* 24 * * *", ["hour field '24'", "out of range 0-23"]),
+    ("* * 0 * *", ["day of month field '0'", "out of range 1-31"]),
+    ("* * 32 * *", ["day of month field '32'", "1-31"]),
+    ("* * * 13 *", ["month field '13'", "1-12"]),
+    ("* * * 0 *", ["month field '0'", "1-12"]),
+    ("* * * * 8", ["day of week field '8'", "0-7"]),
+    ("1,61 * * * *", ["minute field '1,61'", "'61'", "out of range"]),
+    ("50-61 * * * *", ["minute field '50-61'", "61 is out of range"]),
+    ("99999999999 * * * *", ["minute field", "out of range"]),
+    ("0 5-2 * * *", ["hour field '5-2'", "5-2", "backwards"]),
+    ("0 0 * DEC-JAN *", ["month field 'DEC-JAN'", "12-1", "backwards"]),
+    ("0 0 * * SAT-SUN", ["day of week field 'SAT-SUN'", "backwards"]),
+    ("*/0 * * * *", ["minute field '*/0'", "step", "at least 1"]),
+    ("0 1-5/0 * * *", ["hour field '1-5/0'", "step"]),
+    ("*/x * * * *", ["minute field '*/x'", "step 'x'"]),
+    ("0 0 * FOO *", ["month field 'FOO'", "'FOO'", "JAN-DEC"]),
+    ("0 0 * * Funday", ["day of week field 'Funday'", "SUN-SAT"]),
+    ("MON * * * *", ["minute field 'MON'", "not a number"]),
+    ("1,,2 * * * *", ["minute field '1,,2'", "part ''"]),
+    ("1- * * * *", ["minute field '1-'"]),
+    ("*-5 * * * *", ["minute field '*-5'", "'*'"]),
+    ("0 0 */ * *", ["day of month field '*/'"]),
+    ("0 0 * * 1/", ["day of week field '1/'"]),
+    ("0 0 * * * *", ["'0 0 * * * *'", "five fields", "6"]),
+    ("0 0 * *", ["five fields", "4"]),
+    ("", ["five fields", "0"]),
+    ("@reboot", ["'@reboot'", "@reboot"]),
+    ("@fortnightly", ["unknown alias", "'@fortnightly'"]),
+    ("0 0 30 2 *", ["day of month field '30'", "never occurs",
+                    "February"]),
+    ("0 0 31 4,6,9,11 *", ["day of month field '31'", "never occurs",
+                           "April, June, September or November"]),
+    ("0 0 30,31 FEB *", ["'30,31'", "February"]),
+    # Vixie: a weekday field beginning with '*' is unrestricted, so the
+    # AND rule applies and February 31st never comes.
+    ("0 0 31 2 *,1", ["day of month field '31'", "February"]),
+])
+def test_errors_name_field_and_part(expr, fragments):
+    with pytest.raises(ValueError) as info:
+        C._Cron(expr)
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("expr", [
+    "0 0 29 2 *",  # leap years
+    "0 0 30 2 1",  # OR rule: the Mondays of February
+    "0 0 31 2 1-5",  # ditto, weekdays
+    "0 0 30,31 2,3 *",  # March 30 and 31
+    "0 0 31 * *",
+    "0 0 */30 2 *",  # '*/30' is 1 and 31: February 1st
+])
+def test_rare_but_possible_expressions_are_accepted(expr):
+    C._Cron(expr)
+
+
+@pytest.mark.parametrize("bad", [None, 5, b"* * * * *", ["*"] * 5])
+def test_non_str_expression_is_type_error(bad):
+    with pytest.raises(TypeError):
+        C._Cron(bad)
+
+
+def test_zone():
+    assert C._zone("UTC").utcoffset(dt.datetime(2026, 1, 1)) == \
+        dt.timedelta(0)
+    assert isinstance(C._zone(NY), zoneinfo.ZoneInfo)
+    for bad in ["Mars/Olympus", "", "America", "../etc/passwd", "\0",
+                "x" * 500]:
+        with pytest.raises(ValueError) as info:
+            C._zone(bad)
+        assert str(info.value).startswith(f"unknown time zone {bad!r}: ")
+    for bad in [None, 3, b"UTC"]:
+        with pytest.raises(TypeError):
+            C._zone(bad)
+
+
+# ---------------------------------------------------------------------------
+# Next cron slot: plain zones, sparse expressions
+# ---------------------------------------------------------------------------
+
+
+def test_next_slot_is_strictly_after():
+    cron = C._Cron("*/15 * * * *")
+    t = cron_utc("2026-06-01 10:15")
+    assert C._next_cron_slot(cron, UTC, t) == cron_utc("2026-06-01 10:30")
+    assert C._next_cron_slot(cron, UTC, t - 1e-6) == t
+    assert C._next_cron_slot(cron, UTC, t - 0.5) == t
+    assert C._next_cron_slot(cron, UTC, t + 1e-6) == cron_utc("2026-06-01 10:30")
+
+
+def test_fixed_offset_zone_is_plain():
+    india = dt.timezone(dt.timedelta(hours=5, minutes=30))
+    got = C._next_cron_slot(C._Cron("0 9 * * *"), india,
+                            cron_utc("2026-01-01 00:00"))
+    assert cron_iso(got) == "2026-01-01 03:30"  # 09:00 +05:30
+
+
+@pytest.mark.parametrize("expr, after, expected", [
+    # 2100 is not a leap year: from 2097 the next February 29 is in 2104.
+    ("0 0 29 2 *", "2097-03-01 00:00", "2104-02-29 00:00"),
+    ("0 0 29 2 *", "2026-01-01 00:00", "2028-02-29 00:00"),
+    # February 29 on a Sunday (AND rule: dow begins with '*'): 2032.
+    ("0 0 29 2 */7", "2026-01-01 00:00", "2032-02-29 00:00"),
+    ("0 0 1 1 *", "2026-01-01 00:00", "2027-01-01 00:00"),
+    ("59 23 31 12 *", "2026-01-01 00:00", "2026-12-31 23:59"),
+    ("0 0 31 * *", "2026-01-31 00:00", "2026-03-31 00:00"),
+    ("0 0 13 * 5", "2026-03-13 00:00", "2026-03-20 00:00"),
+    ("0 0 */2 * 5", "2026-03-13 00:00", "2026-03-27 00:00"),
+])
+def test_sparse_expressions(expr, after, expected):
+    got = C._next_cron_slot(C._Cron(expr), C._zone("UTC"), cron_utc(after))
+    assert cron_iso(got) == expected
+
+
+# ---------------------------------------------------------------------------
+# DST tables (2026).  Each expected instant is derived by hand from the
+# zone's rules; a brute-force reference below checks the same days.
+# ---------------------------------------------------------------------------
+
+DST_TABLE = [
+    # New York, spring: 2026-03-08 07:00Z, 02:00 EST -> 03:00 EDT, so
+    # 02:00-02:59 does not exist.  Fixed hour 2: 02:30 EST (-5) on the
+    # 7th = 07:30Z; on the 8th the gap -> the transition, 07:00Z; 02:30
+    # EDT (-4) on the 9th = 06:30Z.
+    ("30 2 * * *", NY, "2026-03-07 00:00", "2026-03-10 00:00",
+     ["2026-03-07 07:30", "2026-03-08 07:00", "2026-03-09 06:30"]),
+    # Wildcard hour: 00:30, 01:30 EST (05:30Z, 06:30Z), no 02:30, then
+    # 03:30, 04:30 EDT (07:30Z, 08:30Z).
+    ("30 * * * *", NY, "2026-03-08 05:00", "2026-03-08 09:00",
+     ["2026-03-08 05:30", "2026-03-08 06:30", "2026-03-08 07:30",
+      "2026-03-08 08:30"]),
+    # Every 30 real minutes: 01:30 EST = 06:30Z, then 03:00 EDT = 07:00Z.
+    ("*/30 * * * *", NY, "2026-03-08 05:00", "2026-03-08 08:00",
+     ["2026-03-08 05:30", "2026-03-08 06:00", "2026-03-08 06:30",
+      "2026-03-08 07:00", "2026-03-08 07:30", "2026-03-08 08:00"]),
+    # New York, autumn: 2026-11-01 06:00Z, 02:00 EDT -> 01:00 EST, so
+    # 01:00-01:59 comes twice.  Fixed hour 1: 01:30 EDT (-4) on Oct 31 =
+    # 05:30Z; on Nov 1 once, at the first 01:30 (EDT) = 05:30Z; 01:30 EST
+    # (-5) on Nov 2 = 06:30Z.
+    ("30 1 * * *", NY, "2026-10-31 00:00", "2026-11-03 00:00",
+     ["2026-10-31 05:30", "2026-11-01 05:30", "2026-11-02 06:30"]),
+    # 02:30 is not repeated: EDT 06:30Z on Oct 31, EST 07:30Z after.
+    ("30 2 * * *", NY, "2026-10-31 00:00", "2026-11-03 00:00",
+     ["2026-10-31 06:30", "2026-11-01 07:30", "2026-11-02 07:30"]),
+    # Wildcard: 00:30 EDT 04:30Z, 01:30 EDT 05:30Z, 01:30 EST 06:30Z,
+    # 02:30 EST 07:30Z: twice in the repeated hour.
+    ("30 * * * *", NY, "2026-11-01 04:00", "2026-11-01 08:00",
+     ["2026-11-01 04:30", "2026-11-01 05:30", "2026-11-01 06:30",
+      "2026-11-01 07:30"]),
+    ("*/30 * * * *", NY, "2026-11-01 04:45", "2026-11-01 07:15",
+     ["2026-11-01 05:00", "2026-11-01 05:30", "2026-11-01 06:00",
+      "2026-11-01 06:30", "2026-11-01 07:00"]),
+    # London, spring: 2026-03-29 01:00Z, 01:00 GMT -> 02:00 BST (gap
+    # 01:00-01:59).  Fixed hour 1: 01:30 GMT on the 28th = 01:30Z; the
+    # gap on the 29th -> 01:00Z; 01:30 BST on the 30th = 00:30Z.
+    ("30 1 * * *", LONDON, "2026-03-28 00:00", "2026-03-31 00:00",
+     ["2026-03-28 01:30", "2026-03-29 01:00", "2026-03-30 00:30"]),
+    # 02:30 exists in London on the 29th (BST): 01:30Z.
+    ("30 2 * * *", LONDON, "2026-03-28 00:00", "2026-03-31 00:00",
+     ["2026-03-28 02:30", "2026-03-29 01:30", "2026-03-30 01:30"]),
+    # Wildcard: 23:30 and 00:30 GMT, no 01:30, 02:30 BST = 01:30Z.
+    ("30 * * * *", LONDON, "2026-03-28 23:00", "2026-03-29 03:00",
+     ["2026-03-28 23:30", "2026-03-29 00:30", "2026-03-29 01:30",
+      "2026-03-29 02:30"]),
+    ("*/30 * * * *", LONDON, "2026-03-29 00:00", "2026-03-29 02:00",
+     ["2026-03-29 00:30", "2026-03-29 01:00", "2026-03-29 01:30",
+      "2026-03-29 02:00"]),
+    # London, autumn: 2026-10-25 01:00Z, 02:00 BST -> 01:00 GMT (01:00-
+    # 01:59 twice).  Fixed hour 1: 01:30 BST on the 24th = 00:30Z; on the
+    # 25th the first 01:30 (BST) = 00:30Z; 01:30 GMT on the 26th.
+    ("30 1 * * *", LONDON, "2026-10-24 00:00", "2026-10-27 00:00",
+     ["2026-10-24 00:30", "2026-10-25 00:30", "2026-10-26 01:30"]),
+    ("30 2 * * *", LONDON, "2026-10-24 00:00", "2026-10-27 00:00",
+     ["2026-10-24 01:30", "2026-10-25 02:30", "2026-10-26 02:30"]),
+    # Wildcard: 00:30 BST 23:30Z, 01:30 BST 00:30Z, 01:30 GMT 01:30Z,
+    # 02:30 GMT 02:30Z.
+    ("30 * * * *", LONDON, "2026-10-24 23:00", "2026-10-25 03:00",
+     ["2026-10-24 23:30", "2026-10-25 00:30", "2026-10-25 01:30",
+      "2026-10-25 02:30"]),
+    # Lord Howe, spring: 2026-10-03 15:30Z, 02:00 +10:30 -> 02:30 +11
+    # (gap 02:00-02:29 on Oct 4).  Fixed hour 2: 02:15 +10:30 on Oct 3 =
+    # Oct 2 15:45Z; the gap on Oct 4 -> 15:30Z; 02:15 +11 on Oct 5 = Oct 4
+    # 15:15Z.
+    ("15 2 * * *", LORD_HOWE, "2026-10-02 00:00", "2026-10-05 00:00",
+     ["2026-10-02 15:45", "2026-10-03 15:30", "2026-10-04 15:15"]),
+    # Hour field 2 is fixed: 02:00, 02:10, 02:20 fall in the gap and fire
+    # at the transition, 15:30Z, which is also 02:30 +11: one slot; then
+    # 02:40 and 02:50 +11.  Oct 5: 02:00 +11 = Oct 4 15:00Z.
+    ("*/10 2 * * *", LORD_HOWE, "2026-10-03 12:00", "2026-10-04 15:10",
+     ["2026-10-03 15:30", "2026-10-03 15:40", "2026-10-03 15:50",
+      "2026-10-04 15:00", "2026-10-04 15:10"]),
+    # Wildcard: 01:30 +10:30 = 15:00Z, no 02:00, 02:30 +11 = 15:30Z.
+    ("*/30 * * * *", LORD_HOWE, "2026-10-03 14:45", "2026-10-03 16:30",
+     ["2026-10-03 15:00", "2026-10-03 15:30", "2026-10-03 16:00",
+      "2026-10-03 16:30"]),
+    # 01:30 (15:00Z) and 02:30 (15:30Z) are 30 real minutes apart.
+    ("30 * * * *", LORD_HOWE, "2026-10-03 14:00", "2026-10-03 17:00",
+     ["2026-10-03 15:00", "2026-10-03 15:30", "2026-10-03 16:30"]),
+    # Lord Howe, autumn: 2026-04-04 15:00Z, 02:00 +11 -> 01:30 +10:30
+    # (01:30-01:59 twice on Apr 5).  02:15 is not repeated: 02:15 +11 on
+    # Apr 4 = Apr 3 15:15Z, +10:30 after = 15:45Z.
+    ("15 2 * * *", LORD_HOWE, "2026-04-03 00:00", "2026-04-06 00:00",
+     ["2026-04-03 15:15", "2026-04-04 15:45", "2026-04-05 15:45"]),
+    # 01:45 is repeated on Apr 5: once, the first (+11) = Apr 4 14:45Z.
+    ("45 1 * * *", LORD_HOWE, "2026-04-03 00:00", "2026-04-06 00:00",
+     ["2026-04-03 14:45", "2026-04-04 14:45", "2026-04-05 15:15"]),
+    # Fixed hour 1: 01:00..01:50 +11 = 14:00Z..14:50Z, each once.
+    ("*/10 1 * * *", LORD_HOWE, "2026-04-04 12:00", "2026-04-04 16:00",
+     ["2026-04-04 14:00", "2026-04-04 14:10", "2026-04-04 14:20",
+      "2026-04-04 14:30", "2026-04-04 14:40", "2026-04-04 14:50"]),
+    # Fixed hour 2 (not repeated): 02:00..02:50 +10:30 = 15:30Z..16:20Z.
+    ("*/10 2 * * *", LORD_HOWE, "2026-04-04 12:00", "2026-04-04 17:00",
+     ["2026-04-04 15:30", "2026-04-04 15:40", "2026-04-04 15:50",
+      "2026-04-04 16:00", "2026-04-04 16:10", "2026-04-04 16:20"]),
+    # Wildcard: 01:00 +11 14:00Z, 01:30 +11 14:30Z, 01:30 +10:30 15:00Z,
+    # 02:00 +10:30 15:30Z: every 30 real minutes.
+    ("*/30 * * * *", LORD_HOWE, "2026-04-04 13:45", "2026-04-04 15:45",
+     ["2026-04-04 14:00", "2026-04-04 14:30", "2026-04-04 15:00",
+      "2026-04-04 15:30"]),
+    ("30 * * * *", LORD_HOWE, "2026-04-04 13:00", "2026-04-04 16:30",
+     ["2026-04-04 13:30", "2026-04-04 14:30", "2026-04-04 15:00",
+      "2026-04-04 16:00"]),
+    # Santiago changes at midnight.  Spring: 2026-09-06 04:00Z, 00:00 -04
+    # -> 01:00 -03, so 00:00-00:59 on Sep 6 does not exist.  Midnight:
+    # Sep 5 00:00 -04 = 04:00Z; Sep 6 in the gap -> the transition,
+    # 04:00Z (01:00 -03); Sep 7 00:00 -03 = 03:00Z.
+    ("0 0 * * *", SANTIAGO, "2026-09-05 00:00", "2026-09-08 00:00",
+     ["2026-09-05 04:00", "2026-09-06 04:00", "2026-09-07 03:00"]),
+    # 23:30 -04 on Sep 4 and 5 = 03:30Z the next day; 23:30 -03 on Sep 6
+    # = Sep 7 02:30Z.
+    ("30 23 * * *", SANTIAGO, "2026-09-05 00:00", "2026-09-08 00:00",
+     ["2026-09-05 03:30", "2026-09-06 03:30", "2026-09-07 02:30"]),
+    # Wildcard: 22:30 and 23:30 -04, no 00:30, 01:30 -03 = 04:30Z.
+    ("30 * * * *", SANTIAGO, "2026-09-06 02:00", "2026-09-06 06:00",
+     ["2026-09-06 02:30", "2026-09-06 03:30", "2026-09-06 04:30",
+      "2026-09-06 05:30"]),
+    ("*/30 * * * *", SANTIAGO, "2026-09-06 03:00", "2026-09-06 05:00",
+     ["2026-09-06 03:30", "2026-09-06 04:00", "2026-09-06 04:30",
+      "2026-09-06 05:00"]),
+    # Autumn: 2026-04-05 03:00Z, 00:00 -03 -> 23:00 -04 on Apr 4, so
+    # 23:00-23:59 on Apr 4 comes twice.  Midnight: Apr 4 00:00 -03 =
+    # 03:00Z; Apr 5 00:00 -04 = 04:00Z.
+    ("0 0 * * *", SANTIAGO, "2026-04-04 00:00", "2026-04-07 00:00",
+     ["2026-04-04 03:00", "2026-04-05 04:00", "2026-04-06 04:00"]),
+    # 23:30 -03 on Apr 2 and 3 = 02:30Z the next day; on Apr 4 once, the
+    # first (-03) = Apr 5 02:30Z; 23:30 -04 on Apr 5 = Apr 6 03:30Z.
+    ("30 23 * * *", SANTIAGO, "2026-04-03 00:00", "2026-04-07 00:00",
+     ["2026-04-03 02:30", "2026-04-04 02:30", "2026-04-05 02:30",
+      "2026-04-06 03:30"]),
+    # Wildcard: 22:30 -03 01:30Z, 23:30 -03 02:30Z, 23:30 -04 03:30Z,
+    # 00:30 -04 (Apr 5) 04:30Z.
+    ("30 * * * *", SANTIAGO, "2026-04-05 01:00", "2026-04-05 05:00",
+     ["2026-04-05 01:30", "2026-04-05 02:30", "2026-04-05 03:30",
+      "2026-04-05 04:30"]),
+]
+
+
+@pytest.mark.parametrize("expr, zone, start, end, expected", DST_TABLE)
+def test_dst_table(expr, zone, start, end, expected):
+    assert cron_slots(expr, zone, start, end) == expected
+
+
+# The brute-force reference: scan real minutes.  Wildcard hour: the
+# instants whose wall time matches.  Fixed hour: for each matching wall
+# time w, the first instant whose wall time reaches w (its first
+# occurrence, or for a time in a gap the end of the gap).
+
+
+def cron_brute(expr: str, zone: str, start: str, end: str) -> list[str]:
+    cron, tz = C._Cron(expr), zoneinfo.ZoneInfo(zone)
+    t0, t1 = int(cron_utc(start)), int(cron_utc(end))
+    found = set()
+    reached = None
+    for t in range(t0 - 86400, t1 + 1, 60):
+        wall = dt.datetime.fromtimestamp(t, tz).replace(tzinfo=None)
+        if not cron.fixed_hour:
+            if cron.matches(wall):
+                found.add(t)
+            continue
+        if reached is None:
+            reached = wall
+        while reached < wall:
+            reached += dt.timedelta(minutes=1)
+            if cron.matches(reached):
+                found.add(t)
+    return [cron_iso(t) for t in sorted(found) if t0 < t <= t1]
+
+
+CHANGE_DAYS = [
+    (NY, "2026-03-07 00:00", "2026-03-10 00:00"),
+    (NY, "2026-10-31 00:00", "2026-11-03 00:00"),
+    (LONDON, "2026-03-28 00:00", "2026-03-31 00:00"),
+    (LONDON, "2026-10-24 00:00", "2026-10-27 00:00"),
+    (LORD_HOWE, "2026-10-02 00:00", "2026-10-05 00:00"),
+    (LORD_HOWE, "2026-04-03 00:00", "2026-04-06 00:00"),
+    (SANTIAGO, "2026-09-05 00:00", "2026-09-08 00:00"),
+    (SANTIAGO, "2026-04-03 00:00", "2026-04-06 00:00"),
+    (HAVANA, "2026-03-07 00:00", "2026-03-10 00:00"),
+    (HAVANA, "2026-10-31 00:00", "2026-11-03 00:00"),
+]
+BRUTE_EXPRS = ["30 2 * * *", "30 1 * * *", "0 0 * * *", "30 23 * * *",
+               "*/30 * * * *", "30 * * * *", "*/10 2 * * *",
+               "0,30 1-3 * * *", "*/7 */2 * * *", "15 0-2/1 * * *"]
+
+
+@pytest.mark.parametrize("zone, start, end", CHANGE_DAYS)
+def test_against_brute_force(zone, start, end):
+    for expr in BRUTE_EXPRS:
+        assert cron_slots(expr, zone, start, end) == \
+            cron_brute(expr, zone, start, end), expr
+
+
+def test_brute_force_reference_agrees_with_the_table():
+    for expr, zone, start, end, expected in DST_TABLE:
+        assert cron_brute(expr, zone, start, end) == expected, (expr, zone)
+
+
+def test_every_minute_across_changes_is_every_real_minute():
+    cron = C._Cron("* * * * *")
+    for zone, start, _ in CHANGE_DAYS:  # the middle day: the change
+        tz, t = C._zone(zone), cron_utc(start) + 86400
+        while t < cron_utc(start) + 2 * 86400:
+            nxt = C._next_cron_slot(cron, tz, t)
+            assert nxt == t + 60, (zone, cron_iso(t))
+            t = nxt
+
+
+# ---------------------------------------------------------------------------
+# Every-N-seconds slots
+# ---------------------------------------------------------------------------
+
+
+def test_every_slots_align_to_the_epoch():
+    assert C._next_every_slot(60, 119.5) == 120
+    assert C._next_every_slot(60, 120) == 180  # strictly after
+    assert C._next_every_slot(60, -1) == 0
+    assert C._next_every_slot(3600, cron_utc("2026-05-05 10:59")) == \
+        cron_utc("2026-05-05 11:00")
+    assert C._next_every_slot(86400, cron_utc("2026-05-05 00:00")) == \
+        cron_utc("2026-05-06 00:00")
+    assert C._next_every_slot(7, 0) == 7
+
+
+@pytest.mark.parametrize("every", [0.1, 0.2, 0.3, 1 / 3, 0.7, 2.5, 7.0,
+                                   86400.0, 1e-3])
+def test_every_slots_are_float_safe(every):
+    rng = random.Random(every)
+    base = cron_utc("2026-05-05 10:00")
+    for _ in range(2000):
+        k = int(base / every) + rng.randrange(-1000, 1000)
+        for after in (k * every, k * every + every / 2,
+                      math.nextafter(k * every, -math.inf),
+                      math.nextafter(k * every, math.inf)):
+            s = C._next_every_slot(every, after)
+            assert s > after
+            n = round(s / every)
+            assert s == n * every
+            assert (n - 1) * every <= after
+    # an exact slot leads to the next one
+    assert C._next_every_slot(0.1, 3 * 0.1) == 4 * 0.1
+
+
+@pytest.mark.parametrize("every", [0, -1, math.inf, math.nan])
+def test_every_must_be_positive(every):
+    with pytest.raises(ValueError):
+        C._next_every_slot(every, 100.0)
+
+
+# ---------------------------------------------------------------------------
+# Slots between two times (catch-up)
+# ---------------------------------------------------------------------------
+
+
+def test_slots_between_every_small_range():
+    step = functools.partial(C._next_every_slot, 10.0)
+    assert C._slots_between(step, 0, 55, 10) == ([10, 20, 30, 40, 50], 0)
+    assert C._slots_between(step, 0, 50, 2) == ([40, 50], 3)
+    assert C._slots_between(step, 10, 10, 5) == ([], 0)
+    assert C._slots_between(step, 20, 10, 5) == ([], 0)
+    assert C._slots_between(step, 0, 55, 0) == ([], 5)
+    # a plain callable with every= given, and without (stepping)
+    call = lambda after: C._next_every_slot(10.0, after)  # noqa: E731
+    assert C._slots_between(call, 0, 50, 2, every=10.0) == ([40, 50], 3)
+    assert C._slots_between(call, 0, 50, 2) == ([40, 50], 3)
+    with pytest.raises(ValueError):
+        C._slots_between(step, 0, 50, -1)
+
+
+def test_slots_between_every_matches_stepping():
+    rng = random.Random(7)
+    for every in (0.1, 0.3, 1 / 3, 2.5, 60.0):
+        for _ in range(50):
+            start = cron_utc("2026-01-01 00:00") + rng.uniform(0, 1000)
+            end = start + rng.uniform(-5, 200) * every
+            limit = rng.randrange(0, 30)
+            call = functools.partial(C._next_every_slot, every)
+            stepped = C._slots_collect(call, start, end)
+            got = C._slots_between(call, start, end, limit)
+            kept = stepped[max(0, len(stepped) - limit):] if limit else []
+            assert got == (kept, len(stepped) - len(kept))
+
+
+def test_slots_between_every_huge_range():
+    # 10**12 slots of a millisecond: counted, not stepped.
+    step = functools.partial(C._next_every_slot, 0.001)
+    got, skipped = C._slots_between(step, 0.0, 1e9, 3)
+    assert got == [(10 ** 12 - 2) * 0.001, (10 ** 12 - 1) * 0.001, 1e9]
+    assert skipped == 10 ** 12 - 3
+    got, skipped = C._slots_between(step, 0.0, 1e9, 0)
+    assert (got, skipped) == ([], 10 ** 12)
+    start = cron_utc("2026-01-01 00:00")
+    got, skipped = C._slots_between(lambda a: a + 1, start, start + 3e7, 2,
+                                    every=0.01)
+    assert len(got) == 2 and skipped == 3 * 10 ** 9 - 2
+
+
+def cron_step(expr: str, zone: str):
+    return functools.partial(C._next_cron_slot, C._Cron(expr),
+                             C._zone(zone))
+
+
+def test_slots_between_cron_huge_range():
+    # Every minute over three years: about 1.6 million slots.  Wildcard:
+    # every real minute, whatever the clock changes.
+    start, end = cron_utc("2025-01-01 00:00"), cron_utc("2028-01-01 00:00")
+    got, skipped = C._slots_between(cron_step("* * * * *", NY), start, end,
+                                    3)
+    assert got == [end - 120, end - 60, end]
+    assert skipped == (end - start) / 60 - 3
+    # Fixed hour: once every local day, gap and repeated days included.
+    got, skipped = C._slots_between(cron_step("30 2 * * *", NY), start, end,
+                                    2)
+    assert [cron_iso(s) for s in got] == ["2027-12-30 07:30", "2027-12-31 07:30"]
+    assert skipped == 365 * 3 - 2
+    # Ten years of every five minutes in UTC.
+    start, end = cron_utc("2020-01-01 00:00"), cron_utc("2030-01-01 00:00")
+    got, skipped = C._slots_between(cron_step("*/5 * * * *", "UTC"), start,
+                                    end, 1)
+    assert got == [end]
+    assert skipped == (end - start) / 300 - 1
+
+
+@pytest.mark.parametrize("zone, start, end", CHANGE_DAYS)
+def test_slots_between_cron_counts_match_stepping(zone, start, end):
+    rng = random.Random(zone + start)
+    t0, t1 = cron_utc(start), cron_utc(end)
+    for expr in BRUTE_EXPRS + ["* * * * *", "*/10 1-3 * * *"]:
+        call = cron_step(expr, zone)
+        for lo, hi in [(t0, t1), (t0 + 0.5, t1 - 30.25),
+                       (t0 + rng.uniform(0, 86400), t1)]:
+            stepped = C._slots_collect(call, lo, hi)
+            count = C._count_cron_slots(call.args[0], call.args[1], lo, hi)
+            assert count == len(stepped), (expr, cron_iso(lo), cron_iso(hi))
+            got = C._slots_between(call, lo, hi, 4)
+            assert got == (stepped[-4:], len(stepped) - len(stepped[-4:]))
+
+
+def test_slots_between_cron_sparse_tail():
+    # Few slots in a long range: the tail search widens its window.
+    call = cron_step("0 0 29 2 *", "UTC")
+    start, end = cron_utc("2000-01-01 00:00"), cron_utc("2030-01-01 00:00")
+    got, skipped = C._slots_between(call, start, end, 2)
+    assert [cron_iso(s) for s in got] == ["2024-02-29 00:00", "2028-02-29 00:00"]
+    assert skipped == 6  # 2000, 2004, ..., 2020
+    got, skipped = C._slots_between(call, start, end, 100)
+    assert len(got) == 8 and skipped == 0
+
+
+@pytest.mark.parametrize("zone, start, end", CHANGE_DAYS)
+def test_a_cron_schedule_fires_across_a_clock_change_as_the_rules_say(
+        q, zone, start, end):
+    exprs = ["30 2 * * *", "30 1 * * *", "0 0 * * *", "*/30 * * * *",
+             "30 * * * *"]
+    with q.clock(start=cron_utc(start)):
+        for i, expr in enumerate(exprs):  # add(i, 0) tells them apart
+            q.schedule(expr, T.add(i, 0), cron=expr, tz=zone,
+                       overlap="allow")
+        q.drain(until=cron_utc(end))
+    jobs = q.jobs(limit=10_000)
+    for i, expr in enumerate(exprs):
+        fired = sorted(cron_iso(job.scheduled_for.timestamp())
+                       for job in jobs if job.result() == i)
+        assert fired == cron_brute(expr, zone, start, end), (expr, zone)
