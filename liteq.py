@@ -6266,7 +6266,9 @@ def wsgi_app(queue: Queue | None = None) -> Callable:
       filtered by ``?status=&queue=&name=&limit=`` (limit 0..1000,
       default 100);
     - ``GET /tasks/<id>``: one job's ``to_dict()``;
-    - ``GET /counts``: ``{queue name: {status: n}}``.
+    - ``GET /counts``: ``{queue name: {status: n}}``;
+    - ``GET /schedules``: a JSON list of the periodic schedules, as
+      ``Queue.schedules()`` gives them.
 
     Errors have JSON bodies ``{"error": "..."}``: 404 for an unknown job
     or route, 400 for a malformed id or parameter, 405 for any method but
@@ -6310,11 +6312,14 @@ def _http_dispatch(queue: Queue, environ: dict) -> tuple[int, str, bytes]:
     if path in ("/counts", "/counts/"):
         counts = _http_read(queue, lambda q: q._counts_by_queue())
         return 200, _JSON_TYPE, _json_body(dict(sorted(counts.items())))
+    if path in ("/schedules", "/schedules/"):
+        found = _http_read(queue, lambda q: q.schedules())
+        return 200, _JSON_TYPE, _json_body(found)
     match = _TASK_PATH.match(path)
     if match:
         return 200, _JSON_TYPE, _json_body(_http_job(queue, match[1]))
     raise _HTTPError(404, f"no resource at {path!r}: the routes are /, "
-                          f"/tasks, /tasks/<id> and /counts")
+                          f"/tasks, /tasks/<id>, /counts and /schedules")
 
 
 def _http_filters(query_string: str) -> dict:
