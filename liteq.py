@@ -6492,6 +6492,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_worker_commands(add)
     _add_read_commands(add)
     _add_write_commands(add)
+    _add_schedule_commands(add)
     return parser
 
 
@@ -6521,6 +6522,10 @@ def _add_worker_commands(add: Callable) -> None:
                      help="how long a job of a task no module given here "
                           "defines waits for a worker that knows it, "
                           "then fails (default 300s)")
+    run.add_argument("--no-schedules", dest="schedules",
+                     action="store_false",
+                     help="fire no periodic schedule: this worker only "
+                          "runs jobs")
     run.add_argument("--log-level", default="INFO", choices=_LOG_LEVELS)
     demo = add("demo", _cmd_demo,
                "enqueue demo jobs and run a worker until they finish")
@@ -6564,6 +6569,21 @@ def _add_write_commands(add: Callable) -> None:
     purge = add("purge", _cmd_purge, "delete jobs finished long ago")
     purge.add_argument("--older-than", required=True, metavar="DURATION",
                        help="e.g. 30s, 12h, 7d, 2w (0s: every finished job)")
+
+
+def _add_schedule_commands(add: Callable) -> None:
+    add("schedules", _cmd_schedules, "list the periodic schedules",
+        json_output="a list of Queue.schedules() objects")
+    for name, handler, text in (
+            ("trigger", _cmd_trigger, "fire one extra run of a schedule "
+             "now (exit 1 if its overlap rule refuses)"),
+            ("pause-schedule", _cmd_pause_schedule,
+             "stop a schedule firing until resume-schedule"),
+            ("resume-schedule", _cmd_resume_schedule,
+             "let a paused schedule fire again (missed slots follow its "
+             "catchup rule)")):
+        add(name, handler, text).add_argument(
+            "name", metavar="NAME", help="schedule name")
 
 
 def _setup_logging(level: str) -> None:
@@ -6630,7 +6650,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         queue = default_queue()  # as a module's liteq.configure() set it
     _warn_other_files(queue)
     worker = Worker(queue, threads=args.threads, queues=args.queues,
-                    unknown_grace=grace)
+                    unknown_grace=grace, schedules=args.schedules)
     _on_stop_signals(worker)
     worker.run_forever()
     return 1 if worker.left_to_leases else 0
@@ -7023,7 +7043,7 @@ def _unreadable(job: Job, data: dict) -> int:
 _SHOW_FIELDS = (
     "id", "name", "current", "description", "queue", "priority", "key",
     "status", "waiting", "percent", "steps", "attempts", "worker", "eta",
-    "expires", "deadline", "created_at", "started_at", "updated_at",
+    "scheduled_for", "expires", "deadline", "created_at", "started_at", "updated_at",
     "finished_at", "args", "kwargs", "result")
 
 
@@ -7039,7 +7059,7 @@ def _show_text(data: dict) -> str:
             text = f"{_clean(value)} ({_in_text(value, time.time())})"
         else:
             text = "-" if value is None else _clean(value)
-        lines.append(f"{field:<12} {text}")
+        lines.append(f"{field:<13} {text}")
     if len(data["errors"]) > 1:  # the last one is the error's last line
         lines.append("errors:")
         lines += [f"  {_clean(line)}" for line in data["errors"]]
@@ -7120,6 +7140,93 @@ def _cmd_purge(args: argparse.Namespace) -> int:
         deleted = queue.purge(seconds)
     _emit(f"purged {deleted} job{'' if deleted == 1 else 's'} finished "
           f"more than {args.older_than.strip()} ago\n")
+    return 0
+
+# Schedule commands ---------------------------------------------------------
+
+
+def _cmd_schedules(args: argparse.Namespace) -> int:
+    with _cli_queue(args, create=False) as queue:
+        found = queue.schedules()
+    if args.json:
+        _print_json(found)
+    elif not found:
+        _emit(f"no schedules in {queue.path}\n")
+    else:
+        now = time.time()
+        _emit(_table(
+            ["NAME", "TASK", "SPEC", "TZ", "NEXT (UTC)", "NEXT (LOCAL)",
+             "LAST (UTC)", "LAST JOB", "SKIPPED", "PAUSED"],
+            [_schedule_row(item, now) for item in found], right=(8,)))
+    return 0
+
+
+def _schedule_row(item: dict, now: float) -> list[str]:
+    def cell(key: str, width: int | None = None) -> str:
+        return "-" if item[key] is None else _clean(item[key], width)
+
+    spec = cell("spec", 30)
+    if "unreadable" in item:  # its fields that liteq could read, and why
+        spec = _clean(f"UNREADABLE: {item['unreadable']}", 60)
+    upcoming = _clock_text(item["next"])
+    if item["next"] is not None and not item["paused"]:
+        upcoming += f" ({_in_text(item['next'], now)})"
+    last_job = "-" if item["last_job"] is None else (
+        f"{item['last_job']} {item['last_status'] or 'purged'}")
+    return [cell("name", 32), cell("task", 32), spec, cell("tz"), upcoming,
+            _clock_text(item["next_local"]), _clock_text(item["last"]),
+            _clean(last_job), _clean(item["skipped"]),
+            "yes" if item["paused"] else "no"]
+
+
+def _clock_text(iso: str | None) -> str:
+    """An ISO time to the second: ``2024-05-01 12:00:00`` in UTC, else
+    with its offset, ``2024-05-01 14:00:00+02:00``."""
+    if iso is None:
+        return "-"
+    return _clean(re.sub(r"\.[0-9]+", "", iso).replace("T", " ")
+                  .replace("Z", ""))
+
+
+def _schedule_call(method: Callable[[str], Any], name: str) -> Any:
+    """``method(name)``; no such schedule is the user's error."""
+    try:
+        return method(name)
+    except LookupError as exc:
+        raise _UsageError(str(exc)) from None
+
+
+def _cmd_trigger(args: argparse.Namespace) -> int:
+    with _cli_queue(args, create=False) as queue:
+        job = _schedule_call(queue.trigger, args.name)
+        found = [] if job is not None else [
+            item for item in queue.schedules() if item["name"] == args.name]
+    name = _clean(args.name)
+    if job is not None:
+        _emit(f"job {job.id} triggered for schedule {name}\n")
+        return 0
+    why = "its overlap rule refuses another run now"
+    if found and found[0]["last_job"] is not None:
+        item = found[0]
+        why = (f"its overlap rule ({_clean(item['overlap'])}) refuses a "
+               f"run while its last run, job {item['last_job']}, is "
+               f"{item['last_status'] or 'unfinished'}")
+    print(f"liteq: schedule {name} not triggered: {why}", file=sys.stderr)
+    return 1
+
+
+def _cmd_pause_schedule(args: argparse.Namespace) -> int:
+    with _cli_queue(args, create=False) as queue:
+        _schedule_call(queue.pause_schedule, args.name)
+    _emit(f"schedule {_clean(args.name)} paused: it fires nothing until "
+          f"resume-schedule\n")
+    return 0
+
+
+def _cmd_resume_schedule(args: argparse.Namespace) -> int:
+    with _cli_queue(args, create=False) as queue:
+        _schedule_call(queue.resume_schedule, args.name)
+    _emit(f"schedule {_clean(args.name)} resumed\n")
     return 0
 
 # serve ---------------------------------------------------------------------
