@@ -7336,8 +7336,8 @@ def _loopback_only(app: Callable, bound: str) -> Callable:
 # 16. Dashboard page: HTML, script and style
 # ---------------------------------------------------------------------------
 
-# The dashboard: one page, no external assets.  It polls /counts and
-# /tasks and builds every row with textContent, so job text is never
+# The dashboard: one page, no external assets.  It polls /counts, /tasks
+# and /schedules and builds every row with textContent, so job text is never
 # parsed as HTML.  The CSP below allows only this script and this style.
 _DASHBOARD = r"""<!doctype html>
 <html lang="en">
@@ -7487,9 +7487,22 @@ pre.error {
   background: #fff5f5; border: 1px solid #ffcecb; border-radius: 6px;
   color: #82071e; font-size: 12.5px; white-space: pre-wrap;
 }
+#schedules tr { cursor: default; }
+#schedules tr:hover { background: none; }
+#schedules tr.paused td { color: var(--muted); }
+.c-next, .c-local { width: 204px; } .c-last { width: 160px; }
+.c-skipped { width: 76px; } .c-state { width: 92px; }
+.badge {
+  display: inline-block; padding: 1px 9px; border-radius: 999px;
+  font-size: 12px; font-weight: 600;
+}
+.badge.active { color: var(--done); background: #dafbe1; }
+.badge.paused { color: var(--pending); background: #fff8c5; }
+a.last-run { color: inherit; text-decoration: none; }
+a.last-run:hover { text-decoration: underline; }
 @media (max-width: 800px) {
   .counts { grid-template-columns: repeat(3, minmax(0, 1fr)); }
-  .c-task, .c-updated, .c-tries { display: none; }
+  .c-task, .c-updated, .c-tries, .c-local { display: none; }
   .c-progress { width: 130px; } .c-status { width: 96px; }
   main { padding: 12px; }
 }
@@ -7524,6 +7537,27 @@ pre.error {
       <tbody id="jobs"></tbody>
     </table>
     <p id="empty" class="empty" hidden>No jobs.</p>
+  </section>
+  <section id="schedules-panel" class="panel" hidden>
+    <div class="panel-head">
+      <h2>Schedules</h2>
+      <span class="muted">times of the next slot; last run links to its
+        job</span>
+    </div>
+    <table>
+      <colgroup>
+        <col><col class="c-task"><col><col class="c-next">
+        <col class="c-local"><col class="c-last"><col class="c-skipped">
+        <col class="c-state">
+      </colgroup>
+      <thead><tr>
+        <th>Name</th><th class="c-task">Task</th><th>Schedule</th>
+        <th>Next (UTC)</th><th class="c-local">Next (your time)</th>
+        <th>Last run</th>
+        <th class="num">Skipped</th><th>State</th>
+      </tr></thead>
+      <tbody id="schedules"></tbody>
+    </table>
   </section>
   <section id="detail" class="panel" hidden>
     <div class="panel-head">
@@ -7720,12 +7754,69 @@ function renderJobs(jobs) {
     "newest " + LIMIT + " shown" : "";
 }
 
+function utcTime(iso) {
+  return iso ? iso.replace("T", " ").replace(/\.\d+|Z$/g, "") : "-";
+}
+
+function lastRun(item) {
+  const cell = node("td");
+  if (!Number.isInteger(item.last_job)) {
+    cell.textContent = "-";
+    return cell;
+  }
+  const link = node("a", "last-run");
+  link.href = "#job-" + item.last_job;
+  link.append(statusWord(item.last_status || "purged"),
+              " job " + item.last_job);
+  cell.appendChild(link);
+  if (item.last) {
+    cell.appendChild(node("span", "note", "slot " + ago(item.last)));
+    cell.title = "last slot fired: " + localTime(item.last);
+  }
+  return cell;
+}
+
+function scheduleRow(item) {
+  const row = node("tr", item.paused ? "paused" : "");
+  row.dataset.schedule = item.name;
+  row.dataset.paused = String(Boolean(item.paused));
+  const name = node("td", "mono", item.name);
+  name.title = item.name + (item.origin === "code" ?
+    " (declared in code)" : " (stored with Queue.schedule)");
+  const task = node("td", "c-task mono", item.task || "-");
+  task.title = item.task || "";
+  const spec = node("td", "mono", item.spec || "-");
+  spec.appendChild(node("span", "note", item.tz || ""));
+  if (item.unreadable) {
+    spec.appendChild(node("span", "why", "unreadable: " + item.unreadable));
+  }
+  const next = node("td", "", utcTime(item.next));
+  if (item.next && !item.paused) {
+    next.appendChild(node("span", "note", ahead(item.next)));
+  }
+  if (item.next_local) next.title = item.tz + ": " + item.next_local;
+  const local = node("td", "c-local", localTime(item.next) || "-");
+  const state = node("td");
+  state.appendChild(node("span", "badge " + (item.paused ? "paused" :
+                                             "active"),
+                         item.paused ? "paused" : "active"));
+  row.append(name, task, spec, next, local, lastRun(item),
+             node("td", "num", item.skipped), state);
+  return row;
+}
+
+function renderSchedules(items) {
+  const list = Array.isArray(items) ? items : [];
+  $("schedules-panel").hidden = list.length === 0;
+  $("schedules").replaceChildren(...list.map(scheduleRow));
+}
+
 const FIELDS = ["id", "name", "current", "description", "queue",
                 "priority", "key", "status", "waiting", "percent", "steps",
-                "attempts", "errors", "worker", "eta", "expires", "deadline",
-                "created_at", "started_at", "updated_at", "finished_at",
-                "args", "kwargs", "result"];
-const TIMES = ["eta", "expires", "deadline"];
+                "attempts", "errors", "worker", "eta", "scheduled_for",
+                "expires", "deadline", "created_at", "started_at",
+                "updated_at", "finished_at", "args", "kwargs", "result"];
+const TIMES = ["eta", "scheduled_for", "expires", "deadline"];
 
 function fieldValue(job, field) {
   const value = job[field];
@@ -7786,10 +7877,12 @@ async function refresh() {
   if (view.queue) query.set("queue", view.queue);
   view.selected = selectedId();
   try {
-    const [counts, jobs] = await Promise.all(
-      [getJSON("counts"), getJSON("tasks?" + query)]);
+    const [counts, jobs, schedules] = await Promise.all(
+      [getJSON("counts"), getJSON("tasks?" + query),
+       getJSON("schedules")]);
     renderCounts(counts);
     renderJobs(jobs);
+    renderSchedules(schedules);
     if (view.selected === null) $("detail").hidden = true;
     else renderDetail(await getJSON("tasks/" + view.selected),
                       view.selected);
