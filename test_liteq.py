@@ -5865,6 +5865,103 @@ def test_dashboard_renders_jobs_and_progress_in_a_real_browser(tmp_path):
     assert 'class="ok"' in dom  # the page reached the API
 
 
+# Schedules over HTTP and on the dashboard ---------------------------------
+
+
+def test_http_lists_schedules_as_json(tmp_path):
+    db = str(tmp_path / "ops.db")
+    found, _ = _ops_schedules(db)
+    with liteq.Queue(db) as queue:
+        app = liteq.wsgi_app(queue)
+        listed = _ops_call(app, _ops_environ("/schedules"))
+        slash = _ops_call(app, _ops_environ("/schedules/", "/ops"))
+        head = _ops_call(app, _ops_environ("/schedules", method="HEAD"))
+        post = _ops_call(app, _ops_environ("/schedules", method="POST"))
+        missing = _ops_call(app, _ops_environ("/schedule"))
+        queue.unschedule("hourly")
+        queue.unschedule("nightly")
+        empty = _ops_call(app, _ops_environ("/schedules"))
+    assert listed[0] == slash[0] == head[0] == "200 OK"
+    assert listed[1]["Content-Type"] == "application/json"
+    assert listed[1]["Cache-Control"] == "no-store"
+    assert json.loads(listed[2]) == json.loads(slash[2]) == found
+    assert head[2] == b""
+    assert head[1]["Content-Length"] == str(len(listed[2]))
+    assert post[0].startswith("405") and post[1]["Allow"] == "GET, HEAD"
+    assert missing[0].startswith("404")
+    assert json.loads(missing[2])["error"].endswith(
+        "the routes are /, /tasks, /tasks/<id>, /counts and /schedules")
+    assert json.loads(empty[2]) == []
+
+
+def test_http_schedules_never_creates_a_missing_database(tmp_path):
+    app = liteq.wsgi_app(liteq.Queue(str(tmp_path / "gone.db")))
+    status, _, body = _ops_call(app, _ops_environ("/schedules"))
+    assert status == "503 Service Unavailable"
+    assert "missing" in json.loads(body)["error"]
+    assert os.listdir(tmp_path) == []
+
+
+def _ops_schedule_rows(dom):
+    panel = dom.split('id="schedules-panel"', 1)[1].split("</section>")[0]
+    return panel, {html.unescape(name): row for name, row in re.findall(
+        r'<tr[^>]* data-schedule="([^"]*)"[^>]*>(.*?)</tr>', panel, re.S)}
+
+
+@pytest.mark.skipif(not os.path.exists(_OPS_CHROMIUM),
+                    reason=f"no browser at {_OPS_CHROMIUM} (Debian: "
+                           f"apt-get install chromium; .ci/run does)")
+def test_dashboard_shows_schedules_in_a_real_browser(tmp_path,
+                                                     monkeypatch):
+    # The browser's time zone: half an hour off UTC, so its local times
+    # of the hourly slots (on the hour in UTC) end in :30:00.
+    monkeypatch.setenv("TZ", "Asia/Kolkata")
+    db = str(tmp_path / "ops.db")
+    with liteq.Queue(db) as queue:
+        _ops_register(queue)["add"].delay(1, 1)  # the file, no schedule
+    with _ops_serve(tmp_path, db) as (host, port, server):
+        bare, bare_log = _ops_chromium(f"http://127.0.0.1:{port}/",
+                                       "--dump-dom")
+        (hourly, nightly), job = _ops_schedules(db)
+        evil = "<img src=x onerror=alert(1)> & co"
+        with liteq.Queue(db) as queue:
+            queue.schedule(evil, _ops_register(queue)["echo"]("x"),
+                           every=7200)
+        dom, log = _ops_chromium(f"http://127.0.0.1:{port}/#job-{job.id}",
+                                 "--dump-dom")
+    assert 'class="ok"' in bare, bare_log
+    assert '<section id="schedules-panel" class="panel" hidden=' in bare
+    assert 'class="ok"' in dom, log
+    panel, rows = _ops_schedule_rows(dom)
+    assert "hidden" not in panel.split(">", 1)[0]
+    assert sorted(rows) == sorted(["hourly", "nightly", evil])
+    cells = {name: [html.unescape(re.sub(r"<[^>]*>", "|", cell)).strip("|")
+                    for cell in re.findall(r"<td[^>]*>(.*?)</td>", row)]
+             for name, row in rows.items()}
+    name, task, spec, upcoming, local, last, skipped, state = cells["hourly"]
+    assert (name, task, spec) == ("hourly", "ops-add", "every 3600s|UTC")
+    assert upcoming.startswith(hourly["next"][:19].replace("T", " ") + "|in ")
+    assert local.endswith(":30:00 AM") or local.endswith(":30:00 PM")
+    assert f'href="#job-{job.id}"' in rows["hourly"]
+    assert last == f"pending| job {job.id}"
+    assert (skipped, state) == ("0", "active")
+    name, task, spec, upcoming, local, last, skipped, state = \
+        cells["nightly"]
+    assert spec == "every 86400s|Europe/Paris"
+    assert upcoming == nightly["next"][:19].replace("T", " ")  # no "in"
+    assert ":30:00" in local
+    assert (last, skipped, state) == ("-", "0", "paused")
+    assert 'class="badge paused">paused<' in rows["nightly"]
+    assert 'class="paused"' in dom.split('data-schedule="nightly"')[0][-40:]
+    assert cells[evil][0] == evil
+    assert "&lt;img src=x onerror=alert(1)&gt; &amp; co" in panel
+    assert "img" not in _ops_tags(dom)  # no text became markup
+    detail = dom.split('id="detail"', 1)[1]
+    scheduled = re.search(r"<dt>scheduled_for</dt><dd><span>([^<]*)<",
+                          detail)
+    assert scheduled and scheduled[1] not in ("", "-"), detail[:3000]
+
+
 # ---------------------------------------------------------------------------
 # 9. Storage and upgrades
 # ---------------------------------------------------------------------------
