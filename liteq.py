@@ -7043,8 +7043,8 @@ def _unreadable(job: Job, data: dict) -> int:
 _SHOW_FIELDS = (
     "id", "name", "current", "description", "queue", "priority", "key",
     "status", "waiting", "percent", "steps", "attempts", "worker", "eta",
-    "scheduled_for", "expires", "deadline", "created_at", "started_at", "updated_at",
-    "finished_at", "args", "kwargs", "result")
+    "scheduled_for", "expires", "deadline", "created_at", "started_at",
+    "updated_at", "finished_at", "args", "kwargs", "result")
 
 
 def _show_text(data: dict) -> str:

@@ -4819,7 +4819,7 @@ def test_list_and_show_say_why_a_job_waits_and_when_it_wakes(q, capsys):
     assert " timer in 1h " in row or " timer in 2h " in row
     assert liteq.main(["show", str(waiting.id), "--db", q.path]) == 0
     out = capsys.readouterr().out
-    assert "waiting      timer\n" in out
+    assert "waiting       timer\n" in out
     assert re.search(r"^eta +\S+ \(in (1|2)h\)$", out, re.M), out
 
 
