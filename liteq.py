@@ -6814,7 +6814,9 @@ def wsgi_app(queue: Queue | None = None) -> Callable:
       filtered by ``?status=&queue=&name=&limit=`` (limit 0..1000,
       default 100);
     - ``GET /tasks/<id>``: one job's ``to_dict()``;
-    - ``GET /counts``: ``{queue name: {status: n}}``.
+    - ``GET /counts``: ``{queue name: {status: n}}``;
+    - ``GET /schedules``: a JSON list of the periodic schedules, as
+      ``Queue.schedules()`` gives them.
 
     Errors have JSON bodies ``{"error": "..."}``: 404 for an unknown job
     or route, 400 for a malformed id or parameter, 405 for any method but
@@ -6858,11 +6860,14 @@ def _http_dispatch(queue: Queue, environ: dict) -> tuple[int, str, bytes]:
     if path in ("/counts", "/counts/"):
         counts = _http_read(queue, lambda q: q._counts_by_queue())
         return 200, _JSON_TYPE, _json_body(dict(sorted(counts.items())))
+    if path in ("/schedules", "/schedules/"):
+        found = _http_read(queue, lambda q: q.schedules())
+        return 200, _JSON_TYPE, _json_body(found)
     match = _TASK_PATH.match(path)
     if match:
         return 200, _JSON_TYPE, _json_body(_http_job(queue, match[1]))
     raise _HTTPError(404, f"no resource at {path!r}: the routes are /, "
-                          f"/tasks, /tasks/<id> and /counts")
+                          f"/tasks, /tasks/<id>, /counts and /schedules")
 
 
 def _http_filters(query_string: str) -> dict:
@@ -7035,6 +7040,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_worker_commands(add)
     _add_read_commands(add)
     _add_write_commands(add)
+    _add_schedule_commands(add)
     return parser
 
 
@@ -7064,6 +7070,10 @@ def _add_worker_commands(add: Callable) -> None:
                      help="how long a job of a task no module given here "
                           "defines waits for a worker that knows it, "
                           "then fails (default 300s)")
+    run.add_argument("--no-schedules", dest="schedules",
+                     action="store_false",
+                     help="fire no periodic schedule: this worker only "
+                          "runs jobs")
     run.add_argument("--log-level", default="INFO", choices=_LOG_LEVELS)
     demo = add("demo", _cmd_demo,
                "enqueue demo jobs and run a worker until they finish")
@@ -7107,6 +7117,21 @@ def _add_write_commands(add: Callable) -> None:
     purge = add("purge", _cmd_purge, "delete jobs finished long ago")
     purge.add_argument("--older-than", required=True, metavar="DURATION",
                        help="e.g. 30s, 12h, 7d, 2w (0s: every finished job)")
+
+
+def _add_schedule_commands(add: Callable) -> None:
+    add("schedules", _cmd_schedules, "list the periodic schedules",
+        json_output="a list of Queue.schedules() objects")
+    for name, handler, text in (
+            ("trigger", _cmd_trigger, "fire one extra run of a schedule "
+             "now (exit 1 if its overlap rule refuses)"),
+            ("pause-schedule", _cmd_pause_schedule,
+             "stop a schedule firing until resume-schedule"),
+            ("resume-schedule", _cmd_resume_schedule,
+             "let a paused schedule fire again (missed slots follow its "
+             "catchup rule)")):
+        add(name, handler, text).add_argument(
+            "name", metavar="NAME", help="schedule name")
 
 
 def _setup_logging(level: str) -> None:
@@ -7173,7 +7198,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         queue = default_queue()  # as a module's liteq.configure() set it
     _warn_other_files(queue)
     worker = Worker(queue, threads=args.threads, queues=args.queues,
-                    unknown_grace=grace)
+                    unknown_grace=grace, schedules=args.schedules)
     _on_stop_signals(worker)
     worker.run_forever()
     return 1 if worker.left_to_leases else 0
@@ -7566,8 +7591,8 @@ def _unreadable(job: Job, data: dict) -> int:
 _SHOW_FIELDS = (
     "id", "name", "current", "description", "queue", "priority", "key",
     "status", "waiting", "percent", "steps", "attempts", "worker", "eta",
-    "expires", "deadline", "created_at", "started_at", "updated_at",
-    "finished_at", "args", "kwargs", "result")
+    "scheduled_for", "expires", "deadline", "created_at", "started_at",
+    "updated_at", "finished_at", "args", "kwargs", "result")
 
 
 def _show_text(data: dict) -> str:
@@ -7582,7 +7607,7 @@ def _show_text(data: dict) -> str:
             text = f"{_clean(value)} ({_in_text(value, time.time())})"
         else:
             text = "-" if value is None else _clean(value)
-        lines.append(f"{field:<12} {text}")
+        lines.append(f"{field:<13} {text}")
     if len(data["errors"]) > 1:  # the last one is the error's last line
         lines.append("errors:")
         lines += [f"  {_clean(line)}" for line in data["errors"]]
@@ -7663,6 +7688,93 @@ def _cmd_purge(args: argparse.Namespace) -> int:
         deleted = queue.purge(seconds)
     _emit(f"purged {deleted} job{'' if deleted == 1 else 's'} finished "
           f"more than {args.older_than.strip()} ago\n")
+    return 0
+
+# Schedule commands ---------------------------------------------------------
+
+
+def _cmd_schedules(args: argparse.Namespace) -> int:
+    with _cli_queue(args, create=False) as queue:
+        found = queue.schedules()
+    if args.json:
+        _print_json(found)
+    elif not found:
+        _emit(f"no schedules in {queue.path}\n")
+    else:
+        now = time.time()
+        _emit(_table(
+            ["NAME", "TASK", "SPEC", "TZ", "NEXT (UTC)", "NEXT (LOCAL)",
+             "LAST (UTC)", "LAST JOB", "SKIPPED", "PAUSED"],
+            [_schedule_row(item, now) for item in found], right=(8,)))
+    return 0
+
+
+def _schedule_row(item: dict, now: float) -> list[str]:
+    def cell(key: str, width: int | None = None) -> str:
+        return "-" if item[key] is None else _clean(item[key], width)
+
+    spec = cell("spec", 30)
+    if "unreadable" in item:  # its fields that liteq could read, and why
+        spec = _clean(f"UNREADABLE: {item['unreadable']}", 60)
+    upcoming = _clock_text(item["next"])
+    if item["next"] is not None and not item["paused"]:
+        upcoming += f" ({_in_text(item['next'], now)})"
+    last_job = "-" if item["last_job"] is None else (
+        f"{item['last_job']} {item['last_status'] or 'purged'}")
+    return [cell("name", 32), cell("task", 32), spec, cell("tz"), upcoming,
+            _clock_text(item["next_local"]), _clock_text(item["last"]),
+            _clean(last_job), _clean(item["skipped"]),
+            "yes" if item["paused"] else "no"]
+
+
+def _clock_text(iso: str | None) -> str:
+    """An ISO time to the second: ``2024-05-01 12:00:00`` in UTC, else
+    with its offset, ``2024-05-01 14:00:00+02:00``."""
+    if iso is None:
+        return "-"
+    return _clean(re.sub(r"\.[0-9]+", "", iso).replace("T", " ")
+                  .replace("Z", ""))
+
+
+def _schedule_call(method: Callable[[str], Any], name: str) -> Any:
+    """``method(name)``; no such schedule is the user's error."""
+    try:
+        return method(name)
+    except LookupError as exc:
+        raise _UsageError(str(exc)) from None
+
+
+def _cmd_trigger(args: argparse.Namespace) -> int:
+    with _cli_queue(args, create=False) as queue:
+        job = _schedule_call(queue.trigger, args.name)
+        found = [] if job is not None else [
+            item for item in queue.schedules() if item["name"] == args.name]
+    name = _clean(args.name)
+    if job is not None:
+        _emit(f"job {job.id} triggered for schedule {name}\n")
+        return 0
+    why = "its overlap rule refuses another run now"
+    if found and found[0]["last_job"] is not None:
+        item = found[0]
+        why = (f"its overlap rule ({_clean(item['overlap'])}) refuses a "
+               f"run while its last run, job {item['last_job']}, is "
+               f"{item['last_status'] or 'unfinished'}")
+    print(f"liteq: schedule {name} not triggered: {why}", file=sys.stderr)
+    return 1
+
+
+def _cmd_pause_schedule(args: argparse.Namespace) -> int:
+    with _cli_queue(args, create=False) as queue:
+        _schedule_call(queue.pause_schedule, args.name)
+    _emit(f"schedule {_clean(args.name)} paused: it fires nothing until "
+          f"resume-schedule\n")
+    return 0
+
+
+def _cmd_resume_schedule(args: argparse.Namespace) -> int:
+    with _cli_queue(args, create=False) as queue:
+        _schedule_call(queue.resume_schedule, args.name)
+    _emit(f"schedule {_clean(args.name)} resumed\n")
     return 0
 
 # serve ---------------------------------------------------------------------
@@ -7772,8 +7884,8 @@ def _loopback_only(app: Callable, bound: str) -> Callable:
 # 16. Dashboard page: HTML, script and style
 # ---------------------------------------------------------------------------
 
-# The dashboard: one page, no external assets.  It polls /counts and
-# /tasks and builds every row with textContent, so job text is never
+# The dashboard: one page, no external assets.  It polls /counts, /tasks
+# and /schedules and builds every row with textContent, so job text is never
 # parsed as HTML.  The CSP below allows only this script and this style.
 _DASHBOARD = r"""<!doctype html>
 <html lang="en">
@@ -7923,9 +8035,22 @@ pre.error {
   background: #fff5f5; border: 1px solid #ffcecb; border-radius: 6px;
   color: #82071e; font-size: 12.5px; white-space: pre-wrap;
 }
+#schedules tr { cursor: default; }
+#schedules tr:hover { background: none; }
+#schedules tr.paused td { color: var(--muted); }
+.c-next, .c-local { width: 204px; } .c-last { width: 160px; }
+.c-skipped { width: 76px; } .c-state { width: 92px; }
+.badge {
+  display: inline-block; padding: 1px 9px; border-radius: 999px;
+  font-size: 12px; font-weight: 600;
+}
+.badge.active { color: var(--done); background: #dafbe1; }
+.badge.paused { color: var(--pending); background: #fff8c5; }
+a.last-run { color: inherit; text-decoration: none; }
+a.last-run:hover { text-decoration: underline; }
 @media (max-width: 800px) {
   .counts { grid-template-columns: repeat(3, minmax(0, 1fr)); }
-  .c-task, .c-updated, .c-tries { display: none; }
+  .c-task, .c-updated, .c-tries, .c-local { display: none; }
   .c-progress { width: 130px; } .c-status { width: 96px; }
   main { padding: 12px; }
 }
@@ -7960,6 +8085,27 @@ pre.error {
       <tbody id="jobs"></tbody>
     </table>
     <p id="empty" class="empty" hidden>No jobs.</p>
+  </section>
+  <section id="schedules-panel" class="panel" hidden>
+    <div class="panel-head">
+      <h2>Schedules</h2>
+      <span class="muted">times of the next slot; last run links to its
+        job</span>
+    </div>
+    <table>
+      <colgroup>
+        <col><col class="c-task"><col><col class="c-next">
+        <col class="c-local"><col class="c-last"><col class="c-skipped">
+        <col class="c-state">
+      </colgroup>
+      <thead><tr>
+        <th>Name</th><th class="c-task">Task</th><th>Schedule</th>
+        <th>Next (UTC)</th><th class="c-local">Next (your time)</th>
+        <th>Last run</th>
+        <th class="num">Skipped</th><th>State</th>
+      </tr></thead>
+      <tbody id="schedules"></tbody>
+    </table>
   </section>
   <section id="detail" class="panel" hidden>
     <div class="panel-head">
@@ -8156,12 +8302,69 @@ function renderJobs(jobs) {
     "newest " + LIMIT + " shown" : "";
 }
 
+function utcTime(iso) {
+  return iso ? iso.replace("T", " ").replace(/\.\d+|Z$/g, "") : "-";
+}
+
+function lastRun(item) {
+  const cell = node("td");
+  if (!Number.isInteger(item.last_job)) {
+    cell.textContent = "-";
+    return cell;
+  }
+  const link = node("a", "last-run");
+  link.href = "#job-" + item.last_job;
+  link.append(statusWord(item.last_status || "purged"),
+              " job " + item.last_job);
+  cell.appendChild(link);
+  if (item.last) {
+    cell.appendChild(node("span", "note", "slot " + ago(item.last)));
+    cell.title = "last slot fired: " + localTime(item.last);
+  }
+  return cell;
+}
+
+function scheduleRow(item) {
+  const row = node("tr", item.paused ? "paused" : "");
+  row.dataset.schedule = item.name;
+  row.dataset.paused = String(Boolean(item.paused));
+  const name = node("td", "mono", item.name);
+  name.title = item.name + (item.origin === "code" ?
+    " (declared in code)" : " (stored with Queue.schedule)");
+  const task = node("td", "c-task mono", item.task || "-");
+  task.title = item.task || "";
+  const spec = node("td", "mono", item.spec || "-");
+  spec.appendChild(node("span", "note", item.tz || ""));
+  if (item.unreadable) {
+    spec.appendChild(node("span", "why", "unreadable: " + item.unreadable));
+  }
+  const next = node("td", "", utcTime(item.next));
+  if (item.next && !item.paused) {
+    next.appendChild(node("span", "note", ahead(item.next)));
+  }
+  if (item.next_local) next.title = item.tz + ": " + item.next_local;
+  const local = node("td", "c-local", localTime(item.next) || "-");
+  const state = node("td");
+  state.appendChild(node("span", "badge " + (item.paused ? "paused" :
+                                             "active"),
+                         item.paused ? "paused" : "active"));
+  row.append(name, task, spec, next, local, lastRun(item),
+             node("td", "num", item.skipped), state);
+  return row;
+}
+
+function renderSchedules(items) {
+  const list = Array.isArray(items) ? items : [];
+  $("schedules-panel").hidden = list.length === 0;
+  $("schedules").replaceChildren(...list.map(scheduleRow));
+}
+
 const FIELDS = ["id", "name", "current", "description", "queue",
                 "priority", "key", "status", "waiting", "percent", "steps",
-                "attempts", "errors", "worker", "eta", "expires", "deadline",
-                "created_at", "started_at", "updated_at", "finished_at",
-                "args", "kwargs", "result"];
-const TIMES = ["eta", "expires", "deadline"];
+                "attempts", "errors", "worker", "eta", "scheduled_for",
+                "expires", "deadline", "created_at", "started_at",
+                "updated_at", "finished_at", "args", "kwargs", "result"];
+const TIMES = ["eta", "scheduled_for", "expires", "deadline"];
 
 function fieldValue(job, field) {
   const value = job[field];
@@ -8222,10 +8425,12 @@ async function refresh() {
   if (view.queue) query.set("queue", view.queue);
   view.selected = selectedId();
   try {
-    const [counts, jobs] = await Promise.all(
-      [getJSON("counts"), getJSON("tasks?" + query)]);
+    const [counts, jobs, schedules] = await Promise.all(
+      [getJSON("counts"), getJSON("tasks?" + query),
+       getJSON("schedules")]);
     renderCounts(counts);
     renderJobs(jobs);
+    renderSchedules(schedules);
     if (view.selected === null) $("detail").hidden = true;
     else renderDetail(await getJSON("tasks/" + view.selected),
                       view.selected);

@@ -4820,7 +4820,7 @@ def test_list_and_show_say_why_a_job_waits_and_when_it_wakes(q, capsys):
     assert " timer in 1h " in row or " timer in 2h " in row
     assert liteq.main(["show", str(waiting.id), "--db", q.path]) == 0
     out = capsys.readouterr().out
-    assert "waiting      timer\n" in out
+    assert "waiting       timer\n" in out
     assert re.search(r"^eta +\S+ \(in (1|2)h\)$", out, re.M), out
 
 
@@ -5295,9 +5295,242 @@ def test_human_output_never_prints_control_characters_from_jobs(tmp_path):
     assert listed.returncode == shown.returncode == 0
     assert "\x1b" not in listed.stdout + shown.stdout
     assert "?[2Jevil line?" in listed.stdout
-    assert "description  ?[2Jevil line?\n" in shown.stdout
+    assert "description   ?[2Jevil line?\n" in shown.stdout
     assert json.loads(as_json.stdout)["description"] == (
         "\x1b[2Jevil\nline\x07")
+
+
+# Schedules on the command line --------------------------------------------
+
+
+def _ops_schedules(db):
+    """Store two schedules in ``db``: "hourly" (ops-add every hour, its
+    last run triggered: pending) and "nightly" (ops-echo every day in
+    Paris, paused).  Returns (their Queue.schedules(), the triggered
+    job)."""
+    with liteq.Queue(db) as queue:
+        tasks = _ops_register(queue)
+        queue.schedule("hourly", tasks["add"](1, 2), every=3600)
+        queue.schedule("nightly", tasks["echo"]("hi"), every=86400,
+                       tz="Europe/Paris")
+        queue.pause_schedule("nightly")
+        job = queue.trigger("hourly")
+        return queue.schedules(), job
+
+
+def _ops_clock_text(iso):
+    """How the table shows an ISO time: to the second, with its offset
+    unless UTC."""
+    when = dt.datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    offset = "" if iso.endswith("Z") else when.isoformat()[-6:]
+    return when.strftime("%Y-%m-%d %H:%M:%S") + offset
+
+
+def test_schedules_prints_a_table_of_every_schedule(tmp_path):
+    db = str(tmp_path / "ops.db")
+    (hourly, nightly), job = _ops_schedules(db)
+    out = _ops_cli(tmp_path, "schedules", "--db", db)
+    assert (out.returncode, out.stderr) == (0, "")
+    lines = out.stdout.splitlines()
+    assert re.split(r"  +", lines[0]) == [
+        "NAME", "TASK", "SPEC", "TZ", "NEXT (UTC)", "NEXT (LOCAL)",
+        "LAST (UTC)", "LAST JOB", "SKIPPED", "PAUSED"]
+    rows = {line.split()[0]: re.split(r"  +", line) for line in lines[1:]}
+    assert sorted(rows) == ["hourly", "nightly"]
+    assert rows["hourly"][:4] == ["hourly", "ops-add", "every 3600s", "UTC"]
+    assert re.fullmatch(re.escape(_ops_clock_text(hourly["next"])) +
+                        r" \((in \d+[smh]|now)\)", rows["hourly"][4])
+    assert rows["hourly"][5:] == [
+        _ops_clock_text(hourly["next_local"]), "-", f"{job.id} pending",
+        "0", "no"]
+    assert rows["nightly"] == [
+        "nightly", "ops-echo", "every 86400s", "Europe/Paris",
+        _ops_clock_text(nightly["next"]),  # paused: no "in ..."
+        _ops_clock_text(nightly["next_local"]), "-", "-", "0", "yes"]
+    assert re.search(r"\+0[12]:00$", rows["nightly"][5])
+    # Aligned: every column starts where its title does (SKIPPED, the
+    # ninth, is right-aligned: it ends where its title does).
+    for line in lines[1:]:
+        assert _ops_columns(line) == _ops_columns(lines[0])
+
+
+def _ops_columns(line):
+    starts = [m.start(1) for m in re.finditer(r"(?:^| {2,})(\S)", line)]
+    ends = [m.end() for m in re.finditer(r"\S+(?: \S+)*", line)]
+    return starts[:8] + ends[8:9] + starts[9:]
+
+
+def test_schedules_json_prints_queue_schedules(tmp_path):
+    db = str(tmp_path / "ops.db")
+    found, _ = _ops_schedules(db)
+    out = _ops_cli(tmp_path, "schedules", "--json", "--db", db)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == found
+    assert [item["paused"] for item in found] == [False, True]
+
+
+def test_schedules_says_when_there_are_none(tmp_path, capsys):
+    db = str(tmp_path / "ops.db")
+    with liteq.Queue(db) as queue:
+        _ops_register(queue)["add"].delay(1, 1)  # a file, no schedule
+    assert liteq.main(["schedules", "--db", db]) == 0
+    assert capsys.readouterr().out == f"no schedules in {db}\n"
+    assert liteq.main(["schedules", "--json", "--db", db]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    gone = str(tmp_path / "gone.db")
+    assert liteq.main(["schedules", "--db", gone]) == 2
+    assert capsys.readouterr().err == (
+        f"liteq: error: no database at {gone} (pass --db or set LITEQ_DB; "
+        f"run and demo create one)\n")
+    assert not os.path.exists(gone)
+
+
+def test_trigger_fires_a_run_now_unless_the_overlap_rule_refuses(
+        tmp_path, capsys):
+    db = str(tmp_path / "ops.db")
+    with liteq.Queue(db) as queue:
+        queue.schedule("hourly", _ops_register(queue)["add"](1, 2),
+                       every=3600)
+    assert liteq.main(["trigger", "hourly", "--db", db]) == 0
+    out = capsys.readouterr()
+    job_id = int(re.fullmatch(r"job (\d+) triggered for schedule hourly\n",
+                              out.out)[1])
+    assert out.err == ""
+    assert liteq.main(["trigger", "hourly", "--db", db]) == 1
+    assert capsys.readouterr() == ("", (
+        f"liteq: schedule hourly not triggered: its overlap rule (skip) "
+        f"refuses a run while its last run, job {job_id}, is pending\n"))
+    with liteq.Queue(db) as queue:
+        job = queue.get(job_id)
+        assert job.name == "ops-add" and job.scheduled_for is not None
+        assert [j.id for j in queue.jobs()] == [job_id]
+        assert queue.schedules()[0]["last_job"] == job_id
+
+
+def test_pause_and_resume_schedule_print_one_line(tmp_path, capsys):
+    db = str(tmp_path / "ops.db")
+    with liteq.Queue(db) as queue:
+        queue.schedule("hourly", _ops_register(queue)["add"](1, 2),
+                       every=3600)
+
+        def paused():
+            return queue.schedules()[0]["paused"]
+
+        assert liteq.main(["pause-schedule", "hourly", "--db", db]) == 0
+        assert capsys.readouterr() == (
+            "schedule hourly paused: it fires nothing until "
+            "resume-schedule\n", "")
+        assert paused()
+        assert liteq.main(["resume-schedule", "hourly", "--db", db]) == 0
+        assert capsys.readouterr() == ("schedule hourly resumed\n", "")
+        assert not paused()
+
+
+@pytest.mark.parametrize("command", ["trigger", "pause-schedule",
+                                     "resume-schedule"])
+def test_schedule_commands_exit_2_for_an_unknown_name(command, tmp_path,
+                                                      capsys):
+    db = str(tmp_path / "ops.db")
+    with liteq.Queue(db) as queue:
+        _ops_register(queue)["add"].delay(1, 1)  # a file, no schedule
+    assert liteq.main([command, "nope", "--db", db]) == 2
+    assert capsys.readouterr() == (
+        "", f"liteq: error: no schedule named 'nope' in {db}\n")
+    assert liteq.main([command, "--db", db]) == 2
+    assert "required: NAME" in capsys.readouterr().err
+
+
+def test_schedule_commands_have_help(capsys):
+    for command in ("schedules", "trigger", "pause-schedule",
+                    "resume-schedule"):
+        with pytest.raises(SystemExit) as exit_:
+            liteq.main([command, "--help"])
+        assert exit_.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())
+        assert "--db PATH" in text, command
+        assert ("--json print JSON: a list of Queue.schedules() objects"
+                in text) == (command == "schedules"), command
+    with pytest.raises(SystemExit):
+        liteq.main(["run", "--help"])
+    assert "--no-schedules" in capsys.readouterr().out
+
+
+def test_show_prints_the_slot_of_a_scheduled_job(tmp_path):
+    db = str(tmp_path / "ops.db")
+    _, fired = _ops_schedules(db)
+    with liteq.Queue(db) as queue:
+        plain = _ops_register(queue)["add"].delay(1, 1)
+        slot = queue.get(fired.id).to_dict()["scheduled_for"]
+    shown = _ops_cli(tmp_path, "show", str(fired.id), "--db", db)
+    other = _ops_cli(tmp_path, "show", str(plain.id), "--db", db)
+    assert shown.returncode == other.returncode == 0
+    fields = [line.split(None, 1) for line in shown.stdout.splitlines()]
+    names = [pair[0] for pair in fields]
+    assert names.index("scheduled_for") == names.index("eta") + 1
+    assert f"\nscheduled_for {slot}\n" in shown.stdout
+    assert "\nscheduled_for -\n" in other.stdout
+    # Every value starts in one column.
+    assert {line.index(pair[1]) for line, pair in zip(
+        shown.stdout.splitlines()[:20], fields[:20])} == {14}
+
+
+def _ops_tick():
+    return "tick"
+
+
+def _ops_mark():
+    return "mark"
+
+
+_OPS_SCHEDULED = """\
+import liteq
+
+
+@liteq.task(name="ops-tick")
+def tick():
+    return "tick"
+
+
+@liteq.task(name="ops-mark")
+def mark():
+    return "mark"
+"""
+
+
+def test_run_fires_due_schedules_unless_told_no_schedules(tmp_path):
+    (tmp_path / "ops_sched.py").write_text(_OPS_SCHEDULED)
+    db = str(tmp_path / "w.db")
+    with liteq.Queue(db) as queue:
+        tick = queue.task(_ops_tick, name="ops-tick")
+        mark = queue.task(_ops_mark, name="ops-mark")
+        queue.schedule("ticker", tick(), every=1)
+        due = liteq._seconds(queue.schedules()[0]["next"])
+        wait_until(lambda: time.time() > due + 0.01, what="a due slot")
+        worker = _ops_popen(tmp_path, "run", "ops_sched", "--db", db,
+                            "--no-schedules", stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+        try:
+            # The worker claims this job after the slot came due: a
+            # worker that fires schedules fires it in that claim.
+            assert mark.delay().result(timeout=DEADLINE) == "mark"
+            assert queue.jobs(name="ops-tick") == []
+            assert queue.schedules()[0]["last_job"] is None
+        finally:
+            _ops_stop(worker)
+        assert worker.returncode == 0
+        worker = _ops_popen(tmp_path, "run", "ops_sched", "--db", db,
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+        try:
+            fired = wait_until(
+                lambda: [job for job in queue.jobs(name="ops-tick")
+                         if job.status == "done"],
+                what="the worker to fire and run the schedule",
+                alive=[worker])
+        finally:
+            _ops_stop(worker)
+        assert fired[0].result() == "tick"
+        assert fired[0].scheduled_for.timestamp() >= due
 
 
 # ---------------------------------------------------------------------------
@@ -5631,6 +5864,103 @@ def test_dashboard_renders_jobs_and_progress_in_a_real_browser(tmp_path):
     assert "Traceback (most recent call last)" in detail
     assert "RuntimeError: boom" in detail
     assert 'class="ok"' in dom  # the page reached the API
+
+
+# Schedules over HTTP and on the dashboard ---------------------------------
+
+
+def test_http_lists_schedules_as_json(tmp_path):
+    db = str(tmp_path / "ops.db")
+    found, _ = _ops_schedules(db)
+    with liteq.Queue(db) as queue:
+        app = liteq.wsgi_app(queue)
+        listed = _ops_call(app, _ops_environ("/schedules"))
+        slash = _ops_call(app, _ops_environ("/schedules/", "/ops"))
+        head = _ops_call(app, _ops_environ("/schedules", method="HEAD"))
+        post = _ops_call(app, _ops_environ("/schedules", method="POST"))
+        missing = _ops_call(app, _ops_environ("/schedule"))
+        queue.unschedule("hourly")
+        queue.unschedule("nightly")
+        empty = _ops_call(app, _ops_environ("/schedules"))
+    assert listed[0] == slash[0] == head[0] == "200 OK"
+    assert listed[1]["Content-Type"] == "application/json"
+    assert listed[1]["Cache-Control"] == "no-store"
+    assert json.loads(listed[2]) == json.loads(slash[2]) == found
+    assert head[2] == b""
+    assert head[1]["Content-Length"] == str(len(listed[2]))
+    assert post[0].startswith("405") and post[1]["Allow"] == "GET, HEAD"
+    assert missing[0].startswith("404")
+    assert json.loads(missing[2])["error"].endswith(
+        "the routes are /, /tasks, /tasks/<id>, /counts and /schedules")
+    assert json.loads(empty[2]) == []
+
+
+def test_http_schedules_never_creates_a_missing_database(tmp_path):
+    app = liteq.wsgi_app(liteq.Queue(str(tmp_path / "gone.db")))
+    status, _, body = _ops_call(app, _ops_environ("/schedules"))
+    assert status == "503 Service Unavailable"
+    assert "missing" in json.loads(body)["error"]
+    assert os.listdir(tmp_path) == []
+
+
+def _ops_schedule_rows(dom):
+    panel = dom.split('id="schedules-panel"', 1)[1].split("</section>")[0]
+    return panel, {html.unescape(name): row for name, row in re.findall(
+        r'<tr[^>]* data-schedule="([^"]*)"[^>]*>(.*?)</tr>', panel, re.S)}
+
+
+@pytest.mark.skipif(not os.path.exists(_OPS_CHROMIUM),
+                    reason=f"no browser at {_OPS_CHROMIUM} (Debian: "
+                           f"apt-get install chromium; .ci/run does)")
+def test_dashboard_shows_schedules_in_a_real_browser(tmp_path,
+                                                     monkeypatch):
+    # The browser's time zone: half an hour off UTC, so its local times
+    # of the hourly slots (on the hour in UTC) end in :30:00.
+    monkeypatch.setenv("TZ", "Asia/Kolkata")
+    db = str(tmp_path / "ops.db")
+    with liteq.Queue(db) as queue:
+        _ops_register(queue)["add"].delay(1, 1)  # the file, no schedule
+    with _ops_serve(tmp_path, db) as (host, port, server):
+        bare, bare_log = _ops_chromium(f"http://127.0.0.1:{port}/",
+                                       "--dump-dom")
+        (hourly, nightly), job = _ops_schedules(db)
+        evil = "<img src=x onerror=alert(1)> & co"
+        with liteq.Queue(db) as queue:
+            queue.schedule(evil, _ops_register(queue)["echo"]("x"),
+                           every=7200)
+        dom, log = _ops_chromium(f"http://127.0.0.1:{port}/#job-{job.id}",
+                                 "--dump-dom")
+    assert 'class="ok"' in bare, bare_log
+    assert '<section id="schedules-panel" class="panel" hidden=' in bare
+    assert 'class="ok"' in dom, log
+    panel, rows = _ops_schedule_rows(dom)
+    assert "hidden" not in panel.split(">", 1)[0]
+    assert sorted(rows) == sorted(["hourly", "nightly", evil])
+    cells = {name: [html.unescape(re.sub(r"<[^>]*>", "|", cell)).strip("|")
+                    for cell in re.findall(r"<td[^>]*>(.*?)</td>", row)]
+             for name, row in rows.items()}
+    name, task, spec, upcoming, local, last, skipped, state = cells["hourly"]
+    assert (name, task, spec) == ("hourly", "ops-add", "every 3600s|UTC")
+    assert upcoming.startswith(hourly["next"][:19].replace("T", " ") + "|in ")
+    assert local.endswith(":30:00 AM") or local.endswith(":30:00 PM")
+    assert f'href="#job-{job.id}"' in rows["hourly"]
+    assert last == f"pending| job {job.id}"
+    assert (skipped, state) == ("0", "active")
+    name, task, spec, upcoming, local, last, skipped, state = \
+        cells["nightly"]
+    assert spec == "every 86400s|Europe/Paris"
+    assert upcoming == nightly["next"][:19].replace("T", " ")  # no "in"
+    assert ":30:00" in local
+    assert (last, skipped, state) == ("-", "0", "paused")
+    assert 'class="badge paused">paused<' in rows["nightly"]
+    assert 'class="paused"' in dom.split('data-schedule="nightly"')[0][-40:]
+    assert cells[evil][0] == evil
+    assert "&lt;img src=x onerror=alert(1)&gt; &amp; co" in panel
+    assert "img" not in _ops_tags(dom)  # no text became markup
+    detail = dom.split('id="detail"', 1)[1]
+    scheduled = re.search(r"<dt>scheduled_for</dt><dd><span>([^<]*)<",
+                          detail)
+    assert scheduled and scheduled[1] not in ("", "-"), detail[:3000]
 
 
 # ---------------------------------------------------------------------------
