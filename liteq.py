@@ -942,7 +942,7 @@ _NEXT_DUE = """
 
 # An idle worker looks with this read before it takes the write lock:
 # whether a claim could find work, a ready job of the worker's queue
-# names (one ? each, filled in by the worker), or a schema that is not
+# names (one :qN each, bound by the worker), or a schema that is not
 # ours (the claim's transaction checks and reports it); and when the
 # next thing comes due.
 _SQL_WORK_IN_SIGHT = f"""
@@ -984,7 +984,7 @@ _SQL_READY_JOBS = """
 # Schedules (section 8).  Firing runs in a worker's claim transaction.
 _SQL_SELECT_DUE_SCHEDULES = """
     SELECT name, call, spec, next_slot, last_job FROM liteq_schedules
-     WHERE next_slot <= ? AND NOT paused AND ({}) LIMIT 100
+     WHERE next_slot <= :now AND NOT paused AND ({}) LIMIT 100
 """
 
 _NEXT_SCHEDULE_SLOT = """
@@ -3088,6 +3088,7 @@ class Queue:
                                  f"code (liteq.periodic): give q.schedule()"
                                  f" another name")
         text = _encode(call, "the scheduled call", self.max_payload)
+        spec = _resolved(spec, call)
         self._store.write(lambda conn: _upsert_schedule(
             conn, self._store.clock(), name, text, spec, "api"))
         _Signal.of(self.path).notify()  # an idle worker reads its slot
@@ -4149,7 +4150,7 @@ def _declare_all(queue: Queue) -> _Firing:
         now = queue._store.clock()
         for found in declared:
             _upsert_schedule(conn, now, found.name, found.text(),
-                             found.spec, "code")
+                             _resolved(found.spec, found.call), "code")
 
     if declared:
         queue._store.write(body)
@@ -4235,18 +4236,28 @@ def _text_or_shown(value: Any) -> str:
     return str(value)
 
 
+def _resolved(spec: dict, call: Task) -> dict:
+    """A spec with the queue name, priority and description its jobs
+    take, read from the task where it is registered: a process that
+    fires the schedule need not know the task."""
+    fn = _PROCESS.tasks.get(call.name)
+    options = call._options(fn) if fn is not None else None
+    spec = dict(spec)
+    if spec["queue"] is None:
+        spec["queue"] = options.queue if options else _DEFAULT_NAME
+    if spec["priority"] is None:
+        spec["priority"] = options.priority if options else 0
+    spec["description"] = _storable_text(
+        call._description(fn) if fn else call.name)
+    return spec
+
+
 def _fired_row(call_text: str, spec: dict, now: float) -> _NewJob:
     """The job a schedule fires, as delay() would store it now."""
     call = _decode_call(call_text)
-    fn = _PROCESS.tasks.get(call.name)
-    options = call._options(fn) if fn is not None else None
-    return _NewJob(
-        call.name, call_text,
-        _storable_text(call._description(fn) if fn else call.name),
-        spec["queue"] or (options.queue if options else _DEFAULT_NAME),
-        spec["priority"] if spec["priority"] is not None else (
-            options.priority if options else 0),
-        None, call.percent(), now, True, now)
+    return _NewJob(call.name, call_text, spec["description"],
+                   spec["queue"], spec["priority"], None, call.percent(),
+                   now, True, now)
 
 
 class _Firing:
@@ -4254,7 +4265,9 @@ class _Firing:
     schedules stored by q.schedule(), and those its process declares."""
 
     def __init__(self, declared: list[str]) -> None:
-        names = ", ".join("'" + n.replace("'", "''") + "'" for n in declared)
+        #: The declared names, bound as :s0, :s1 ... in the statements.
+        self.params = {f"s{i}": name for i, name in enumerate(declared)}
+        names = ", ".join(f":{key}" for key in self.params)
         mine = f"origin = 'api' OR name IN ({names})" if declared \
             else "origin = 'api'"
         self.select_due = _SQL_SELECT_DUE_SCHEDULES.format(mine)
@@ -4268,7 +4281,8 @@ class _Firing:
         """Fire every due slot of ours; a schedule liteq cannot read is
         paused, and logged once."""
         for name, call, spec_text, first, last_job in _execute(
-                conn, self.select_due, (now,)).fetchall():
+                conn, self.select_due, {"now": now, **self.params}
+        ).fetchall():
             try:
                 spec = json.loads(spec_text)
                 slots, skipped, after = _plan_slots(spec, first, now)
@@ -4752,7 +4766,9 @@ class _Claims:
         self.unknown_grace = _UNKNOWN_GRACE
         #: The schedules this worker fires (None: none; see fire()).
         self.firing: _Firing | None = None
-        self._in_queues = ",".join("?" * len(queues or ()))
+        self._queue_params = {f"q{i}": name
+                              for i, name in enumerate(queues or ())}
+        self._in_queues = ", ".join(f":{key}" for key in self._queue_params)
         #: How many rows this worker quarantined (see quarantine()).
         self.quarantined = 0
         # Guards quarantined and _reported: threads share these claims.
@@ -4868,11 +4884,14 @@ class _Claims:
         an expiry, a deadline or a slot of ours (a value that is not a
         number is left to the sweeps and the claim, which quarantine its
         job)."""
-        return _earliest(_execute(conn, self._due_sql(_SQL_NEXT_TIMER))
+        return _earliest(_execute(conn, *self._due_sql(_SQL_NEXT_TIMER, {}))
                          .fetchall())
 
-    def _due_sql(self, sql: str) -> str:
-        return sql if self.firing is None else sql + self.firing.next_due
+    def _due_sql(self, sql: str, params: dict) -> tuple[str, dict]:
+        """A next-due statement, with our schedules' next slot added."""
+        if self.firing is None:
+            return sql, params
+        return sql + self.firing.next_due, {**params, **self.firing.params}
 
     # Unbound, so that claims are freed as soon as dropped (no cycle).
     sweeps: tuple[Callable[[Any, Any, float], list], ...] = (
@@ -5140,8 +5159,8 @@ class _Claims:
                  now: float) -> tuple[bool, float | None]:
         """Whether a claim could find work (or a schema to report), and
         when the next thing comes due (see next_due)."""
-        sql = self._due_sql(_SQL_WORK_IN_SIGHT.format(self._in_queues))
-        rows = _execute(conn, sql, self.queues).fetchall()
+        rows = _execute(conn, *self._due_sql(_SQL_WORK_IN_SIGHT.format(
+            self._in_queues), self._queue_params)).fetchall()
         due = _earliest(rows[1:])
         return bool(rows[0][0]) or (due is not None and due <= now), due
 
@@ -6710,8 +6729,11 @@ class _Inline:
     def next_due(self, after: float) -> float | None:
         """When the next timer, expiry or deadline after ``after`` is."""
         firing = self.crew.claims.firing
-        sql = _SQL_NEXT_DUE_AFTER + (firing.next_due_after if firing else "")
-        rows = self.crew.store.read(sql, {"after": after})
+        sql, params = _SQL_NEXT_DUE_AFTER, {"after": after}
+        if firing is not None:
+            sql, params = sql + firing.next_due_after, {**params,
+                                                        **firing.params}
+        rows = self.crew.store.read(sql, params)
         return _earliest(rows)
 
     def waiting(self, names: list[str] | None) -> int:
