@@ -4,7 +4,7 @@
 Run it from anywhere (standard library only)::
 
     python3 bench_liteq.py                 # full run, about 3 minutes
-    python3 bench_liteq.py --quick         # CI smoke run, about 40 s
+    python3 bench_liteq.py --quick         # CI smoke run, about 45 s
     python3 bench_liteq.py --n 10000 --json bench.json
     python3 bench_liteq.py --only drain --only steps
     python3 bench_liteq.py --profile       # where .delay() and a worker
@@ -108,12 +108,37 @@ to average out):
    job's stored eta (its wake time), p50/p99/max in ms (target p99 <=
    50), and a step that starts before its wake time is counted (target
    0).
+9. schedules: 1,000 schedules whose next slots are weeks ahead (``every``
+   of about 30 days, each a different one, each next slot at least a day
+   off), stored with ``Queue.schedule()`` in one file, declared with
+   ``liteq.periodic`` in a generated module the worker imports in
+   another (the worker stores them when it starts).  Drains as in (3) on
+   each, alternating with drains on a file with no schedule, best of 5
+   rounds (1 with --quick; target >= 0.9); afterwards none has fired and
+   all are still there.  Then an idle worker process on each of the three
+   files over the same 10 s (2.5 s with --quick, to keep it near 45 s):
+   CPU in % of one core (target <= 1) and wake-ups per second.  Over the
+   same seconds a fourth worker process, idle otherwise, fires 16
+   schedules stored as it idles (``every`` 1.0 to 3.0 s, about 9 slots a
+   second, some at the same time; every other one with ``overlap=
+   "allow"``, so that a slot fired early or twice runs rather than being
+   skipped) until 60 slots (20 with --quick) have run, then they are
+   paused; each fires a task that returns ``time.time()`` as its first
+   act.  The lateness of a slot is that stamp minus the job's
+   ``scheduled_for``: p50/p99/max in ms of the first 60 slots (target p99
+   <= 1000), and the p99 of ``created_at`` (when it was fired) minus
+   ``scheduled_for``.  A slot fired twice, before its time, off its
+   schedule's grid, or not at all (of those more than a second before the
+   pause) is counted (target 0), and so are the slots the schedules
+   count skipped (target 0: an idle worker with steps of a millisecond
+   has no reason to skip one).
 
 Targets are informational: a MISS never changes the exit status.  The exit
 status is 1 only when something crashed: a child process failed or timed
-out, a job failed in (3), (4), (6) or (8), a measurement raised.  (Errors and
-failed jobs of (7) are figures with a target of 0, not crashes.)
-``--quick`` makes no timing assertions at all; it takes about 40 s on an
+out, a job failed in (3), (4), (6), (8) or (9), a measurement raised.
+(Errors and failed jobs of (7) are figures with a target of 0, not
+crashes.)
+``--quick`` makes no timing assertions at all; it takes about 45 s on an
 idle 2-CPU machine.
 
 ``--profile`` runs no benchmark: it runs cProfile over N in-process
@@ -139,6 +164,7 @@ import dataclasses
 import datetime as _dt
 import json
 import logging
+import math
 import os
 import pstats
 import random
@@ -177,6 +203,19 @@ WAKE_SAMPLES = (100, 40)  # waits timed, in each of two places
 WAKE_GAP = (0.1, 0.025)  # mean seconds between two waits' starts
 WAKE_WAITS = (0.2, 1.0)  # each wait is drawn from this range, seconds
 IDLE_WAITING_SECONDS = (10.0, 5.0)
+SCHEDULES = 1000  # schedules far ahead, in (9), stored and declared
+FAR_EVERY = 86400.0 * 30  # their every= is this plus 7 s per schedule
+FAR_MARGIN = 86400.0  # each one's next slot is at least this far ahead
+SCHEDULE_ROUNDS = (5, 1)  # drains with and without them, alternating
+IDLE_SCHEDULE_SECONDS = (10.0, 2.5)
+#: The every= of the schedules that fire in (9): 16 from 1 s to 3 s,
+#: about 9 slots a second in all, some at the same time.
+FAST_EVERY = tuple(round(1.0 + i * 2.0 / 15, 3) for i in range(16))
+SLOT_SAMPLES = (60, 20)  # slots fired and timed, at least
+#: What a worker process imports (``liteq run MODULE ...``); the second
+#: declares SCHEDULES schedules in code (see PERIODIC_MODULE).
+WORKER_MODULES = ("benchtasks",)
+DECLARING_MODULES = ("benchtasks", "benchperiodic")
 POLL = 0.02  # seconds between checks of a child's progress
 STOP_TIMEOUT = 15.0  # seconds a worker gets to exit after SIGTERM
 
@@ -293,10 +332,12 @@ class Children:
         self.procs.append(proc)
         return proc
 
-    def worker(self, label: str, path: str) -> subprocess.Popen:
+    def worker(self, label: str, path: str,
+               modules: tuple[str, ...] = WORKER_MODULES
+               ) -> subprocess.Popen:
         """``python -m liteq run benchtasks`` on ``path``, one thread."""
         return self.spawn(label, [
-            sys.executable, "-m", "liteq", "run", "benchtasks", "--db", path,
+            sys.executable, "-m", "liteq", "run", *modules, "--db", path,
             "--threads", "1", "--log-level", "WARNING"])
 
     def bench(self, label: str, *args: str,
@@ -434,10 +475,30 @@ def stamp():
 @task
 def wait_stamp(seconds):
     return stamp().after(seconds=seconds)
+
+
+@task
+def slot_stamp(tag):
+    return time.time()
+'''
+
+# (9) runs some workers with this module too: SCHEDULES schedules declared
+# in code, far ahead (the parent fills in FAR; see far_schedules).
+PERIODIC_MODULE = '''\
+"""Schedules for bench_liteq.py (generated; safe to delete)."""
+from liteq import periodic
+
+from benchtasks import noop
+
+FAR = {far!r}
+
+for _name, _every in FAR:
+    periodic(every=_every, name=_name)(noop)
 '''
 
 NOOP, STEPS, STAMP = "benchtasks:noop", "benchtasks:steps", "benchtasks:stamp"
 WAIT_STAMP = "benchtasks:wait_stamp"
+SLOT_STAMP = "benchtasks:slot_stamp"
 
 
 def noop() -> None:
@@ -457,12 +518,18 @@ def wait_stamp(seconds: float) -> Any:
     return liteq.Task(STAMP, []).after(seconds=seconds)
 
 
+def slot_stamp(tag: str) -> float:
+    """A stamp that says which schedule fired it."""
+    return time.time()
+
+
 @dataclasses.dataclass
 class Tasks:
     noop: liteq.TaskFunction
     steps: liteq.TaskFunction
     stamp: liteq.TaskFunction
     wait_stamp: liteq.TaskFunction
+    slot_stamp: liteq.TaskFunction
 
 
 def bind_tasks(queue: liteq.Queue) -> Tasks:
@@ -474,7 +541,8 @@ def bind_tasks(queue: liteq.Queue) -> Tasks:
     return Tasks(queue.task(noop, name=NOOP),
                  queue.task(steps, name=STEPS),
                  queue.task(stamp, name=STAMP),
-                 queue.task(wait_stamp, name=WAIT_STAMP))
+                 queue.task(wait_stamp, name=WAIT_STAMP),
+                 queue.task(slot_stamp, name=SLOT_STAMP))
 
 
 @contextlib.contextmanager
@@ -681,7 +749,8 @@ def nth_id(path: str, first_id: int, n: int) -> int:
 
 
 def liteq_drain(children: Children, path: str, first_id: int, last: int,
-                label: str) -> Drain:
+                label: str, modules: tuple[str, ...] = WORKER_MODULES
+                ) -> Drain:
     """Run a worker process until jobs ``first_id`` to ``last`` end.
 
     One worker thread runs jobs in line order, and ids come from the
@@ -694,7 +763,7 @@ def liteq_drain(children: Children, path: str, first_id: int, last: int,
     # database (database is locked)".
     with contextlib.closing(sqlite3.connect(path, timeout=30,
                                             isolation_level=None)) as conn:
-        proc = children.worker(label, path)
+        proc = children.worker(label, path, modules)
         try:
             wait_for(lambda: conn.execute(
                 "SELECT finished_at FROM liteq_jobs WHERE id = ?",
@@ -933,15 +1002,17 @@ class Bench:
 
     # 3. --------------------------------------------------------------------
 
-    def drain_round(self, label: str, path: str | None = None) -> Drain:
+    def drain_round(self, label: str, path: str | None = None,
+                    modules: tuple[str, ...] = WORKER_MODULES) -> Drain:
         """Store N no-op jobs (in a fresh file unless ``path``) and time a
-        worker process draining them."""
+        worker process (importing ``modules``) draining them."""
         path = path or self.db(label)
         first = next_id(path) if os.path.exists(path) else 1
         with open_queue(path) as (queue, tasks):
             liteq_batch(queue, tasks, self.n)
         return liteq_drain(self.children, path, first,
-                           nth_id(path, first, self.n), f"{label}-worker")
+                           nth_id(path, first, self.n), f"{label}-worker",
+                           modules)
 
     def raw_drain_round(self, label: str) -> float:
         path = self.db(label)
@@ -1387,6 +1458,180 @@ class Bench:
                      f"(of {2 * count})", early, None, "count",
                      base_label="", target="<= 0", applies_to="liteq"))
 
+    # 9. --------------------------------------------------------------------
+
+    def section_schedules(self) -> None:
+        label = f"{SCHEDULES:,}"
+        far = far_schedules(SCHEDULES, time.time())
+        with open(os.path.join(self.workdir, "benchperiodic.py"), "w") as f:
+            f.write(PERIODIC_MODULE.format(far=far))
+        # Three files: no schedule; SCHEDULES stored with q.schedule(); the
+        # same declared in code, stored by each worker that imports
+        # benchperiodic when it starts (only those fire them).
+        paths = {"none": self.db("sched-none"),
+                 "stored": self.db("sched-stored"),
+                 "declared": self.db("sched-declared")}
+        modules = {"none": WORKER_MODULES, "stored": WORKER_MODULES,
+                   "declared": DECLARING_MODULES}
+        with open_queue(paths["none"]), open_queue(paths["declared"]):
+            pass
+        with open_queue(paths["stored"]) as (queue, tasks):
+            self.details["store_schedules_seconds"] = timed(lambda: [
+                queue.schedule(name, tasks.noop(), every=every)
+                for name, every in far])
+        check_far(paths["stored"], "api")
+        drains: dict[str, list[Drain]] = {tag: [] for tag in paths}
+        for r in range(self.pick(SCHEDULE_ROUNDS)):
+            for tag in list(paths) if r % 2 == 0 else list(paths)[::-1]:
+                drains[tag].append(self.drain_round(
+                    f"sched-{r + 1}-{tag}", paths[tag], modules[tag]))
+        self.details["schedules_drain"] = {
+            tag: [d.rate for d in runs] for tag, runs in drains.items()}
+        best = {tag: max(d.rate for d in runs)
+                for tag, runs in drains.items()}
+        for tag in ("stored", "declared"):
+            self.add(Row(f"9. drain, {label} {tag} schedules", best[tag],
+                         best["none"], "jobs/s", base_label="no schedules",
+                         target=">= 0.9"))
+        idle = self.idle_and_firing(paths, modules)
+        check_far(paths["stored"], "api")
+        check_far(paths["declared"], "code")
+        seconds = self.pick(IDLE_SCHEDULE_SECONDS)
+        for tag in ("stored", "declared"):
+            self.add(Row(f"9. idle worker CPU over {seconds:g} s, {label} "
+                         f"{tag}", idle[tag]["cpu"], idle["none"]["cpu"],
+                         "% core", base_label="no schedules",
+                         target="<= 1", applies_to="liteq"))
+        for tag in ("stored", "declared"):
+            self.add(Row(f"9. idle worker wake-ups, {label} {tag}",
+                         idle[tag]["wakeups"], idle["none"]["wakeups"],
+                         "per s", base_label="no schedules"))
+
+    def idle_and_firing(self, paths: dict[str, str],
+                        modules: dict[str, tuple[str, ...]]) -> dict:
+        """Idle worker processes on ``paths``, measured over the same
+        seconds as in (8), while a worker on a fourth file fires short
+        schedules (see fire_slots).  Returns the idle figures."""
+        seconds = self.pick(IDLE_SCHEDULE_SECONDS)
+        fast = self.db("sched-fast")
+        with open_queue(fast):
+            pass
+        procs = {tag: self.children.worker(f"sched-idle-{tag}", path,
+                                           modules[tag])
+                 for tag, path in paths.items()}
+        firing = self.children.worker("sched-fast-worker", fast)
+        watch = (*procs.values(), firing)
+        usage: list = []
+        try:
+            with open_queue(fast) as (queue, tasks):
+                tasks.stamp.delay().result(timeout=60)  # it is up and idle
+            for tag, path in paths.items():  # each is up and idle
+                with open_queue(path) as (_, tasks):
+                    tasks.stamp.delay().result(timeout=60)
+            settle_down(list(watch))
+            meter = threading.Thread(target=lambda: usage.extend(
+                idle_usage(list(procs.values()), seconds)))
+            meter.start()
+            try:
+                self.fire_slots(fast, firing, watch)
+            finally:
+                meter.join()
+            for proc in procs.values():  # (fire_slots stops ``firing``)
+                if proc.poll() is not None:
+                    raise BenchError(f"{proc.label} exited with status "
+                                     f"{proc.returncode} while idle"
+                                     f"{stderr_tail(proc)}")
+        finally:
+            self.children.stop(*watch, wait=False)
+        out = {tag: {"cpu": cpu, "wakeups": wakeups,
+                     "peak_rss_mb": peak_rss_mb(procs[tag].pid)}
+               for tag, (cpu, wakeups) in zip(procs, usage)}
+        self.details["schedules_idle"] = out
+        return out
+
+    def fire_slots(self, path: str, proc: subprocess.Popen,
+                   watch: tuple) -> None:
+        """Store FAST_EVERY schedules for the idle worker ``proc`` of
+        ``path``; once SLOT_SAMPLES slots have run, pause them, let what
+        fired finish and stop it; then time and check every slot."""
+        wanted = self.pick(SLOT_SAMPLES)
+        names = [f"fast-{i}" for i in range(len(FAST_EVERY))]
+        with open_queue(path) as (queue, tasks), contextlib.closing(
+                sqlite3.connect(path, timeout=30,
+                                isolation_level=None)) as conn:
+            for i, (name, every) in enumerate(zip(names, FAST_EVERY)):
+                # Half may overlap: a slot fired early, or twice, then
+                # runs rather than being skipped as still unfinished.
+                queue.schedule(name, tasks.slot_stamp(name), every=every,
+                               overlap="allow" if i % 2 else "skip")
+            firsts = dict(conn.execute(
+                "SELECT name, next_slot FROM liteq_schedules"))
+
+            def finished() -> int:
+                return conn.execute(
+                    "SELECT count(*) FROM liteq_jobs WHERE scheduled_for "
+                    "IS NOT NULL AND finished_at IS NOT NULL").fetchone()[0]
+
+            wait_for(lambda: finished() >= wanted, timeout=60 + wanted,
+                     what=f"{proc.label} fired {wanted} slots", watch=watch)
+            paused = time.time()
+            for name in names:
+                queue.pause_schedule(name)
+            wait_for(lambda: conn.execute(
+                "SELECT count(*) FROM liteq_jobs WHERE scheduled_for IS NOT "
+                "NULL AND finished_at IS NULL").fetchone()[0] == 0,
+                timeout=30, what=f"{proc.label} ran the slots it fired",
+                watch=watch)
+            self.children.stop(proc, wait=False)
+            fired = []
+            for job_id, call, slot, created, status in conn.execute(
+                    "SELECT id, call, scheduled_for, created_at, status "
+                    "FROM liteq_jobs WHERE scheduled_for IS NOT NULL "
+                    "ORDER BY scheduled_for, id").fetchall():
+                if status != "done":
+                    raise BenchError(f"{path}: fired job {job_id} ended "
+                                     f"{status}")
+                try:
+                    name = json.loads(call)["args"][0]
+                except (ValueError, KeyError, IndexError, TypeError):
+                    raise BenchError(f"{path}: cannot read the schedule of "
+                                     f"job {job_id} from its call {call!r}: "
+                                     f"update fire_slots()") from None
+                fired.append((name, slot, created,
+                              queue.get(job_id).result(timeout=30)))
+            skipped = conn.execute("SELECT sum(skipped) FROM "
+                                   "liteq_schedules").fetchone()[0]
+        every = dict(zip(names, FAST_EVERY))
+        wrong = check_slots(fired, firsts, every, paused - 1.0)
+        wrong["skipped"] = skipped
+        timed_slots = fired[:wanted]
+        started = [(stamp - slot) * 1000 for _, slot, _, stamp in
+                   timed_slots]
+        stored = [(created - slot) * 1000 for _, slot, created, _ in
+                  timed_slots]
+        self.details["slots"] = {"fired": len(fired), "wrong": wrong,
+                                 "started_ms": started,
+                                 "fired_ms": stored}
+        for p, target in ((50, ""), (99, "<= 1000"), (100, "")):
+            value = max(started) if p == 100 else percentile(started, p)
+            self.add(Row(f"9. slot to its step's start, "
+                         f"{'max' if p == 100 else f'p{p}'}", value, None,
+                         "ms", base_label="", target=target,
+                         applies_to="liteq"))
+        self.add(Row("9. slot to its job stored (fired), p99",
+                     percentile(stored, 99), None, "ms", base_label=""))
+        bad = sum(v for k, v in wrong.items() if k != "skipped")
+        if bad or skipped:
+            print(f"  wrong slots: {wrong}", flush=True)
+        self.add(Row("9. slots fired twice, early, off or missed", bad,
+                     None, "count", base_label="", target="<= 0",
+                     applies_to="liteq"))
+        # An idle worker running steps of a millisecond has no reason to
+        # skip a slot: each one was counted skipped by the schedule.
+        self.add(Row("9. slots the schedules counted skipped", skipped,
+                     None, "count", base_label="", target="<= 0",
+                     applies_to="liteq"))
+
 
 def settle_down(procs: list[subprocess.Popen],
                 timeout: float = 30.0) -> None:
@@ -1497,6 +1742,64 @@ def idle_usage(procs: list[subprocess.Popen],
     return out
 
 
+def far_schedules(count: int, now: float) -> list[tuple[str, float]]:
+    """``count`` schedules (name, every) for (9): every about 30 days,
+    each a different one, so their slots fall apart; a schedule whose
+    next slot would come within FAR_MARGIN of ``now`` is left out."""
+    out: list[tuple[str, float]] = []
+    i = 0
+    while len(out) < count:
+        every = FAR_EVERY + 7 * i
+        if (math.floor(now / every) + 1) * every - now > FAR_MARGIN:
+            out.append((f"far-{i:04d}", every))
+        i += 1
+    return out
+
+
+def check_far(path: str, origin: str) -> None:
+    """The SCHEDULES schedules of ``origin`` in ``path`` are all there,
+    none has fired or skipped a slot, and the soonest is hours ahead."""
+    count, soonest, fired_slots, skipped = read_one(
+        path, "SELECT count(*), min(next_slot), count(last_slot), "
+              "coalesce(sum(skipped), 0) FROM liteq_schedules "
+              "WHERE origin = ?", (origin,))
+    jobs = read_one(path, "SELECT count(*) FROM liteq_jobs "
+                          "WHERE scheduled_for IS NOT NULL")[0]
+    if (count != SCHEDULES or fired_slots or skipped or jobs
+            or soonest < time.time() + 3600):
+        raise BenchError(
+            f"{path}: expected {SCHEDULES} {origin!r} schedules, none "
+            f"fired, the soonest hours ahead; found {count}, {fired_slots} "
+            f"fired, {skipped} skipped, {jobs} fired jobs, the soonest "
+            f"{(soonest or 0) - time.time():.0f} s ahead")
+
+
+def check_slots(fired: list[tuple], firsts: dict[str, float],
+                every: dict[str, float], due_by: float) -> dict[str, int]:
+    """Count what went wrong with the slots ``fired`` (schedule name,
+    slot, fired at, step start), schedules starting at ``firsts`` with
+    ``every``: a slot fired twice, fired or started before its time, off
+    its schedule's grid, or missed (not fired though its time came
+    before ``due_by``)."""
+    seen: collections.Counter = collections.Counter()
+    wrong = {"twice": 0, "early": 0, "off_grid": 0, "missed": 0}
+    for name, slot, created, started in fired:
+        k = round((slot - firsts[name]) / every[name])
+        if k < 0 or abs(firsts[name] + k * every[name] - slot) > 1e-3:
+            wrong["off_grid"] += 1
+            continue
+        seen[name, k] += 1
+        if created < slot - 1e-6 or started < slot:
+            wrong["early"] += 1
+    wrong["twice"] = sum(n - 1 for n in seen.values())
+    for name, first in firsts.items():
+        k = 0
+        while first + k * every[name] < due_by:
+            wrong["missed"] += (name, k) not in seen
+            k += 1
+    return wrong
+
+
 SECTIONS = {
     "enqueue": Bench.section_enqueue,
     "batch": Bench.section_batch,
@@ -1506,6 +1809,7 @@ SECTIONS = {
     "scale": Bench.section_scale,
     "multi": Bench.section_multi,
     "timers": Bench.section_timers,
+    "schedules": Bench.section_schedules,
 }
 
 # ---------------------------------------------------------------------------
@@ -2057,7 +2361,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="jobs per measurement (default 20000; 1000 "
                              "with --quick)")
     parser.add_argument("--quick", action="store_true",
-                        help="a short smoke run for CI (about 40 s)")
+                        help="a short smoke run for CI (about 45 s)")
     parser.add_argument("--json", metavar="PATH",
                         help="also write every figure to PATH")
     parser.add_argument("--only", action="append", choices=list(SECTIONS),
