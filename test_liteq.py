@@ -7970,7 +7970,7 @@ def test_every_slot_fires_exactly_once_while_workers_are_killed(tmp_path):
         running = [start() for _ in range(3)]
         end = time.monotonic() + SLOT_CHAOS_SECONDS
         while time.monotonic() < end:
-            time.sleep(rng.uniform(0.1, 1.5))
+            time.sleep(rng.uniform(0.2, 2.5))
             if rng.random() < 0.1:  # all at once; back after a gap
                 for life in running:
                     kill(life)
