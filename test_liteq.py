@@ -7821,6 +7821,35 @@ def test_a_worker_process_fires_api_schedules_but_not_code_ones_it_lacks(
                                                                  0)
 
 
+@pytest.mark.xfail(strict=True, reason="BUG: `liteq run` has no "
+                   "--no-schedules option (SPEC 12, who fires)")
+def test_run_with_no_schedules_fires_nothing(tmp_path, q):
+    (tmp_path / "plainmod.py").write_text(SCHEDULE_PLAIN_MODULE)
+    with q.clock(start=round(time.time()) - 10):  # due at once
+        q.schedule("api", liteq.deserialize_task(
+            {"__task__": "plainmod:plain", "args": ["api"], "kwargs": {}}),
+            every=1, overlap="allow")
+    procs = []
+    try:
+        err_path = tmp_path / "plain.err"
+        with open(err_path, "wb") as err:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "liteq", "run", "plainmod", "--db",
+                 q.path, "--no-schedules"], cwd=tmp_path,
+                env=subprocess_env(), stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=err)
+        worker.stderr_path = err_path
+        procs.append(worker)
+        # An extra run, stored here: the worker's claim of it is a
+        # transaction after the slots came due.
+        job = q.trigger("api")
+        wait_until(lambda: job.status == "done", alive=procs,
+                   what="the triggered run")
+    finally:
+        _chaos_reap(procs)
+    assert [j.id for j in q.jobs()] == [job.id]
+
+
 # A changed spec ------------------------------------------------------------
 
 
