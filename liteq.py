@@ -4080,18 +4080,19 @@ def _plan_slots(spec: dict, first: float, now: float
     """The due slots from ``first`` to ``now``: those that fire, oldest
     first; how many are skipped (before the overlap rule); and the next
     slot.  A slot more than ``grace`` past is late: ``catchup`` decides
-    which late slots fire, and ``window`` drops those older than it; the
-    slots on time fire (at most ``max_catchup`` of them: never a flood)."""
+    which late slots fire; ``window`` drops any slot older than it; the
+    slots on time fire.  At most ``max_catchup`` fire (the most recent):
+    never a flood."""
     after = _next_slot(spec, now)
     cap = max(spec["max_catchup"], 1)
-    on_start = max(first, _first_at(spec, now - spec["grace"]))
     kept = first if spec["window"] is None else max(
         first, _first_at(spec, now - spec["window"]))
+    on_start = max(kept, _first_at(spec, now - spec["grace"]))
     on_time, skipped = _slots_from(spec, on_start, after, cap)
     keep = {"latest": 0 if on_time else 1, "skip": 0,
-            "all": spec["max_catchup"]}[spec["catchup"]]
-    late, passed = _slots_from(spec, kept, on_start, keep)
-    dropped = _slots_from(spec, first, min(kept, on_start), 0)[1]
+            "all": spec["max_catchup"] - len(on_time)}[spec["catchup"]]
+    late, passed = _slots_from(spec, kept, on_start, max(keep, 0))
+    dropped = _slots_from(spec, first, kept, 0)[1]
     return late + on_time, skipped + passed + dropped, after
 
 

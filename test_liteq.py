@@ -7543,22 +7543,6 @@ def slot_noted(label):
 SCHEDULE_FUNCTIONS = [slot_noted, nap_then]
 
 
-def _cron_parsed():
-    """Whether liteq parses cron yet (the stub accepts anything)."""
-    try:
-        liteq.periodic("not a cron expression")
-    except ValueError:
-        return True
-    return False
-
-
-CRON_PARSED = _cron_parsed()
-needs_cron = pytest.mark.xfail(
-    not CRON_PARSED, strict=True,
-    reason="cron parser not landed yet (liteq._Cron is a stub); re-run "
-           "once it has")
-
-
 @pytest.fixture
 def declared(monkeypatch):
     """An empty registry of code declarations for this test."""
@@ -7916,9 +7900,6 @@ def test_a_day_down_is_never_a_flood(sq, sclock, catchup):
     assert len(slots) + skipped == 86399  # 2 .. 86400
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: catchup='all' with slots "
-                   "both within grace and late fires up to 2*max_catchup, "
-                   "older late slots while newer ones are skipped")
 def test_catchup_all_fires_only_the_most_recent_slots(sq, sclock):
     # every 10 s, down from D0 + 1 to D0 + 305: slots 10 .. 300 missed,
     # 250 .. 300 within grace.  "all" fires the most recent max_catchup,
@@ -8152,8 +8133,6 @@ def test_a_worker_process_fires_api_schedules_but_not_code_ones_it_lacks(
                                                                  0)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: `liteq run` has no "
-                   "--no-schedules option (SPEC 12, who fires)")
 def test_run_with_no_schedules_fires_nothing(tmp_path, q):
     (tmp_path / "plainmod.py").write_text(SCHEDULE_PLAIN_MODULE)
     with q.clock(start=round(time.time()) - 10):  # due at once
@@ -8231,7 +8210,6 @@ def test_a_redeclared_code_schedule_changes_without_firing_twice(
 # Cron slots (need the full cron parser) -------------------------------------
 
 
-@needs_cron
 def test_cron_daily_at_three_fires_once_a_day_at_three(sq, sclock):
     # Depends on full cron semantics: re-run after the parser lands.
     sq.schedule("n", T.slot_noted("n"), cron="0 3 * * *")
@@ -8241,7 +8219,6 @@ def test_cron_daily_at_three_fires_once_a_day_at_three(sq, sclock):
     assert fired(sq) == [3 * 3600 + 86400 * k for k in range(3)]
 
 
-@needs_cron
 def test_cron_daily_alias_fires_at_midnight_utc(sq, sclock):
     # Depends on full cron semantics: re-run after the parser lands.
     sq.schedule("n", T.slot_noted("n"), cron="@daily")
@@ -8251,7 +8228,6 @@ def test_cron_daily_alias_fires_at_midnight_utc(sq, sclock):
     assert fired(sq) == [86400, 2 * 86400, 3 * 86400]
 
 
-@needs_cron
 @pytest.mark.parametrize("expr, named", [
     ("61 * * * *", "minute"), ("0 24 * * *", "hour"),
     ("@fortnightly", "fortnightly")])
