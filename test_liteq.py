@@ -9320,7 +9320,8 @@ _TAMPER_COLUMNS = [
     ("timer", False), ("worker", False), ("created_at", True),
     ("started_at", False), ("updated_at", True), ("finished_at", False),
     ("waiting", False), ("expires", False), ("deadline", False),
-    ("origin", False), ("errors", False), ("unknown_since", False)]
+    ("origin", False), ("errors", False), ("unknown_since", False),
+    ("scheduled_for", False)]
 
 
 def _tamper_value(rng):
