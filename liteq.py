@@ -963,8 +963,6 @@ _SQL_LINE_LOAD = """
              ORDER BY priority DESC, ready LIMIT 1)
 """
 
-_SQL_NEXT_TIMER = _NEXT_DUE
-
 # The same, strictly after a time: where drain(until=...) moves the clock.
 _SQL_NEXT_DUE_AFTER = """
     SELECT min(timer) FROM liteq_jobs WHERE timer > :after
@@ -4885,7 +4883,7 @@ class _Claims:
         an expiry, a deadline or a slot of ours (a value that is not a
         number is left to the sweeps and the claim, which quarantine its
         job)."""
-        return _earliest(_execute(conn, *self._due_sql(_SQL_NEXT_TIMER, {}))
+        return _earliest(_execute(conn, *self._due_sql(_NEXT_DUE, {}))
                          .fetchall())
 
     def _due_sql(self, sql: str, params: dict) -> tuple[str, dict]:
@@ -5663,7 +5661,7 @@ class _WorkerThread:
                      release: list[_Step], finished: list[str]) -> None:
         """Log the outcomes just written and wake who waits for them;
         ``finished``: the statuses of the jobs the sweeps finished."""
-        in_line = bool(release)
+        in_line, finished = bool(release), list(finished)
         debug = logger.isEnabledFor(logging.DEBUG)
         for outcome, row in zip(outcomes, rows):
             first_loss = row is None and self.note_lost(outcome.step)
@@ -5672,11 +5670,11 @@ class _WorkerThread:
                 self.progress.note(outcome, row)
             status = row[0] if isinstance(row, tuple) else None
             if status in _FINISHED:
-                finished = [*finished, status]
+                finished.append(status)
             elif row is not None and outcome.kind != "continue_here":
                 in_line = True  # another thread may run it
             elif row is None and outcome.refusal == "deadline exceeded":
-                finished = [*finished, _FAILED]  # failed by refusal()
+                finished.append(_FAILED)  # failed by refusal()
         if self.tally is not None:
             self.tally.update(finished)
         if finished:
@@ -6685,12 +6683,9 @@ class _Inline:
         if schedules:
             self.crew.claims.firing = _declare_all(queue)
         self.unit = _WorkerThread(self.crew, "drain", solo=True)
-        self.unit.tally = collections.Counter()
+        #: The statuses of the jobs finished here (see _after_write).
+        self.tally = self.unit.tally = collections.Counter()
         self.steps = 0
-
-    @property
-    def tally(self) -> collections.Counter:
-        return self.unit.tally
 
     def run_ready(self, max_steps: int, raise_errors: bool) -> None:
         """Run steps until none is ready; with ``raise_errors``, raise the
@@ -7554,10 +7549,13 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _list_row(job: dict, now: float) -> list[str]:
-    def cell(key: str, width: int | None = None) -> str:
-        return "-" if job[key] is None else _clean(job[key], width)
+def _cell(row: dict, key: str, width: int | None = None) -> str:
+    """A table cell: the field cleaned (and cut to ``width``), or ``-``."""
+    return "-" if row[key] is None else _clean(row[key], width)
 
+
+def _list_row(job: dict, now: float) -> list[str]:
+    cell = functools.partial(_cell, job)
     about = cell("description", 40)
     if "unreadable" in job:  # its fields that liteq could read, and why
         about = _clean(f"UNREADABLE: {job['unreadable']}", 60)
@@ -7733,9 +7731,7 @@ def _cmd_schedules(args: argparse.Namespace) -> int:
 
 
 def _schedule_row(item: dict, now: float) -> list[str]:
-    def cell(key: str, width: int | None = None) -> str:
-        return "-" if item[key] is None else _clean(item[key], width)
-
+    cell = functools.partial(_cell, item)
     spec = cell("spec", 30)
     if "unreadable" in item:  # its fields that liteq could read, and why
         spec = _clean(f"UNREADABLE: {item['unreadable']}", 60)
