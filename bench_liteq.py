@@ -353,6 +353,8 @@ class Children:
         that does not need it gone passes ``wait=False`` and reap()
         checks it later.
         """
+        # Once each: a second SIGTERM makes liteq exit at once, unclean.
+        procs = tuple(p for p in procs if p not in self.retiring)
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
